@@ -1,0 +1,14 @@
+"""fastvit_kernels: fused kernels for efficient vision transformers (LeViT, QnA, DynamicViT, ViT).
+
+    from fastvit_kernels import BiasAttention, ShrinkAttention, patch_timm
+    from fastvit_kernels.ops import bias_attention
+
+`python -m fastvit_kernels.info` tells what was built and which backend each op uses.
+"""
+
+__version__ = "0.1.0"
+
+from fastvit_kernels import ops
+from fastvit_kernels.backends import use_backend
+
+__all__ = ["ops", "use_backend", "__version__"]

@@ -1,0 +1,41 @@
+"""Loads the compiled extension `fastvit_kernels._C` if it was built.
+
+A missing or broken native build must never break `import fastvit_kernels`: the ops then run on
+the PyTorch reference, and the first call says so once (and `python -m fastvit_kernels.info`
+says why).
+"""
+
+import importlib
+import importlib.util
+import warnings
+from typing import Optional
+
+native = None
+load_error: Optional[str] = None
+if importlib.util.find_spec("fastvit_kernels._C") is None:
+    load_error = "fastvit_kernels._C was not built (no compiled extension beside the package)"
+else:
+    try:
+        native = importlib.import_module("fastvit_kernels._C")
+    except ImportError as error:  # built against another torch, or missing symbols
+        load_error = f"fastvit_kernels._C failed to load: {error}"
+
+_warned = set()
+
+
+def available() -> bool:
+    return native is not None
+
+
+def warn_fallback(op: str) -> None:
+    """Warn once per op that the native CPU kernel is missing and the reference runs instead."""
+    if op in _warned:
+        return
+    _warned.add(op)
+    warnings.warn(
+        f"fastvit_kernels: the native CPU kernels are not available ({load_error}); "
+        f"{op} runs on the plain-PyTorch reference (correct, but slow). Rebuild with "
+        "`pip install --no-build-isolation -e .` and check `python -m fastvit_kernels.info`.",
+        RuntimeWarning,
+        stacklevel=3,
+    )

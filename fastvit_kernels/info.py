@@ -1,0 +1,108 @@
+"""`python -m fastvit_kernels.info`: versions, what was built, and which backend each op uses.
+
+Answers the question users of other kernel libraries keep asking: "which backend actually ran?"
+"""
+
+import importlib
+import platform
+import sys
+from typing import Dict, List
+
+import torch
+
+import fastvit_kernels
+from fastvit_kernels import _native, backends
+# (`from ... import` reaches the op's module; `fastvit_kernels.ops.bias_attention` is the function.)
+from fastvit_kernels.ops.bias_attention import BACKENDS as BIAS_ATTENTION_BACKENDS
+
+# Every op: (its backend declarations, a function making small sample inputs on a device).
+OPS = {
+    "bias_attention": (
+        BIAS_ATTENTION_BACKENDS,
+        lambda device: (
+            torch.randn(1, 2, 4, 16, device=device),
+            torch.randn(1, 2, 4, 16, device=device),
+            torch.randn(1, 2, 4, 32, device=device),
+            torch.randn(2, 4, device=device),
+            torch.zeros(4, 4, dtype=torch.long, device=device),
+        ),
+    ),
+}
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as error:  # missing, or broken import
+        return f"not available ({type(error).__name__})"
+
+
+def collect() -> Dict[str, object]:
+    """Everything the report prints, as data (tests read it)."""
+    info: Dict[str, object] = {
+        "fastvit_kernels": fastvit_kernels.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "native_built": _native.available(),
+        "native_error": _native.load_error,
+        "forced_backend": backends.forced_backend(),
+        "verified_on_gpu": dict(backends.VERIFIED_ON_GPU),
+    }
+    if _native.available():
+        info["cpu_isa"] = _native.native.cpu_isa()
+        info["compiled_isas"] = list(_native.native.compiled_isas())
+        info["supported_isas"] = list(_native.native.supported_isas())
+        info["cuda_built"] = bool(_native.native.cuda_built())
+    ops: Dict[str, Dict[str, object]] = {}
+    for name, (op_backends, sample) in OPS.items():
+        per_device: Dict[str, object] = {}
+        devices: List[str] = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        for device in devices:
+            inputs = sample(device)
+            try:
+                chosen = op_backends.select(device, *inputs).name
+            except RuntimeError as error:
+                chosen = f"none ({error})"
+            per_device[device] = {"backend": chosen, "refusals": op_backends.reasons(*inputs)}
+        if not torch.cuda.is_available():
+            per_device["cuda"] = {
+                "backend": f"no CUDA device here; on one: first of {op_backends.order_for('cuda')} that fits",
+                "refusals": {},
+            }
+        ops[name] = per_device
+    info["ops"] = ops
+    return info
+
+
+def main() -> None:
+    info = collect()
+    print(f"fastvit_kernels {info['fastvit_kernels']}")
+    print(f"  python {info['python']}, torch {info['torch']} (CUDA {info['torch_cuda']}), "
+          f"triton {info['triton']}, timm {info['timm']}")
+    print(f"  CUDA device: {info['cuda_device'] or 'none'}")
+    if info["native_built"]:
+        print(f"  native CPU kernels: built; ISA in use {info['cpu_isa']} "
+              f"(compiled {', '.join(info['compiled_isas'])}; this CPU supports "
+              f"{', '.join(info['supported_isas'])}); CUDA C++ kernels built: {info['cuda_built']}")
+    else:
+        print(f"  native CPU kernels: NOT available: {info['native_error']}")
+    forced = info["forced_backend"]
+    print(f"  backend forced: {forced or f'no (set {backends.ENV_VAR} or use fastvit_kernels.use_backend)'}")
+    verified = info["verified_on_gpu"] or "none yet (GPU kernels are opt-in: force 'triton')"
+    print(f"  GPU backends verified by a GPU test run: {verified}")
+    print("ops:")
+    for name, per_device in info["ops"].items():
+        print(f"  {name}")
+        for device, choice in per_device.items():
+            print(f"    {device:5s} tensors -> {choice['backend']}")
+            for backend, reasons in choice["refusals"].items():
+                if reasons:
+                    print(f"      {backend} cannot run: {'; '.join(reasons)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The functional API: one module per op, each a registered torch.library op with autograd."""
+
+from fastvit_kernels.ops.bias_attention import bias_attention
+
+__all__ = ["bias_attention"]

@@ -1,0 +1,154 @@
+"""Plain-PyTorch reference for attention with a learned relative-position bias (SPEC.md §1-2).
+
+This file is the specification of the op: the test oracle (run it in float64), the fallback
+backend when no native kernel fits, and the path that exports (ONNX, TorchScript) because it is
+ordinary tensor code.
+
+Shapes: q [B, H, Nq, Dk], k [B, H, Nk, Dk], v [B, H, Nk, Dv], table [H, T], index [Nq, Nk].
+
+    S[b, h, i, j] = (q_i . k_j) * scale + table[h, index[i, j]]
+    P = softmax_j(S)
+    O = P @ v
+    out = activation(O)          # activation is None or hardswish
+
+Backend contract (shared by the reference, the C++ and the Triton backends):
+    forward(q, k, v, table, index, scale, activation, save_pre_activation)
+        -> out     [B, H, Nq, Dv] in q's dtype, memory laid out [B, Nq, H, Dv]
+           o_pre   same layout, the output before the activation; a 0-element tensor unless
+                   activation is set and save_pre_activation is True
+           lse     [B, H, Nq] float32, log(sum_j exp(S[i, j])): the softmax statistics
+    backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation)
+        -> dq, dk, dv  shaped like q, k, v, memory laid out [B, N, H, D]
+           dtable      [H, T] in table's dtype (a 0-element tensor when table is None)
+       o_pre is the forward's output before the activation (the forward's `out` when no activation).
+"""
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = (None, "hardswish")
+
+
+POISON_ENV_VAR = "FASTVIT_KERNELS_POISON"
+
+
+def empty_bhnd(batch: int, heads: int, tokens: int, width: int, like: Tensor, dtype=None) -> Tensor:
+    """A [B, H, N, D] tensor whose memory is [B, N, H, D] (what LeViT's proj consumes).
+
+    With FASTVIT_KERNELS_POISON=1 (the tests set it) it is filled with NaN, so an element a
+    kernel forgets to write cannot pass for a right answer left over in recycled memory.
+    """
+    out = torch.empty(batch, tokens, heads, width, dtype=dtype or like.dtype, device=like.device)
+    if os.environ.get(POISON_ENV_VAR) == "1":
+        out.fill_(float("nan"))
+    return out.transpose(1, 2)
+
+
+def gather_bias(table: Tensor, index: Tensor) -> Tensor:
+    """table[h, index[i, j]] as a dense [H, Nq, Nk] tensor."""
+    return table[:, index]
+
+
+def bias_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Optional[Tensor] = None,
+    index: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    activation: Optional[str] = None,
+) -> Tensor:
+    """The op as differentiable tensor code, in the inputs' dtype (use float64 for an oracle)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if table is not None:
+        scores = scores + gather_bias(table, index).to(scores.dtype)
+    out = scores.softmax(dim=-1) @ v
+    if activation == "hardswish":
+        out = F.hardswish(out)
+    return out
+
+
+def hardswish_grad(x: Tensor) -> Tensor:
+    """d hardswish(x) / dx = 0 below -3, 1 above 3, (2x + 3) / 6 between (PyTorch's convention)."""
+    return torch.where(x < -3, 0.0, torch.where(x > 3, 1.0, (2 * x + 3) / 6))
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Optional[Tensor],
+    index: Optional[Tensor],
+    scale: float,
+    activation: Optional[str],
+    save_pre_activation: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backend forward: fp32 math for every input dtype (float64 stays float64)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, H, Nq, _ = q.shape
+    Dv = v.shape[-1]
+    scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
+    if table is not None:
+        scores = scores + gather_bias(table, index).to(acc)
+    lse = torch.logsumexp(scores, dim=-1)
+    o = torch.exp(scores - lse[..., None]) @ v.to(acc)
+    out = empty_bhnd(B, H, Nq, Dv, q)
+    o_pre = q.new_empty(0)
+    if activation == "hardswish":
+        out.copy_(F.hardswish(o))
+        if save_pre_activation:
+            o_pre = empty_bhnd(B, H, Nq, Dv, q)
+            o_pre.copy_(o)
+    else:
+        out.copy_(o)
+    return out, o_pre, lse.to(torch.float32) if acc == torch.float32 else lse
+
+
+def backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Optional[Tensor],
+    index: Optional[Tensor],
+    o_pre: Tensor,
+    lse: Tensor,
+    scale: float,
+    activation: Optional[str],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backend backward, written out (the kernels implement these same formulas)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    B, H, Nq, Dk = q.shape
+    Nk, Dv = k.shape[2], v.shape[-1]
+    qa, ka, va, o = q.to(acc), k.to(acc), v.to(acc), o_pre.to(acc)
+    do = grad_out.to(acc)
+    if activation == "hardswish":
+        do = do * hardswish_grad(o)
+    scores = (qa @ ka.transpose(-2, -1)) * scale
+    if table is not None:
+        scores = scores + gather_bias(table, index).to(acc)
+    p = torch.exp(scores - lse.to(acc)[..., None])
+    dv = p.transpose(-2, -1) @ do
+    dp = do @ va.transpose(-2, -1)
+    delta = (do * o).sum(-1, keepdim=True)  # = rowsum(P * dP)
+    ds = p * (dp - delta)
+    dq = (ds @ ka) * scale
+    dk = (ds.transpose(-2, -1) @ qa) * scale
+    if table is not None:
+        dtable = torch.zeros(table.shape, dtype=acc, device=q.device)
+        dtable.index_add_(1, index.reshape(-1).long(), ds.sum(0).reshape(H, -1))
+        dtable = dtable.to(table.dtype)
+    else:
+        dtable = q.new_empty(0)
+    grads = []
+    for g, n, d in ((dq, Nq, Dk), (dk, Nk, Dk), (dv, Nk, Dv)):
+        t = empty_bhnd(B, H, n, d, q)
+        t.copy_(g)
+        grads.append(t)
+    return grads[0], grads[1], grads[2], dtable

@@ -1,0 +1,71 @@
+"""The ops are real PyTorch ops: opcheck passes, torch.compile(fullgraph=True) has no graph break
+and does not recompile for new inputs of the same shapes."""
+
+import pytest
+import torch
+
+from fastvit_kernels.ops import bias_attention
+from fastvit_kernels.reference import bias_attention as reference
+from helpers import backend_params, running_on
+from test_bias_attention import make_inputs
+
+FORWARD = torch.ops.fastvit_kernels.bias_attention_forward.default
+BACKWARD = torch.ops.fastvit_kernels.bias_attention_backward.default
+
+
+@pytest.mark.parametrize("backend_isa_device", backend_params())
+@pytest.mark.parametrize("activation", ["none", "hardswish"])
+def test_opcheck(backend_isa_device, activation):
+    backend, isa, device = backend_isa_device
+    torch.manual_seed(0)
+    q, k, v, table, index = make_inputs(2, 3, 7, 9, 16, 32, device=device, layout="shrink")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v, table)]
+    with running_on(backend, isa):
+        torch.library.opcheck(FORWARD, (*leaves[:3], leaves[3], index, 0.25, activation, True))
+        torch.library.opcheck(FORWARD, (q, k, v, None, None, 0.25, activation, False))
+        out, o_pre, lse = FORWARD(q, k, v, table, index, 0.25, activation, True)
+        saved = out if activation == "none" else o_pre
+        grad = torch.randn_like(out)
+        torch.library.opcheck(BACKWARD, (grad, q, k, v, table, index, saved, lse, 0.25, activation))
+
+
+def test_compile_fullgraph_matches_eager_without_recompiling():
+    torch._dynamo.reset()
+    B, H, N, Dk, Dv = 2, 4, 49, 16, 32
+
+    def block(q, k, v, table, index):
+        out = bias_attention(q, k, v, table, index, activation="hardswish")
+        return out.transpose(1, 2).reshape(B, N, H * Dv).square().mean()
+
+    compiled = torch.compile(block, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(2):  # the second call must reuse the first graph
+            torch.manual_seed(seed)
+            inputs = make_inputs(B, H, N, N, Dk, Dv, layout="fused")
+            eager_leaves = [t.detach().requires_grad_() for t in inputs[:4]]
+            compiled_leaves = [t.detach().requires_grad_() for t in inputs[:4]]
+            expected = block(*eager_leaves, inputs[4])
+            expected.backward()
+            got = compiled(*compiled_leaves, inputs[4])
+            got.backward()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            for a, b in zip(compiled_leaves, eager_leaves):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_is_exportable():
+    """The reference is plain tensor code: the path for users who export (torch.export, ONNX)."""
+    torch.manual_seed(0)
+    q, k, v, table, index = make_inputs(1, 2, 7, 7, 8, 16, layout="contiguous")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("index", index)
+
+        def forward(self, a, b, c, t):
+            return reference.bias_attention(a, b, c, t, self.index, None, "hardswish")
+
+    exported = torch.export.export(Block(), (q, k, v, table))
+    expected = reference.bias_attention(q, k, v, table, index, None, "hardswish")
+    torch.testing.assert_close(exported.module()(q, k, v, table), expected)
