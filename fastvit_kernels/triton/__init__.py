@@ -1,0 +1,1 @@
+"""Triton backends. Submodules import triton; this package itself must not (keeps CPU-only installs importable)."""

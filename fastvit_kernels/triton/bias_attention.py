@@ -1,0 +1,600 @@
+"""Triton kernels for attention with a learned relative-position bias (LeViT, SPEC.md §1-2).
+
+Math and backend contract: `fastvit_kernels/reference/bias_attention.py`. In short, per (b, h):
+    S = q kᵀ · scale + table[h, index],  P = softmax(S),  O = P v,  out = activation(O).
+
+Kernels (all read q, k, v, grad_out, o_pre, index and table through their strides, so per-head
+views of LeViT's fused qkv buffer need no copy):
+  _fwd_kernel        one program per (query block, b·h): online softmax over key blocks, bias
+                     gathered in the kernel, Hardswish fused; writes out, o_pre (optional), lse.
+  _bwd_pre_kernel    delta = rowsum(dO' · o_pre) with dO' = grad_out · hardswish'(o_pre); also
+                     stores dO' when there is an activation so the next two kernels read it once.
+  _bwd_dkdv_kernel   one program per (key block, b·h), looping over query blocks.
+  _bwd_dq_kernel     one program per (query block, h, batch chunk), looping over the chunk's
+                     batches and the key blocks; also sums dS over the chunk's batches (dtable).
+
+Softmax runs in base 2 (exp2 is the native instruction): scores are multiplied by log2(e) and the
+stored lse is converted back to natural log. All statistics and accumulators are fp32; for fp32
+inputs the dots use input_precision="ieee" (no TF32), for half inputs they take half operands.
+Block sizes are powers of two >= 16 (the GPU's minimum dot size); padding is masked.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastvit_kernels.reference.bias_attention import empty_bhnd
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # IEEE: fp32 products with fp32 operands (the GPU's default would be TF32). Set for fp32
+    # inputs (the casts are no-ops), and for bf16 under the interpreter, whose bf16 tl.dot is
+    # wrong (bf16 x bf16 products are exact in fp32, so only the summation order differs).
+    if IEEE:
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _bias_tile(TABLE, INDEX, h, rows, cols, mask, s_th, s_tt, s_iq, s_ik):
+    """table[h, index[rows, cols]] in fp32 (0 where masked). rows/cols broadcast to the tile."""
+    idx = tl.load(INDEX + rows * s_iq + cols * s_ik, mask=mask, other=0)
+    bias = tl.load(TABLE + h * s_th + idx * s_tt, mask=mask, other=0.0)
+    return bias.to(tl.float32)
+
+
+@triton.jit
+def _hardswish(x):
+    return x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
+
+
+@triton.jit
+def _hardswish_grad(x):
+    # PyTorch's convention at the kinks: 0 below -3, 1 above 3, (2x + 3) / 6 in between.
+    return tl.where(x < -3.0, 0.0, tl.where(x > 3.0, 1.0, (2.0 * x + 3.0) / 6.0))
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, TABLE, INDEX, OUT, OPRE, LSE,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_th, s_tt, s_iq, s_ik,
+    s_ob, s_oh, s_on, s_od,
+    s_pb, s_ph, s_pn, s_pd,
+    H, NQ, NK, DK, DV, scale,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+):
+    tl.static_assert(BM >= 16)  # the GPU's minimum dot size
+    tl.static_assert(BN >= 16)
+    tl.static_assert(BDK >= 16)
+    tl.static_assert(BDV >= 16)
+    log2e = 1.4426950408889634
+    # 1-D grid (no 65535 limit on B·H); a b·h's query blocks are neighbours so they share k, v in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(NQ, BM)
+    pid_m = pid % num_m
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // H
+    h = bh % H
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    m_mask = offs_m < NQ
+    dk_mask = offs_dk < DK
+    dv_mask = offs_dv < DV
+
+    q = tl.load(
+        Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_dk[None, :] * s_qd,
+        mask=m_mask[:, None] & dk_mask[None, :], other=0.0,
+    )
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    qk_scale = scale * log2e
+
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
+    for start_n in range(0, NK, BN):
+        offs_n = start_n + tl.arange(0, BN)
+        n_mask = offs_n < NK
+        kt = tl.load(
+            k_base + offs_n[None, :] * s_kn + offs_dk[:, None] * s_kd,
+            mask=n_mask[None, :] & dk_mask[:, None], other=0.0,
+        )
+        s = _dot(q, kt, IEEE) * qk_scale
+        if HAS_BIAS:
+            s += _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :],
+                            m_mask[:, None] & n_mask[None, :], s_th, s_tt, s_iq, s_ik) * log2e
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        # Every key block holds at least one real key, so m_new is finite for every row.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+            mask=n_mask[:, None] & dv_mask[None, :], other=0.0,
+        )
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    tl.store(LSE + bh * NQ + offs_m, (m_i + tl.log2(l_i)) / log2e, mask=m_mask)
+    o_mask = m_mask[:, None] & dv_mask[None, :]
+    if SAVE_PRE:
+        tl.store(OPRE + b * s_pb + h * s_ph + offs_m[:, None] * s_pn + offs_dv[None, :] * s_pd,
+                 o.to(OPRE.dtype.element_ty), mask=o_mask)
+    if ACT:
+        o = _hardswish(o)
+    tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_dv[None, :] * s_od,
+             o.to(OUT.dtype.element_ty), mask=o_mask)
+
+
+@triton.jit
+def _bwd_pre_kernel(
+    GO, OPRE, DO, DELTA,
+    s_gb, s_gh, s_gn, s_gd,
+    s_pb, s_ph, s_pn, s_pd,
+    H, NQ, DV,
+    ACT: tl.constexpr, BM: tl.constexpr, BDV: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(NQ, BM)
+    pid_m = pid % num_m
+    bh = (pid // num_m).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_dv = tl.arange(0, BDV)
+    m_mask = offs_m < NQ
+    mask = m_mask[:, None] & (offs_dv[None, :] < DV)
+    g = tl.load(GO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_dv[None, :] * s_gd,
+                mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(OPRE + b * s_pb + h * s_ph + offs_m[:, None] * s_pn + offs_dv[None, :] * s_pd,
+                mask=mask, other=0.0).to(tl.float32)
+    if ACT:
+        # dO' laid out contiguous [B, H, NQ, DV], in the dtype the dots take.
+        g = (g * _hardswish_grad(o)).to(DO.dtype.element_ty)
+        tl.store(DO + (bh * NQ + offs_m[:, None]) * DV + offs_dv[None, :], g, mask=mask)
+        g = g.to(tl.float32)
+    # delta = rowsum(dO' * o) = rowsum(P * dP), from the same (rounded) dO' the dots use, so that
+    # dS = P * (dP - delta) keeps summing to ~0 over each row (exactly 0 when Nk = 1).
+    tl.store(DELTA + bh * NQ + offs_m, tl.sum(g * o, 1), mask=m_mask)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, TABLE, INDEX, DO, LSE, DELTA, DK_OUT, DV_OUT,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_th, s_tt, s_iq, s_ik,
+    s_db, s_dh, s_dn, s_dd,
+    s_dkb, s_dkh, s_dkn, s_dkd,
+    s_dvb, s_dvh, s_dvn, s_dvd,
+    H, NQ, NK, DK, DV, scale,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+):
+    tl.static_assert(BM >= 16)  # the GPU's minimum dot size
+    tl.static_assert(BN >= 16)
+    tl.static_assert(BDK >= 16)
+    tl.static_assert(BDV >= 16)
+    log2e = 1.4426950408889634
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(NK, BN)
+    pid_n = pid % num_n
+    bh = (pid // num_n).to(tl.int64)
+    b = bh // H
+    h = bh % H
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    n_mask = offs_n < NK
+    dk_mask = offs_dk < DK
+    dv_mask = offs_dv < DV
+
+    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_dk[None, :] * s_kd,
+                mask=n_mask[:, None] & dk_mask[None, :], other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
+                mask=n_mask[:, None] & dv_mask[None, :], other=0.0)
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_db + h * s_dh
+    qk_scale = scale * log2e
+
+    dk = tl.zeros([BN, BDK], tl.float32)
+    dv = tl.zeros([BN, BDV], tl.float32)
+    # Transposed formulation (keys on rows): sT = k qᵀ, so dk and dv come out without transposes.
+    for start_m in range(0, NQ, BM):
+        offs_m = start_m + tl.arange(0, BM)
+        m_mask = offs_m < NQ
+        q = tl.load(q_base + offs_m[:, None] * s_qn + offs_dk[None, :] * s_qd,
+                    mask=m_mask[:, None] & dk_mask[None, :], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_dn + offs_dv[None, :] * s_dd,
+                     mask=m_mask[:, None] & dv_mask[None, :], other=0.0).to(q.dtype)
+        lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * log2e
+        delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
+        mask_t = n_mask[:, None] & m_mask[None, :]
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale
+        if HAS_BIAS:
+            st += _bias_tile(TABLE, INDEX, h, offs_m[None, :], offs_n[:, None], mask_t,
+                             s_th, s_tt, s_iq, s_ik) * log2e
+        pt = tl.where(mask_t, tl.exp2(st - lse[None, :]), 0.0)
+        dv += _dot(pt.to(q.dtype), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, IEEE)
+
+    dk = dk * scale
+    tl.store(DK_OUT + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_dk[None, :] * s_dkd,
+             dk.to(DK_OUT.dtype.element_ty), mask=n_mask[:, None] & dk_mask[None, :])
+    tl.store(DV_OUT + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_dv[None, :] * s_dvd,
+             dv.to(DV_OUT.dtype.element_ty), mask=n_mask[:, None] & dv_mask[None, :])
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, TABLE, INDEX, DO, LSE, DELTA, DQ_OUT, DS_SUM,
+    s_qb, s_qh, s_qn, s_qd,
+    s_kb, s_kh, s_kn, s_kd,
+    s_vb, s_vh, s_vn, s_vd,
+    s_th, s_tt, s_iq, s_ik,
+    s_db, s_dh, s_dn, s_dd,
+    s_dqb, s_dqh, s_dqn, s_dqd,
+    B, H, NQ, NK, DK, DV, scale, BATCH_PER_PROG,
+    HAS_BIAS: tl.constexpr, ONE_KBLOCK: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+):
+    """dq for the chunk's batches; with a bias, also DS_SUM[chunk, h] = Σ_{b in chunk} dS[b, h].
+
+    dtable needs dS summed over b before the scatter into [H, T]. A program owns rows
+    (query block) × all keys of head h for its batch chunk, so it sums its batches itself and
+    writes its own slice of DS_SUM [chunks, H, NQ, NK] with plain stores. Chosen over fp32 atomics
+    into [H, NQ, NK] because it is deterministic and has no B-way contention on the same
+    addresses; the cost is the chunk buffer (the launcher bounds it) and, for NK > BN, a
+    read-modify-write of the program's own L2-resident slice per batch. The launcher then sums the
+    chunks and scatters the [H, NQ·NK] values into [H, T] with one index_add_.
+    """
+    tl.static_assert(BM >= 16)  # the GPU's minimum dot size
+    tl.static_assert(BN >= 16)
+    tl.static_assert(BDK >= 16)
+    tl.static_assert(BDV >= 16)
+    log2e = 1.4426950408889634
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(NQ, BM)
+    pid_m = pid % num_m
+    rest = pid // num_m
+    h = (rest % H).to(tl.int64)
+    chunk = (rest // H).to(tl.int64)
+    b_start = chunk * BATCH_PER_PROG
+    b_end = tl.minimum(b_start + BATCH_PER_PROG, B)
+
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n0 = tl.arange(0, BN)
+    offs_dk = tl.arange(0, BDK)
+    offs_dv = tl.arange(0, BDV)
+    m_mask = offs_m < NQ
+    dk_mask = offs_dk < DK
+    dv_mask = offs_dv < DV
+    qk_scale = scale * log2e
+    ds_base = DS_SUM + (chunk * H + h) * NQ * NK
+
+    # Single key block (Nk <= BN): the bias tile is the same for every batch, so it is gathered
+    # once, and the dS sum stays in registers until the end.
+    if ONE_KBLOCK:
+        n_mask1 = offs_n0 < NK
+        mask1 = m_mask[:, None] & n_mask1[None, :]
+        if HAS_BIAS:
+            bias1 = _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n0[None, :], mask1,
+                               s_th, s_tt, s_iq, s_ik) * log2e
+    ds_sum = tl.zeros([BM, BN], tl.float32)
+
+    for b in range(b_start, b_end):
+        bh = b * H + h
+        q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_dk[None, :] * s_qd,
+                    mask=m_mask[:, None] & dk_mask[None, :], other=0.0)
+        do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dn + offs_dv[None, :] * s_dd,
+                     mask=m_mask[:, None] & dv_mask[None, :], other=0.0).to(q.dtype)
+        lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * log2e
+        delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
+        k_base = K + b * s_kb + h * s_kh
+        v_base = V + b * s_vb + h * s_vh
+        dq = tl.zeros([BM, BDK], tl.float32)
+        for start_n in range(0, NK, BN):
+            offs_n = start_n + offs_n0
+            n_mask = offs_n < NK
+            mask = m_mask[:, None] & n_mask[None, :]
+            k = tl.load(k_base + offs_n[:, None] * s_kn + offs_dk[None, :] * s_kd,
+                        mask=n_mask[:, None] & dk_mask[None, :], other=0.0)
+            vt = tl.load(v_base + offs_n[None, :] * s_vn + offs_dv[:, None] * s_vd,
+                         mask=n_mask[None, :] & dv_mask[:, None], other=0.0)
+            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            if HAS_BIAS:
+                if ONE_KBLOCK:
+                    s += bias1
+                else:
+                    s += _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], mask,
+                                    s_th, s_tt, s_iq, s_ik) * log2e
+            p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
+            dp = _dot(do, vt, IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(q.dtype), k, IEEE)
+            if HAS_BIAS:
+                if ONE_KBLOCK:
+                    ds_sum += ds
+                else:
+                    # Read-modify-write of this program's own slice (skip the read for the
+                    # chunk's first batch, the buffer is uninitialised).
+                    ds_ptr = ds_base + offs_m[:, None] * NK + offs_n[None, :]
+                    if b > b_start:
+                        ds += tl.load(ds_ptr, mask=mask, other=0.0)
+                    tl.store(ds_ptr, ds, mask=mask)
+                    tl.debug_barrier()  # the next batch's read of this tile sees this write
+        dq = dq * scale
+        tl.store(DQ_OUT + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_dk[None, :] * s_dqd,
+                 dq.to(DQ_OUT.dtype.element_ty), mask=m_mask[:, None] & dk_mask[None, :])
+
+    if HAS_BIAS:
+        if ONE_KBLOCK:
+            tl.store(ds_base + offs_m[:, None] * NK + offs_n0[None, :], ds_sum, mask=mask1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_MAX_HEAD_DIM = 256
+
+
+def _pow2(n: int, cap: Optional[int] = None) -> int:
+    """Power of two >= max(n, 16) (the GPU's minimum dot size), optionally capped (cap >= 16)."""
+    p = max(16, triton.next_power_of_2(max(int(n), 1)))
+    return min(p, cap) if cap is not None else p
+
+
+def _config(kernel: str, Nq: int, Nk: int, bdk: int, bdv: int, dtype: torch.dtype) -> dict:
+    """Block sizes (BM query rows, BN key rows) and launch options for 'fwd', 'dkdv' or 'dq'.
+
+    Chosen from ptxas register/spill reports for sm_90 (not yet from timings): the in-kernel bias
+    gather costs ~100 registers per thread at 64×64 tiles, so the half-precision kernels use
+    64×32 tiles (32×64 for dk/dv, whose loop runs over queries); fp32 dots run on FMA units with
+    ieee precision and take 32×32 tiles over 8 warps. Heads of width 256 take smaller tiles.
+    """
+    wide = max(bdk, bdv)
+    if dtype == torch.float32:
+        bm, bn, warps = (16, 16, 4) if wide >= 256 else (32, 32, 8)
+    elif wide >= 256:
+        bm, bn, warps = 32, 32, 8
+    elif kernel == "dkdv":
+        bm, bn, warps = 32, 64, 4 if wide < 128 else 8
+    else:
+        bm, bn, warps = 64, 32, 4 if wide < 128 else 8
+    bm, bn = _pow2(Nq, bm), _pow2(Nk, bn)
+    # The tiles the loop streams (k/v, or q/dO for dk/dv) are pipelined through shared memory.
+    elem = 4 if dtype == torch.float32 else 2
+    stage_bytes = (bm if kernel == "dkdv" else bn) * (bdk + bdv) * elem
+    stages = 3 if 3 * stage_bytes <= 64 * 1024 else (2 if 2 * stage_bytes <= 64 * 1024 else 1)
+    return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
+
+
+def _fp32_dots(dtype: torch.dtype) -> bool:
+    """Whether the kernels' dots take fp32 operands (see _dot)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
+
+
+def _bias_args(table: Optional[Tensor], index: Optional[Tensor], dummy: Tensor):
+    """(table, index, 4 strides); a dummy pointer when there is no bias (never read)."""
+    if table is None:
+        return dummy, dummy, (0, 0, 0, 0)
+    return table, index, (table.stride(0), table.stride(1), index.stride(0), index.stride(1))
+
+
+def forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Optional[Tensor],
+    index: Optional[Tensor],
+    scale: float,
+    activation: Optional[str],
+    save_pre_activation: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    if activation not in (None, "hardswish"):
+        raise ValueError(f"bias_attention (triton): unknown activation {activation!r}")
+    B, H, Nq, Dk = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    act = activation == "hardswish"
+    save_pre = act and bool(save_pre_activation)
+    out = empty_bhnd(B, H, Nq, Dv, q)
+    o_pre = empty_bhnd(B, H, Nq, Dv, q) if save_pre else q.new_empty(0)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    if B * H * Nq == 0:
+        return out, o_pre, lse
+    if Nk == 0:
+        raise ValueError("bias_attention (triton): softmax over no keys (Nk == 0)")
+
+    bdk, bdv = _pow2(Dk), _pow2(Dv)
+    cfg = _config("fwd", Nq, Nk, bdk, bdv, q.dtype)
+    tbl, idx, t_strides = _bias_args(table, index, q)
+    pre = o_pre if save_pre else out
+    grid = (triton.cdiv(Nq, cfg["BM"]) * B * H,)
+    _fwd_kernel[grid](
+        q, k, v, tbl, idx, out, pre, lse,
+        *q.stride(), *k.stride(), *v.stride(), *t_strides, *out.stride(), *pre.stride(),
+        H, Nq, Nk, Dk, Dv, float(scale),
+        HAS_BIAS=table is not None, ACT=act, SAVE_PRE=save_pre, IEEE=_fp32_dots(q.dtype),
+        BDK=bdk, BDV=bdv, **cfg,
+    )
+    return out, o_pre, lse
+
+
+def _dtable_chunks(B: int, H: int, num_m: int, Nq: int, Nk: int, device: torch.device) -> int:
+    """How many batch chunks the dq kernel splits B into (each has its own dS-sum slice).
+
+    More chunks: more programs in flight; fewer: less memory for the [chunks, H, Nq, Nk] buffer
+    and less to sum afterwards. Aim for ~4 programs per SM, at most 256 MiB of buffer.
+    """
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter runs programs one after another: parallelism buys nothing
+        target = 1
+    chunks = min(B, max(1, triton.cdiv(target, num_m * H)))
+    max_chunks = max(1, (256 << 20) // max(1, 4 * H * Nq * Nk))
+    return max(1, min(chunks, max_chunks))
+
+
+def backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Optional[Tensor],
+    index: Optional[Tensor],
+    o_pre: Tensor,
+    lse: Tensor,
+    scale: float,
+    activation: Optional[str],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    if activation not in (None, "hardswish"):
+        raise ValueError(f"bias_attention (triton): unknown activation {activation!r}")
+    act = activation == "hardswish"
+    B, H, Nq, Dk = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    dq = empty_bhnd(B, H, Nq, Dk, q)
+    dk = empty_bhnd(B, H, Nk, Dk, q)
+    dv = empty_bhnd(B, H, Nk, Dv, q)
+    dtable = q.new_empty(0) if table is None else torch.zeros_like(table)
+    if B * H == 0 or Nk == 0:
+        return dq, dk, dv, dtable
+    if Nq == 0:  # no queries: nothing flows back to the keys or the table
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv, dtable
+    if o_pre.numel() == 0 or tuple(o_pre.shape) != (B, H, Nq, Dv):
+        raise ValueError(
+            "bias_attention (triton): backward needs o_pre [B, H, Nq, Dv] (the forward's output "
+            "before the activation; run the forward with save_pre_activation=True)"
+        )
+    if grad_out.dtype != q.dtype:  # the dots and delta must see the same dO
+        grad_out = grad_out.to(q.dtype)
+    if lse.dtype != torch.float32 or not lse.is_contiguous():
+        lse = lse.to(torch.float32).contiguous()
+
+    bdk, bdv = _pow2(Dk), _pow2(Dv)
+    ieee = _fp32_dots(q.dtype)
+    tbl, idx, t_strides = _bias_args(table, index, q)
+    has_bias = table is not None
+
+    # 1. delta (and dO' when there is an activation).
+    delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    do = torch.empty(B, H, Nq, Dv, dtype=q.dtype, device=q.device) if act else grad_out
+    bm_pre = _pow2(Nq, 64)
+    _bwd_pre_kernel[(triton.cdiv(Nq, bm_pre) * B * H,)](
+        grad_out, o_pre, do, delta,
+        *grad_out.stride(), *o_pre.stride(),
+        H, Nq, Dv,
+        ACT=act, BM=bm_pre, BDV=bdv, num_warps=8 if bdv >= 128 else 4,
+    )
+
+    # 2. dk, dv.
+    cfg = _config("dkdv", Nq, Nk, bdk, bdv, q.dtype)
+    _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg["BN"]) * B * H,)](
+        q, k, v, tbl, idx, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *t_strides, *do.stride(),
+        *dk.stride(), *dv.stride(),
+        H, Nq, Nk, Dk, Dv, float(scale),
+        HAS_BIAS=has_bias, IEEE=ieee, BDK=bdk, BDV=bdv, **cfg,
+    )
+
+    # 3. dq and the batch-summed dS.
+    cfg = _config("dq", Nq, Nk, bdk, bdv, q.dtype)
+    num_m = triton.cdiv(Nq, cfg["BM"])
+    if has_bias:
+        chunks = _dtable_chunks(B, H, num_m, Nq, Nk, q.device)
+        per_prog = triton.cdiv(B, chunks)
+        chunks = triton.cdiv(B, per_prog)  # no empty chunk: every slice of ds_sum gets written
+        ds_sum = torch.empty(chunks, H, Nq, Nk, dtype=torch.float32, device=q.device)
+    else:
+        per_prog, chunks, ds_sum = 1, B, delta  # dummy pointer, never written
+    _bwd_dq_kernel[(num_m * H * chunks,)](
+        q, k, v, tbl, idx, do, lse, delta, dq, ds_sum,
+        *q.stride(), *k.stride(), *v.stride(), *t_strides, *do.stride(), *dq.stride(),
+        B, H, Nq, Nk, Dk, Dv, float(scale), per_prog,
+        HAS_BIAS=has_bias, ONE_KBLOCK=Nk <= cfg["BN"], IEEE=ieee, BDK=bdk, BDV=bdv, **cfg,
+    )
+
+    # 4. dtable[h, r] = Σ_{i,j: index[i,j] = r} ds_sum[h, i, j]: one scatter of H·Nq·Nk values.
+    if has_bias:
+        ds_heads = ds_sum.sum(0) if chunks > 1 else ds_sum[0]
+        acc = torch.zeros(table.shape, dtype=torch.float32, device=q.device)
+        acc.index_add_(1, index.reshape(-1), ds_heads.reshape(H, Nq * Nk))
+        dtable = acc.to(table.dtype)
+    return dq, dk, dv, dtable
+
+
+# ---------------------------------------------------------------------------------------------
+# Capability check
+# ---------------------------------------------------------------------------------------------
+
+
+def _interpreted() -> bool:
+    # TRITON_INTERPRET is read when @triton.jit runs (at this module's import), not per call.
+    return type(_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Optional[Tensor]) -> List[str]:
+    """Reasons these Triton kernels cannot run the inputs ([] when they can)."""
+    reasons: List[str] = []
+    tensors = [("q", q), ("k", k), ("v", v)]
+    if table is not None:
+        tensors.append(("bias_table", table))
+    if index is not None:
+        tensors.append(("bias_index", index))
+    devices = {t.device for _, t in tensors}
+    if len(devices) > 1:
+        reasons.append(f"tensors on different devices {sorted(str(d) for d in devices)}")
+    device = q.device
+    if device.type == "cuda":
+        if not _interpreted() and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
+            reasons.append("bfloat16 dots need a GPU of compute capability >= 8.0")
+    elif not _interpreted():
+        reasons.append(
+            f"tensors on {device.type}: Triton runs on CUDA GPUs (or on CPU with TRITON_INTERPRET=1 "
+            "set before fastvit_kernels.triton.bias_attention is imported)"
+        )
+    if any(t.dim() != 4 for _, t in tensors[:3]):
+        reasons.append("q, k, v must be 4-D [B, H, N, D]")
+        return reasons
+    if q.dtype not in _FLOAT_DTYPES:
+        reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    Dk, Dv = q.shape[3], v.shape[3]
+    if max(Dk, Dv) > _MAX_HEAD_DIM:
+        reasons.append(f"head width {max(Dk, Dv)} > {_MAX_HEAD_DIM}")
+    if k.shape[2] == 0:
+        reasons.append("no keys (Nk == 0)")
+    if (table is None) != (index is None):
+        reasons.append("bias_table and bias_index must be both given or both None")
+    if table is not None and table.dtype not in _FLOAT_DTYPES:
+        reasons.append(f"bias_table dtype {table.dtype} (supported: float32, bfloat16, float16)")
+    if index is not None and index.dtype not in _INDEX_DTYPES:
+        reasons.append(f"bias_index dtype {index.dtype} (supported: int32, int64)")
+    return reasons
