@@ -1,0 +1,390 @@
+// Torch-facing half of the CPU bias-attention op: argument checks, output allocation in the
+// contract's layouts, the dense fp32 bias, the work split, and the call into the ISA kernel chosen
+// at run time (bias_attention_{avx512,avx2,scalar}.cpp). The contract is the docstring of
+// fastvit_kernels/reference/bias_attention.py.
+#include "bias_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include "bias_attention_args.h"
+#include "isa.h"
+#include "isa_config.h"
+
+namespace fastvit_kernels {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------
+
+ElemType elem_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return ElemType::kBFloat16;
+    case at::kHalf: return ElemType::kFloat16;
+    default: return ElemType::kFloat32;
+  }
+}
+
+void check_cpu_4d(const char* fn, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.dim() == 4, fn, ": ", name, " must be 4-D [B, H, N, D], got shape ", t.sizes());
+}
+
+void check_dtype(const char* fn, const char* name, const at::Tensor& t, at::ScalarType want) {
+  TORCH_CHECK(t.scalar_type() == want, fn, ": ", name, " must have q's dtype ", want, ", got ",
+              t.scalar_type());
+}
+
+void check_size(const char* fn, const char* name, const at::Tensor& t, int64_t dim, int64_t want,
+                const char* what) {
+  TORCH_CHECK(t.size(dim) == want, fn, ": ", name, ".shape[", dim, "] must be ", want, " (",
+              what, "), got shape ", t.sizes());
+}
+
+// q [B,H,Nq,Dk], k [B,H,Nk,Dk], v [B,H,Nk,Dv], one floating dtype.
+void check_qkv(const char* fn, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_cpu_4d(fn, "q", q);
+  check_cpu_4d(fn, "k", k);
+  check_cpu_4d(fn, "v", v);
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, fn,
+              ": q must be float32, bfloat16 or float16, got ", dt);
+  check_dtype(fn, "k", k, dt);
+  check_dtype(fn, "v", v, dt);
+  check_size(fn, "k", k, 0, q.size(0), "B, from q");
+  check_size(fn, "k", k, 1, q.size(1), "H, from q");
+  check_size(fn, "k", k, 3, q.size(3), "Dk, from q");
+  check_size(fn, "v", v, 0, q.size(0), "B, from q");
+  check_size(fn, "v", v, 1, q.size(1), "H, from q");
+  check_size(fn, "v", v, 2, k.size(2), "Nk, from k");
+  TORCH_CHECK(k.size(2) >= 1, fn, ": k needs at least one key token, got shape ", k.sizes());
+  TORCH_CHECK(q.size(3) >= 1, fn, ": q/k need a head width Dk >= 1, got q shape ", q.sizes());
+  TORCH_CHECK(v.size(3) >= 1, fn, ": v needs a head width Dv >= 1, got shape ", v.sizes());
+}
+
+Activation parse_activation(const char* fn, const std::string& name) {
+  if (name == "none") return Activation::kNone;
+  if (name == "hardswish") return Activation::kHardswish;
+  TORCH_CHECK_VALUE(false, fn, ": activation must be 'none' or 'hardswish', got '", name, "'");
+  return Activation::kNone;
+}
+
+void check_scale(const char* fn, double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale), fn, ": scale must be finite, got ", scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layouts and the dense bias
+// ---------------------------------------------------------------------------------------------
+
+// With FASTVIT_KERNELS_POISON=1 (the tests set it) outputs start as NaN, so an element the
+// kernel forgets to write cannot pass for a right answer left over in recycled memory.
+at::Tensor poisoned(at::Tensor t) {
+  const char* env = std::getenv("FASTVIT_KERNELS_POISON");
+  if (env != nullptr && env[0] == '1' && env[1] == '\0') t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+// A [B, H, N, D] tensor whose memory is [B, N, H, D] (what LeViT's proj consumes).
+at::Tensor empty_bhnd(int64_t B, int64_t H, int64_t N, int64_t D, const at::TensorOptions& opt) {
+  return poisoned(at::empty({B, N, H, D}, opt)).transpose(1, 2);
+}
+
+template <size_t R>
+void copy_strides(const at::Tensor& t, int64_t (&dst)[R]) {
+  for (size_t d = 0; d < R; ++d) dst[d] = t.stride(static_cast<int64_t>(d));
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// The bias as fp32 rows for the kernels (see bias_attention_args.h): row (h, i) holds
+// table[h, index[i, j]] for j < Nk, then -inf up to a whole number of kBiasRowAlign floats.
+// Also returns the validated index as dense int32 [Nq, Nk] (for dtable in backward).
+struct DenseBias {
+  at::Tensor rows;     // [H, Nq, ld] fp32, or [ld] when there is no table
+  at::Tensor index32;  // [Nq, Nk] int32, undefined when there is no table
+  int64_t h_stride = 0, i_stride = 0, ld = 0, T = 0;
+};
+
+template <typename I>
+void convert_index(const at::Tensor& index, int64_t T, int32_t* out) {
+  const I* src = index.data_ptr<I>();
+  const int64_t Nq = index.size(0), Nk = index.size(1);
+  const int64_t s0 = index.stride(0), s1 = index.stride(1);
+  for (int64_t i = 0; i < Nq; ++i) {
+    for (int64_t j = 0; j < Nk; ++j) {
+      const int64_t x = static_cast<int64_t>(src[i * s0 + j * s1]);
+      TORCH_CHECK_INDEX(x >= 0 && x < T, "bias_attention: index values must lie in [0, T) with T = ",
+                        T, " (table.shape[1]); got index[", i, ", ", j, "] = ", x);
+      out[i * Nk + j] = static_cast<int32_t>(x);
+    }
+  }
+}
+
+DenseBias dense_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
+                     const std::optional<at::Tensor>& index_opt, const at::Tensor& q, int64_t Nk) {
+  const int64_t H = q.size(1), Nq = q.size(2);
+  DenseBias bias;
+  bias.ld = round_up(Nk, kBiasRowAlign);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  if (!table_opt.has_value() || !table_opt->defined()) {
+    bias.rows = at::empty({bias.ld}, q.options().dtype(at::kFloat));
+    float* row = bias.rows.data_ptr<float>();
+    for (int64_t j = 0; j < bias.ld; ++j) row[j] = j < Nk ? 0.0f : neg_inf;
+    return bias;
+  }
+
+  const at::Tensor& table = *table_opt;
+  TORCH_CHECK(table.device().is_cpu(), fn, ": table must be a CPU tensor, got device ",
+              table.device());
+  TORCH_CHECK(table.dim() == 2, fn, ": table must be 2-D [H, T], got shape ", table.sizes());
+  TORCH_CHECK(table.size(0) == H, fn, ": table.shape[0] must be H = ", H, " (from q), got shape ",
+              table.sizes());
+  TORCH_CHECK(table.size(1) >= 1 && table.size(1) <= std::numeric_limits<int32_t>::max(), fn,
+              ": table.shape[1] (T) must be in [1, 2^31), got shape ", table.sizes());
+  TORCH_CHECK(table.scalar_type() == at::kFloat || table.scalar_type() == q.scalar_type(), fn,
+              ": table must be float32 or q's dtype ", q.scalar_type(), ", got ",
+              table.scalar_type());
+  TORCH_CHECK(index_opt.has_value() && index_opt->defined(), fn,
+              ": index [Nq, Nk] is required when table is given");
+  const at::Tensor& index = *index_opt;
+  TORCH_CHECK(index.device().is_cpu(), fn, ": index must be a CPU tensor, got device ",
+              index.device());
+  TORCH_CHECK(index.scalar_type() == at::kLong || index.scalar_type() == at::kInt, fn,
+              ": index must be int64 or int32, got ", index.scalar_type());
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == Nq && index.size(1) == Nk, fn,
+              ": index must have shape [Nq, Nk] = [", Nq, ", ", Nk, "], got ", index.sizes());
+
+  bias.T = table.size(1);
+  bias.index32 = at::empty({Nq, Nk}, index.options().dtype(at::kInt));
+  int32_t* idx = bias.index32.data_ptr<int32_t>();
+  if (index.scalar_type() == at::kLong)
+    convert_index<int64_t>(index, bias.T, idx);
+  else
+    convert_index<int32_t>(index, bias.T, idx);
+
+  const at::Tensor tab = table.to(at::kFloat).contiguous();
+  const float* tp = tab.data_ptr<float>();
+  bias.rows = at::empty({H, Nq, bias.ld}, q.options().dtype(at::kFloat));
+  float* rows = bias.rows.data_ptr<float>();
+  const int64_t T = bias.T, ld = bias.ld;
+  // Threads only pay off beyond ~64K gathered elements (waking them costs microseconds).
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, Nk));
+  at::parallel_for(0, H * Nq, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* t = tp + (r / Nq) * T;
+      const int32_t* ix = idx + (r % Nq) * Nk;
+      float* out = rows + r * ld;
+      for (int64_t j = 0; j < Nk; ++j) out[j] = t[ix[j]];
+      for (int64_t j = Nk; j < ld; ++j) out[j] = neg_inf;
+    }
+  });
+  bias.i_stride = ld;
+  bias.h_stride = Nq * ld;
+  return bias;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel selection and work split
+// ---------------------------------------------------------------------------------------------
+
+using FwdKernel = void (*)(const BiasAttentionFwdArgs&, int64_t, int64_t);
+using BwdKernel = void (*)(const BiasAttentionBwdArgs&, int64_t, int64_t);
+
+FwdKernel forward_kernel(CpuIsa isa) {
+  switch (isa) {
+#if FVK_X86_KERNELS
+    case CpuIsa::kAvx512: return avx512::bias_attention_forward;
+    case CpuIsa::kAvx2: return avx2::bias_attention_forward;
+#endif
+    default: return scalar::bias_attention_forward;
+  }
+}
+
+BwdKernel backward_kernel(CpuIsa isa) {
+  switch (isa) {
+#if FVK_X86_KERNELS
+    case CpuIsa::kAvx512: return avx512::bias_attention_backward;
+    case CpuIsa::kAvx2: return avx2::bias_attention_backward;
+#endif
+    default: return scalar::bias_attention_backward;
+  }
+}
+
+// Forward tasks are (b, h, block of query rows). Split the rows only as far as needed for about
+// 8 tasks per thread (load balance, and B = 1 still uses every core): each split repacks k / v.
+constexpr int64_t kMinQueryBlock = 16;
+constexpr int64_t kTasksPerThread = 8;
+
+int64_t forward_query_block(int64_t BH, int64_t Nq) {
+  const int64_t want_tasks = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
+  const int64_t blocks = std::max<int64_t>(1, (want_tasks + BH - 1) / BH);
+  const int64_t block = round_up((Nq + blocks - 1) / blocks, kMinQueryBlock);
+  return std::max(kMinQueryBlock, std::min(block, round_up(Nq, kMinQueryBlock)));
+}
+
+// Backward tasks are (chunk of batches, h): dk / dv rows have one owner, and dS is summed over the
+// chunk before its scatter into dtable (a scalar loop, the cost that chunks amortise). Chunks
+// aim at kBackwardTasks tasks and depend only on the shapes, never on the thread count, so
+// dtable is reproducible bit for bit. Queries go in blocks of kBackwardQueryBlock rows, so that
+// P / dS for a block stay in L1 / L2.
+constexpr int64_t kBackwardTasks = 64;
+constexpr int64_t kBackwardQueryBlock = 32;
+
+int64_t backward_batch_chunk(int64_t B, int64_t H, bool has_table) {
+  if (!has_table) return 1;
+  return std::max<int64_t>(1, std::min(B, B * H / kBackwardTasks));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index, double scale,
+    const std::string& activation, bool save_pre_activation) {
+  constexpr const char* fn = "bias_attention_forward";
+  check_qkv(fn, q, k, v);
+  const Activation act = parse_activation(fn, activation);
+  check_scale(fn, scale);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dk = q.size(3);
+  const int64_t Nk = k.size(2), Dv = v.size(3);
+
+  at::Tensor out = empty_bhnd(B, H, Nq, Dv, q.options());
+  at::Tensor o_pre = act == Activation::kHardswish && save_pre_activation
+                         ? empty_bhnd(B, H, Nq, Dv, q.options())
+                         : at::empty({0}, q.options());
+  at::Tensor lse = poisoned(at::empty({B, H, Nq}, q.options().dtype(at::kFloat)));
+  if (B * H * Nq == 0) return {out, o_pre, lse};
+
+  const DenseBias bias = dense_bias(fn, table, index, q, Nk);
+  const FwdKernel kernel = forward_kernel(current_cpu_isa());
+
+  BiasAttentionFwdArgs a{};
+  a.B = B; a.H = H; a.Nq = Nq; a.Nk = Nk; a.Dk = Dk; a.Dv = Dv;
+  a.dtype = elem_type(q.scalar_type());
+  a.activation = act;
+  a.scale = static_cast<float>(scale);
+  a.q = q.data_ptr(); copy_strides(q, a.q_stride);
+  a.k = k.data_ptr(); copy_strides(k, a.k_stride);
+  a.v = v.data_ptr(); copy_strides(v, a.v_stride);
+  a.bias = bias.rows.data_ptr<float>();
+  a.bias_h_stride = bias.h_stride; a.bias_i_stride = bias.i_stride; a.bias_ld = bias.ld;
+  a.out = out.data_ptr(); copy_strides(out, a.out_stride);
+  if (o_pre.numel() > 0) {
+    a.o_pre = o_pre.data_ptr(); copy_strides(o_pre, a.o_pre_stride);
+  }
+  a.lse = lse.data_ptr<float>(); copy_strides(lse, a.lse_stride);
+  a.q_block = forward_query_block(B * H, Nq);
+  a.q_blocks = (Nq + a.q_block - 1) / a.q_block;
+
+  at::parallel_for(0, B * H * a.q_blocks, 1,
+                   [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  return {out, o_pre, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index,
+    const at::Tensor& o_pre, const at::Tensor& lse, double scale, const std::string& activation) {
+  constexpr const char* fn = "bias_attention_backward";
+  check_qkv(fn, q, k, v);
+  const Activation act = parse_activation(fn, activation);
+  check_scale(fn, scale);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dk = q.size(3);
+  const int64_t Nk = k.size(2), Dv = v.size(3);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"grad_out", grad_out},
+                                std::pair<const char*, const at::Tensor&>{"o_pre", o_pre}}) {
+    check_cpu_4d(fn, name, t);
+    check_dtype(fn, name, t, q.scalar_type());
+    check_size(fn, name, t, 0, B, "B, from q");
+    check_size(fn, name, t, 1, H, "H, from q");
+    check_size(fn, name, t, 2, Nq, "Nq, from q");
+    check_size(fn, name, t, 3, Dv, "Dv, from v");
+  }
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu(), fn, ": lse must be a CPU tensor");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, fn, ": lse must be float32, got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == Nq, fn,
+              ": lse must have shape [B, H, Nq] = [", B, ", ", H, ", ", Nq, "], got ",
+              lse.sizes());
+
+  at::Tensor dq = empty_bhnd(B, H, Nq, Dk, q.options());
+  at::Tensor dk = empty_bhnd(B, H, Nk, Dk, q.options());
+  at::Tensor dv = empty_bhnd(B, H, Nk, Dv, q.options());
+  const DenseBias bias = dense_bias(fn, table, index, q, Nk);
+  const bool has_table = bias.index32.defined();
+  const int64_t b_chunk = backward_batch_chunk(B, H, has_table);
+  const int64_t chunks = (B + b_chunk - 1) / b_chunk;
+  at::Tensor partial = has_table ? at::zeros({chunks, H, 2, bias.T}, q.options().dtype(at::kFloat))
+                                 : at::Tensor();
+  if (B * H > 0) {
+    const BwdKernel kernel = backward_kernel(current_cpu_isa());
+    BiasAttentionBwdArgs a{};
+    a.B = B; a.H = H; a.Nq = Nq; a.Nk = Nk; a.Dk = Dk; a.Dv = Dv;
+    a.dtype = elem_type(q.scalar_type());
+    a.activation = act;
+    a.scale = static_cast<float>(scale);
+    a.grad_out = grad_out.data_ptr(); copy_strides(grad_out, a.grad_out_stride);
+    a.q = q.data_ptr(); copy_strides(q, a.q_stride);
+    a.k = k.data_ptr(); copy_strides(k, a.k_stride);
+    a.v = v.data_ptr(); copy_strides(v, a.v_stride);
+    a.o_pre = o_pre.data_ptr(); copy_strides(o_pre, a.o_pre_stride);
+    a.lse = lse.data_ptr<float>(); copy_strides(lse, a.lse_stride);
+    a.bias = bias.rows.data_ptr<float>();
+    a.bias_h_stride = bias.h_stride; a.bias_i_stride = bias.i_stride; a.bias_ld = bias.ld;
+    if (has_table) {
+      a.index = bias.index32.data_ptr<int32_t>();
+      a.T = bias.T;
+      a.dtable_partial = partial.data_ptr<float>();
+    }
+    a.dq = dq.data_ptr(); copy_strides(dq, a.dq_stride);
+    a.dk = dk.data_ptr(); copy_strides(dk, a.dk_stride);
+    a.dv = dv.data_ptr(); copy_strides(dv, a.dv_stride);
+    a.b_chunk = b_chunk;
+    a.q_block = kBackwardQueryBlock;
+    at::parallel_for(0, chunks * H, 1, [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  }
+  if (!has_table) return {dq, dk, dv, at::empty({0}, q.options())};
+
+  // dtable = the sum of the per-task partials (two interleaved rows each), chunk by chunk in
+  // order: deterministic for any thread count.
+  at::Tensor dtable32 = poisoned(at::empty({H, bias.T}, q.options().dtype(at::kFloat)));
+  const float* part = partial.data_ptr<float>();
+  float* dt = dtable32.data_ptr<float>();
+  const int64_t T = bias.T;
+  at::parallel_for(0, H * T, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t h = x / T, r = x % T;
+      float s = 0.0f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const float* row = part + ((c * H + h) * 2) * T;
+        s += row[r] + row[T + r];
+      }
+      dt[x] = s;
+    }
+  });
+  return {dq, dk, dv, dtable32.to(table->scalar_type())};
+}
+
+}  // namespace cpu
+}  // namespace fastvit_kernels
