@@ -10,5 +10,16 @@ __version__ = "0.1.0"
 
 from fastvit_kernels import ops
 from fastvit_kernels.backends import use_backend
+from fastvit_kernels.modules import BiasAttention, ShrinkAttention
+from fastvit_kernels.patch import patch_timm, unpatch_timm, fold_batchnorm
 
-__all__ = ["ops", "use_backend", "__version__"]
+__all__ = [
+    "ops",
+    "use_backend",
+    "__version__",
+    "BiasAttention",
+    "ShrinkAttention",
+    "patch_timm",
+    "unpatch_timm",
+    "fold_batchnorm",
+]
