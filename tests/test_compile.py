@@ -69,3 +69,26 @@ def test_reference_is_exportable():
     exported = torch.export.export(Block(), (q, k, v, table))
     expected = reference.bias_attention(q, k, v, table, index, None, "hardswish")
     torch.testing.assert_close(exported.module()(q, k, v, table), expected)
+
+
+@pytest.mark.parametrize("use_conv", [False, True], ids=["linear", "conv"])
+def test_patched_timm_model_compiles_fullgraph(use_conv):
+    """A whole patched timm LeViT traces as one graph (forward and backward, no graph break)."""
+    timm = pytest.importorskip("timm")
+    import fastvit_kernels
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = timm.create_model("levit_conv_128s" if use_conv else "levit_128s", pretrained=False)
+    for module in model.modules():
+        if hasattr(module, "attention_biases"):
+            torch.nn.init.normal_(module.attention_biases, std=2.0)
+    fastvit_kernels.patch_timm(model)
+    x = torch.randn(2, 3, 224, 224)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    model.train()
+    compiled(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
