@@ -1,0 +1,461 @@
+"""Shared benchmark plumbing: timing, the environment record, result rows, the table and JSON.
+
+Used by `python -m fastvit_kernels.bench` and re-exported by `benchmarks/common.py`, so the
+package never needs the benchmarks/ folder. Results are rows of plain data (one per case, impl
+and pass) that carry the device, versions and git sha, so files from different machines and
+commits can be concatenated and compared.
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+SCHEMA_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout root when run from one
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+
+_T0 = time.perf_counter()
+
+
+def log(message: str) -> None:
+    """A progress line on stderr, stamped with seconds since the process started benchmarking."""
+    print(f"[{time.perf_counter() - _T0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: Optional[str]) -> torch.device:
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds taken by one call (used for the first call of a compiled function)."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def benchmark_ms(
+    fn: Callable[[], object], device: torch.device, *, quick: bool = False, min_run_time: Optional[float] = None
+) -> Dict[str, float]:
+    """Median time of fn() in milliseconds, after warm-up.
+
+    CPU: torch.utils.benchmark.Timer.blocked_autorange with every intra-op thread torch uses (the
+    Timer defaults to one thread, which would misreport multi-threaded kernels).
+    CUDA: triton.testing.do_bench (flushes L2 between calls, median of CUDA-event timings), or a
+    CUDA-event loop when triton is missing.
+    Returns {"ms": median, "iqr_ms": interquartile range, "runs": number of timed blocks}.
+    """
+    for _ in range(2):  # warm-up: allocator, caches, lazy inits (compiled fns were called already)
+        fn()
+    synchronize(device)
+    if device.type == "cuda":
+        return _benchmark_cuda_ms(fn, device, quick)
+    from torch.utils.benchmark import Timer
+
+    if min_run_time is None:
+        min_run_time = 0.3 if quick else 1.5
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return {"ms": m.median * 1e3, "iqr_ms": m.iqr * 1e3, "runs": len(m.times)}
+
+
+def _benchmark_cuda_ms(fn, device, quick) -> Dict[str, float]:
+    warmup_ms, rep_ms = (10, 40) if quick else (25, 200)
+    try:
+        from triton.testing import do_bench
+
+        q = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
+        return {"ms": q[1], "iqr_ms": q[2] - q[0], "runs": None}  # do_bench does not say
+    except ImportError:
+        pass
+    # Event loop fallback: time each call separately and take the median.
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 5 or time.perf_counter() < deadline:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    n = len(times)
+    return {"ms": times[n // 2], "iqr_ms": times[(3 * n) // 4] - times[n // 4], "runs": n}
+
+
+def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Device-memory bandwidth in bytes/s from one large device-to-device copy (read + write)."""
+    if device.type != "cuda":
+        raise ValueError("bandwidth is measured on CUDA only")
+    free, _ = torch.cuda.mem_get_info(device)
+    nbytes = min(nbytes, free // 4)  # two buffers, leave room for the benchmarks
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = benchmark_ms(lambda: dst.copy_(src), device)["ms"]
+    src = dst = None  # free both buffers before emptying the cache
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms / 1e3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment
+# ---------------------------------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _physical_cores() -> Optional[int]:
+    """Distinct (physical id, core id) pairs in /proc/cpuinfo; None where unknown."""
+    try:
+        cores, phys = set(), None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":", 1)[1].strip()
+                elif line.startswith("core id"):
+                    cores.add((phys, line.split(":", 1)[1].strip()))
+        return len(cores) or None
+    except OSError:
+        return None
+
+
+def _git(*args: str) -> Optional[str]:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        return __import__(module).__version__
+    except Exception:  # not installed, or broken
+        return None
+
+
+def native_status() -> Dict[str, Optional[str]]:
+    """Whether fastvit_kernels._C loaded, its ISA, and why not when it did not."""
+    from fastvit_kernels import _native
+
+    if not _native.available():
+        return {"native": None, "native_isa": None, "native_error": _native.load_error}
+    isa = None
+    try:
+        isa = str(_native.native.cpu_isa())
+    except Exception as error:  # an older build without cpu_isa()
+        isa = f"unknown ({type(error).__name__})"
+    return {"native": "loaded", "native_isa": isa, "native_error": None}
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Everything needed to interpret a timing: hardware, threads, versions, code revision."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        extra = {
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "gpu_sm_count": props.multi_processor_count,
+            "gpu_capability": f"{props.major}.{props.minor}",
+        }
+    else:
+        name = _cpu_model()
+        extra = {}
+    sha = _git("rev-parse", "HEAD") or "unknown"
+    # Dirty: the code that runs (package, kernels, build) differs from the commit; result files
+    # and benchmark scripts do not count.
+    status = _git("status", "--porcelain", "--", "fastvit_kernels", "csrc", "setup.py", "CMakeLists.txt")
+    env = {
+        "device_type": device.type,
+        "device": name,
+        "cpu_model": _cpu_model(),
+        "cpu_logical": os.cpu_count(),
+        "cpu_physical_cores": _physical_cores(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "timm": _version("timm"),
+        "fastvit_kernels": _version("fastvit_kernels"),
+        "git_sha": sha,
+        "git_dirty": None if status is None else bool(status),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv,
+        # Other processes on the machine distort timings (most on few cores): keep the evidence.
+        "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        **native_status(),
+        **extra,
+    }
+    return env
+
+
+def device_kind(env: Dict[str, object]) -> str:
+    """A short file-name-safe device label: 'cpu-2t-xeon', 'cuda-nvidia-h100-80gb-hbm3'."""
+    if env["device_type"] == "cuda":
+        label = f"cuda-{env['device']}"
+    else:
+        model = re.sub(r"\(R\)|\(TM\)|CPU|Processor|@.*", "", str(env["cpu_model"]))
+        label = f"cpu-{env['torch_threads']}t-{model}"
+    return re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
+
+
+def default_out_path(script: str, env: Dict[str, object]) -> Path:
+    """benchmarks/results/<script>_<device kind>_<date>.json (date from the environment record)."""
+    stamp = str(env["date"])[:19].replace(":", "").replace("-", "")
+    return REPO_ROOT / "benchmarks" / "results" / f"{script}_{device_kind(env)}_{stamp}.json"
+
+
+def describe_env(env: Dict[str, object]) -> str:
+    native = (
+        f"native {env['native_isa']}" if env.get("native") else f"native missing ({env.get('native_error')})"
+    )
+    return (
+        f"{env['device']} | {env['torch_threads']} threads, cpu capability {env['cpu_capability']} | "
+        f"torch {env['torch']} triton {env['triton']} timm {env['timm']} python {env['python']} "
+        f"cuda {env['cuda']} | {native} | git {str(env['git_sha'])[:12]}"
+        f"{'+dirty' if env.get('git_dirty') else ''} | load {env.get('loadavg_1m')} | {env['date']}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows, ratios, JSON, table
+# ---------------------------------------------------------------------------------------------
+
+# The environment fields copied into every row, so rows stay meaningful once separated.
+ROW_ENV_KEYS = ("device", "device_type", "torch_threads", "torch", "triton", "git_sha", "native_isa")
+
+
+def make_row(env: Dict[str, object], **fields) -> Dict[str, object]:
+    row = {key: env.get(key) for key in ROW_ENV_KEYS}
+    row.update(fields)
+    row.setdefault("ms", None)
+    row.setdefault("error", None)
+    return row
+
+
+def add_ratios(rows: List[Dict[str, object]], ref_impl: str, group_keys: Sequence[str] = ("case", "pass")) -> None:
+    """Sets row['ref_impl'] and row['ref_speedup'] = time of this row / time of ref_impl.
+
+    The reference is the same (case, pass) row of `ref_impl` (the fused op); a speed-up > 1 means
+    the reference is that many times faster than this row's implementation.
+    """
+    ref_ms = {}
+    for row in rows:
+        if row.get("impl") == ref_impl and row.get("ms"):
+            ref_ms[tuple(row.get(k) for k in group_keys)] = row["ms"]
+    for row in rows:
+        ref = ref_ms.get(tuple(row.get(k) for k in group_keys))
+        row["ref_impl"] = ref_impl
+        row["ref_speedup"] = row["ms"] / ref if ref and row.get("ms") else None
+
+
+def write_json(path: Path, env: Dict[str, object], rows: List[Dict[str, object]], **meta) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(os, "getloadavg"):
+        env = {**env, "loadavg_1m_end": round(os.getloadavg()[0], 2)}
+    doc = {"schema": SCHEMA_VERSION, "env": env, **meta, "rows": rows}
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+        f.write("\n")
+    return path
+
+
+@dataclass
+class Column:
+    key: str
+    header: str
+    fmt: str = "{}"  # format for present values; None prints as "-"
+    width: int = 0  # 0: fit the content
+    left: bool = False
+
+
+def _cell(value, col: Column) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return col.fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_table(rows: Iterable[Dict[str, object]], columns: Sequence[Column]) -> str:
+    """A fixed-width text table; the last column may be long (notes, errors) and is not padded."""
+    rows = list(rows)
+    cells = [[_cell(row.get(c.key), c) for c in columns] for row in rows]
+    widths = [
+        max([len(c.header), c.width] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = []
+        for i, (v, c) in enumerate(zip(values, columns)):
+            if i == len(columns) - 1:
+                parts.append(v)
+            else:
+                parts.append(v.ljust(widths[i]) if c.left else v.rjust(widths[i]))
+        return "  ".join(parts).rstrip()
+
+    out = [line([c.header for c in columns]), line(["-" * w for w in widths[:-1]] + ["-" * len(columns[-1].header)])]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def short_error(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception, for a table cell and a JSON field (full text in 'error')."""
+    text = f"{type(error).__name__}: {error}".strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# LeViT attention shapes (SPEC.md §1-2, 224x224 input)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    """One distinct attention call of a LeViT model (B is chosen by the benchmark)."""
+
+    name: str  # e.g. "128s.attn14" (block attention on the 14x14 grid), "128s.shrink14-7"
+    model: str  # timm model name
+    kind: str  # "block" (Attention) or "shrink" (AttentionDownsample)
+    heads: int
+    resolution: int  # the key grid side R (keys are R x R tokens)
+    key_dim: int
+    val_dim: int
+    count: int  # how many modules of the model have this shape
+
+    @property
+    def stride(self) -> int:
+        return 1 if self.kind == "block" else 2
+
+    @property
+    def nk(self) -> int:
+        return self.resolution**2
+
+    @property
+    def nq(self) -> int:
+        side = -(-self.resolution // self.stride)
+        return side * side
+
+    @property
+    def table_size(self) -> int:
+        return self.resolution**2
+
+    def describe(self) -> str:
+        return f"H={self.heads} Nq={self.nq} Nk={self.nk} Dk={self.key_dim} Dv={self.val_dim}"
+
+
+def _levit_shapes(model: str, tag: str, heads, shrink_heads, key_dim, depth) -> List[AttentionShape]:
+    grids = (14, 7, 4)
+    shapes = []
+    for stage, (h, r) in enumerate(zip(heads, grids)):
+        if stage > 0:
+            rin = grids[stage - 1]
+            shapes.append(
+                AttentionShape(f"{tag}.shrink{rin}-{r}", model, "shrink", shrink_heads[stage - 1], rin, key_dim, 4 * key_dim, 1)
+            )
+        shapes.append(AttentionShape(f"{tag}.attn{r}", model, "block", h, r, key_dim, 2 * key_dim, depth[stage]))
+    return shapes
+
+
+# Derived from the SPEC table: heads per stage, Dk, Dv = 2 Dk; shrinks have H = C_in // Dk, Dv = 4 Dk.
+LEVIT_ATTENTION_SHAPES: Tuple[AttentionShape, ...] = tuple(
+    _levit_shapes("levit_128s", "128s", (4, 6, 8), (128 // 16, 256 // 16), 16, (2, 3, 4))
+    + _levit_shapes("levit_256", "256", (4, 6, 8), (256 // 32, 384 // 32), 32, (4, 4, 4))
+)
+
+
+def select_shapes(patterns: Optional[Sequence[str]]) -> List[AttentionShape]:
+    """Shapes whose name contains any of the patterns (all when None/empty); e.g. '128s', 'attn14'."""
+    if not patterns:
+        return list(LEVIT_ATTENTION_SHAPES)
+    chosen = [s for s in LEVIT_ATTENTION_SHAPES if any(p in s.name for p in patterns)]
+    if not chosen:
+        names = ", ".join(s.name for s in LEVIT_ATTENTION_SHAPES)
+        raise SystemExit(f"no shape matches {list(patterns)}; shapes are: {names}")
+    return chosen
+
+
+def levit_bias_index(resolution: int, stride: int, device=None) -> torch.Tensor:
+    """idx[i, j] = |stride*qy_i - ky_j| * R + |stride*qx_i - kx_j| (SPEC.md §1-2), int64 [Nq, Nk]."""
+    k = torch.arange(resolution, device=device)
+    qs = torch.arange(0, resolution, stride, device=device)
+    ky, kx = torch.meshgrid(k, k, indexing="ij")
+    qy, qx = torch.meshgrid(qs, qs, indexing="ij")
+    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()
+    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()
+    return dy * resolution + dx
+
+
+def verify_levit_shapes(models: Sequence[str]) -> List[str]:
+    """Compares LEVIT_ATTENTION_SHAPES (and levit_bias_index) with timm's modules; returns problems."""
+    import timm
+    from timm.models.levit import Attention, AttentionDownsample
+
+    problems = []
+    for model_name in models:
+        model = timm.create_model(model_name, pretrained=False)
+        found: Dict[Tuple, int] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, (Attention, AttentionDownsample)):
+                continue
+            kind = "block" if isinstance(module, Attention) else "shrink"
+            r = module.resolution[0] if isinstance(module.resolution, tuple) else module.resolution
+            key = (kind, module.num_heads, r, module.key_dim, module.val_dim)
+            found[key] = found.get(key, 0) + 1
+            idx = levit_bias_index(r, 1 if kind == "block" else module.stride)
+            if not torch.equal(idx, module.attention_bias_idxs.cpu()):
+                problems.append(f"{model_name}.{name}: bias index differs from levit_bias_index")
+        ours = {
+            (s.kind, s.heads, s.resolution, s.key_dim, s.val_dim): s.count
+            for s in LEVIT_ATTENTION_SHAPES
+            if s.model == model_name
+        }
+        if not ours:
+            problems.append(f"{model_name}: no shapes in LEVIT_ATTENTION_SHAPES")
+        elif ours != found:
+            problems.append(f"{model_name}: timm has {found}, the table has {ours}")
+    return problems
