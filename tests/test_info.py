@@ -1,0 +1,41 @@
+"""`python -m fastvit_kernels.info`, and the package without its native extension."""
+
+import subprocess
+import sys
+
+from fastvit_kernels import info
+
+
+def test_info_reports_every_op_and_backend():
+    data = info.collect()
+    assert "bias_attention" in data["ops"]
+    cpu = data["ops"]["bias_attention"]["cpu"]
+    assert cpu["backend"] in ("cpu", "reference")
+    assert set(cpu["refusals"]) == {"reference", "cpu", "triton", "cuda"}
+    result = subprocess.run([sys.executable, "-m", "fastvit_kernels.info"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "bias_attention" in result.stdout and "cpu   tensors ->" in result.stdout
+
+
+# A fresh interpreter in which importing the extension fails, as after a broken or missing build.
+WITHOUT_NATIVE = r"""
+import sys, warnings
+sys.modules["fastvit_kernels._C"] = None  # makes `import fastvit_kernels._C` raise ImportError
+import torch, fastvit_kernels
+from fastvit_kernels import info
+from fastvit_kernels.ops.bias_attention import select_backend
+q = torch.randn(1, 2, 5, 16)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = fastvit_kernels.ops.bias_attention(q, q, q, activation="hardswish")
+assert select_backend(q, q, q).name == "reference"
+assert any("native CPU kernels are not available" in str(w.message) for w in caught), caught
+assert not info.collect()["native_built"]
+print("fallback ok", tuple(out.shape))
+"""
+
+
+def test_import_and_fallback_without_native_extension():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_NATIVE], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok (1, 2, 5, 16)" in result.stdout
