@@ -420,14 +420,10 @@ def select_shapes(patterns: Optional[Sequence[str]]) -> List[AttentionShape]:
 
 
 def levit_bias_index(resolution: int, stride: int, device=None) -> torch.Tensor:
-    """idx[i, j] = |stride*qy_i - ky_j| * R + |stride*qx_i - kx_j| (SPEC.md §1-2), int64 [Nq, Nk]."""
-    k = torch.arange(resolution, device=device)
-    qs = torch.arange(0, resolution, stride, device=device)
-    ky, kx = torch.meshgrid(k, k, indexing="ij")
-    qy, qx = torch.meshgrid(qs, qs, indexing="ij")
-    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()
-    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()
-    return dy * resolution + dx
+    """The LeViT index of a square `resolution` grid (the modules' own function, SPEC.md §1-2)."""
+    from fastvit_kernels.modules.bias_attention import levit_bias_index as index_of_grid
+
+    return index_of_grid((resolution, resolution), stride, device)
 
 
 def verify_levit_shapes(models: Sequence[str]) -> List[str]:

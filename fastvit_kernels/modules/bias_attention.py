@@ -35,7 +35,7 @@ from torch import Tensor
 
 from fastvit_kernels.ops import bias_attention
 
-__all__ = ["BiasAttention", "ShrinkAttention", "LinearNorm", "ConvNorm", "Subsample"]
+__all__ = ["BiasAttention", "ShrinkAttention", "LinearNorm", "ConvNorm", "Subsample", "levit_bias_index"]
 
 Resolution = Union[int, Tuple[int, int]]
 
@@ -48,9 +48,18 @@ def _pair(value: Resolution) -> Tuple[int, int]:
     return int(value), int(value)
 
 
-def _grid(rows: Tensor, cols: Tensor) -> Tensor:
-    """[2, len(rows)·len(cols)] (y, x) coordinates in row-major order (timm's ndgrid + flatten)."""
-    return torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)
+def levit_bias_index(resolution: Tuple[int, int], stride: int = 1, device=None) -> Tensor:
+    """LeViT's relative-position index, int64 [Nq, Nk]: keys on the R0×R1 grid, queries on its
+    stride-`stride` subgrid (stride 1: every token), idx(i, j) = |s·qy_i − ky_j|·R1 + |s·qx_i − kx_j|
+    (coordinates in row-major order, as timm's ndgrid + flatten)."""
+    R0, R1 = resolution
+
+    def grid(step: int) -> Tensor:
+        rows, cols = (torch.arange(0, r, step, device=device, dtype=torch.long) for r in (R0, R1))
+        return torch.stack(torch.meshgrid(rows, cols, indexing="ij")).flatten(1)
+
+    rel = (grid(stride)[:, :, None] - grid(1)[:, None, :]).abs()
+    return rel[0] * R1 + rel[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,12 +307,7 @@ class BiasAttention(_LevitBiasAttentionBase):
 
     def _compute_attention_bias_idxs(self, device=None) -> Tensor:
         """idx(i, j) = |y_i − y_j|·R1 + |x_i − x_j| over the R0×R1 grid."""
-        R0, R1 = self.resolution
-        pos = _grid(
-            torch.arange(R0, device=device, dtype=torch.long), torch.arange(R1, device=device, dtype=torch.long)
-        )
-        rel = (pos[:, :, None] - pos[:, None, :]).abs()
-        return rel[0] * R1 + rel[1]
+        return levit_bias_index(self.resolution, 1, device)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = self._fused_activation()
@@ -402,12 +406,7 @@ class ShrinkAttention(_LevitBiasAttentionBase):
 
     def _compute_attention_bias_idxs(self, device=None) -> Tensor:
         """idx(i, j) = |s·qy_i − ky_j|·R1 + |s·qx_i − kx_j| (s = stride)."""
-        R0, R1 = self.resolution
-        arange = lambda *a: torch.arange(*a, device=device, dtype=torch.long)  # noqa: E731
-        k_pos = _grid(arange(R0), arange(R1))
-        q_pos = _grid(arange(0, R0, self.stride), arange(0, R1, self.stride))
-        rel = (q_pos[:, :, None] - k_pos[:, None, :]).abs()
-        return rel[0] * R1 + rel[1]
+        return levit_bias_index(self.resolution, self.stride, device)
 
     def forward(self, x: Tensor) -> Tensor:
         fused = self._fused_activation()
