@@ -196,6 +196,21 @@ DenseBias dense_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
   return bias;
 }
 
+// The part of the kernel arguments forward and backward share.
+void fill_inputs(BiasAttentionInputs& a, const at::Tensor& q, const at::Tensor& k,
+                 const at::Tensor& v, const DenseBias& bias, Activation act, double scale) {
+  a.B = q.size(0); a.H = q.size(1); a.Nq = q.size(2); a.Nk = k.size(2);
+  a.Dk = q.size(3); a.Dv = v.size(3);
+  a.dtype = elem_type(q.scalar_type());
+  a.activation = act;
+  a.scale = static_cast<float>(scale);
+  a.q = q.data_ptr(); copy_strides(q, a.q_stride);
+  a.k = k.data_ptr(); copy_strides(k, a.k_stride);
+  a.v = v.data_ptr(); copy_strides(v, a.v_stride);
+  a.bias = bias.rows.data_ptr<float>();
+  a.bias_h_stride = bias.h_stride; a.bias_i_stride = bias.i_stride; a.bias_ld = bias.ld;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel selection and work split
 // ---------------------------------------------------------------------------------------------
@@ -262,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
   check_qkv(fn, q, k, v);
   const Activation act = parse_activation(fn, activation);
   check_scale(fn, scale);
-  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Dk = q.size(3);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2);
   const int64_t Nk = k.size(2), Dv = v.size(3);
 
   at::Tensor out = empty_bhnd(B, H, Nq, Dv, q.options());
@@ -276,15 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
   const FwdKernel kernel = forward_kernel(current_cpu_isa());
 
   BiasAttentionFwdArgs a{};
-  a.B = B; a.H = H; a.Nq = Nq; a.Nk = Nk; a.Dk = Dk; a.Dv = Dv;
-  a.dtype = elem_type(q.scalar_type());
-  a.activation = act;
-  a.scale = static_cast<float>(scale);
-  a.q = q.data_ptr(); copy_strides(q, a.q_stride);
-  a.k = k.data_ptr(); copy_strides(k, a.k_stride);
-  a.v = v.data_ptr(); copy_strides(v, a.v_stride);
-  a.bias = bias.rows.data_ptr<float>();
-  a.bias_h_stride = bias.h_stride; a.bias_i_stride = bias.i_stride; a.bias_ld = bias.ld;
+  fill_inputs(a, q, k, v, bias, act, scale);
   a.out = out.data_ptr(); copy_strides(out, a.out_stride);
   if (o_pre.numel() > 0) {
     a.o_pre = o_pre.data_ptr(); copy_strides(o_pre, a.o_pre_stride);
@@ -340,18 +347,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_attention_backwa
   if (B * H > 0) {
     const BwdKernel kernel = backward_kernel(current_cpu_isa());
     BiasAttentionBwdArgs a{};
-    a.B = B; a.H = H; a.Nq = Nq; a.Nk = Nk; a.Dk = Dk; a.Dv = Dv;
-    a.dtype = elem_type(q.scalar_type());
-    a.activation = act;
-    a.scale = static_cast<float>(scale);
+    fill_inputs(a, q, k, v, bias, act, scale);
     a.grad_out = grad_out.data_ptr(); copy_strides(grad_out, a.grad_out_stride);
-    a.q = q.data_ptr(); copy_strides(q, a.q_stride);
-    a.k = k.data_ptr(); copy_strides(k, a.k_stride);
-    a.v = v.data_ptr(); copy_strides(v, a.v_stride);
     a.o_pre = o_pre.data_ptr(); copy_strides(o_pre, a.o_pre_stride);
     a.lse = lse.data_ptr<float>(); copy_strides(lse, a.lse_stride);
-    a.bias = bias.rows.data_ptr<float>();
-    a.bias_h_stride = bias.h_stride; a.bias_i_stride = bias.i_stride; a.bias_ld = bias.ld;
     if (has_table) {
       a.index = bias.index32.data_ptr<int32_t>();
       a.T = bias.T;

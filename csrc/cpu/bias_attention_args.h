@@ -21,16 +21,20 @@ enum class Activation : int { kNone = 0, kHardswish = 1 };
 // -inf) is used with both strides 0.
 constexpr int64_t kBiasRowAlign = 16;
 
-struct BiasAttentionFwdArgs {
+// What forward and backward both read: sizes, the op's settings, q / k / v and the dense bias.
+struct BiasAttentionInputs {
   int64_t B, H, Nq, Nk, Dk, Dv;
   ElemType dtype;
   Activation activation;
   float scale;
-  // Inputs, element strides in [b, h, n, d] order (any values).
+  // Element strides in [b, h, n, d] order (any values).
   const void* q; int64_t q_stride[4];
   const void* k; int64_t k_stride[4];
   const void* v; int64_t v_stride[4];
   const float* bias; int64_t bias_h_stride, bias_i_stride, bias_ld;
+};
+
+struct BiasAttentionFwdArgs : BiasAttentionInputs {
   // Outputs. out / o_pre must have d-stride 1; o_pre may be null (not saved).
   void* out; int64_t out_stride[4];
   void* o_pre; int64_t o_pre_stride[4];
@@ -41,18 +45,10 @@ struct BiasAttentionFwdArgs {
   int64_t q_block, q_blocks;
 };
 
-struct BiasAttentionBwdArgs {
-  int64_t B, H, Nq, Nk, Dk, Dv;
-  ElemType dtype;
-  Activation activation;
-  float scale;
+struct BiasAttentionBwdArgs : BiasAttentionInputs {
   const void* grad_out; int64_t grad_out_stride[4];
-  const void* q; int64_t q_stride[4];
-  const void* k; int64_t k_stride[4];
-  const void* v; int64_t v_stride[4];
   const void* o_pre; int64_t o_pre_stride[4];
   const float* lse; int64_t lse_stride[3];
-  const float* bias; int64_t bias_h_stride, bias_i_stride, bias_ld;
   // Dense validated index [Nq, Nk] (values in [0, T)) and the per-task dtable partial sums
   // [tasks, 2, T], zero-initialised by the caller; both null when there is no table.
   const int32_t* index; int64_t T; float* dtable_partial;
