@@ -4,8 +4,8 @@ On the device present (cuda if available, else cpu; `--device` to choose):
   1. the environment: hardware, versions, which bias_attention backend runs;
   2. timm levit_128s against a patched copy: outputs (eval) and gradients (train) must match;
   3. end-to-end images/s: eager timm, patched, patched + folded BatchNorm, torch.compile of timm;
-  4. the bias_attention microbenchmarks (benchmarks/bench_bias_attention.py when run from a
-     checkout; otherwise a short op-vs-eager comparison);
+  4. the bias_attention microbenchmarks (fastvit_kernels/_bench_bias_attention.py, also run by
+     benchmarks/bench_bias_attention.py);
   5. the performance targets (benchmarks/README.md) met or not, and the JSON file.
 
     python -m fastvit_kernels.bench --quick          # a few minutes on a 2-core CPU
@@ -290,55 +290,6 @@ def levit_table(rows: List[Dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernel microbenchmarks
-# ---------------------------------------------------------------------------------------------
-
-
-def _checkout_kernel_bench():
-    """benchmarks/bench_bias_attention.py of the checkout this package runs from, or None."""
-    folder = U.REPO_ROOT / "benchmarks"
-    if not (folder / "bench_bias_attention.py").is_file():
-        return None
-    if str(folder) not in sys.path:
-        sys.path.insert(0, str(folder))
-    return importlib.import_module("bench_bias_attention")
-
-
-def _builtin_kernel_bench(shape: U.AttentionShape, *, batch: int, dtype: torch.dtype, device: torch.device,
-                          env: Dict, quick: bool) -> List[Dict]:
-    """Installed without the benchmarks/ folder: the op against eager attention, forward only."""
-    from fastvit_kernels.ops import bias_attention
-    from fastvit_kernels.ops.bias_attention import select_backend
-
-    s = shape
-    qkv = torch.randn(batch, s.nq, s.heads, 2 * s.key_dim + s.val_dim, device=device, dtype=dtype)
-    q, k, v = qkv.split([s.key_dim, s.key_dim, s.val_dim], dim=3)
-    q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
-    table = torch.randn(s.heads, s.table_size, device=device, dtype=dtype)
-    index = U.levit_bias_index(s.resolution, s.stride, device=device)
-    bias, scale = table[:, index], s.key_dim**-0.5
-
-    def op():
-        with torch.no_grad():
-            return bias_attention(q, k, v, table, index, scale=scale, activation="hardswish")
-
-    def eager():
-        with torch.no_grad():
-            return F.hardswish(((q @ k.transpose(-2, -1)) * scale + bias).softmax(-1) @ v)
-
-    rows = []
-    for impl, fn in (("op", op), ("eager", eager)):
-        row = U.make_row(env, case=s.name, B=batch, H=s.heads, Nq=s.nq, Nk=s.nk, Dk=s.key_dim, Dv=s.val_dim,
-                         dtype=str(dtype).replace("torch.", ""), **{"pass": "fwd"}, impl=impl)
-        if impl == "op":
-            row["backend"] = select_backend(q, k, v, table, index).name
-        row["ms"] = U.benchmark_ms(fn, device, quick=quick)["ms"]
-        rows.append(row)
-    U.add_ratios(rows, "op")
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -430,20 +381,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kernel_rows: List[Dict] = []
     kbatch = 256 if device.type == "cuda" else 64
     if not args.no_kernels:
-        module = _checkout_kernel_bench()
-        if module is not None:
-            shapes = U.select_shapes(["128s.attn14"] if args.quick else module.QUICK_SHAPES + ("256.attn14",))
-            kimpls = [i for i in module.IMPLS if not (args.no_compile and i in ("compile", "flex"))]
-            kernel_rows = module.run(shapes, batch=kbatch, dtype=dtype, device=device, env=env,
-                                     quick=args.quick, impls=kimpls)
-            print(module.table(kernel_rows), flush=True)
-        else:
-            U.log("benchmarks/ folder not found (installed package): op vs eager forward only")
-            kernel_rows = _builtin_kernel_bench(U.LEVIT_ATTENTION_SHAPES[0], batch=kbatch, dtype=dtype,
-                                                device=device, env=env, quick=args.quick)
-            print(U.format_table(kernel_rows, [U.Column("case", "case", left=True), U.Column("impl", "impl", left=True),
-                                               U.Column("ms", "ms", "{:.3f}"), U.Column("ref_speedup", "op x", "{:.2f}"),
-                                               U.Column("backend", "backend", left=True)]), flush=True)
+        from fastvit_kernels import _bench_bias_attention as kernels
+
+        shapes = U.select_shapes(["128s.attn14"] if args.quick else kernels.QUICK_SHAPES + ("256.attn14",))
+        kimpls = [i for i in kernels.IMPLS if not (args.no_compile and i in ("compile", "flex"))]
+        kernel_rows = kernels.run(shapes, batch=kbatch, dtype=dtype, device=device, env=env,
+                                  quick=args.quick, impls=kimpls)
+        print(kernels.table(kernel_rows), flush=True)
 
     stages.next("targets and results")
     targets = check_targets(levit_rows, kernel_rows, env)
