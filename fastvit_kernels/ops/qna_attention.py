@@ -1,0 +1,293 @@
+"""QnA learned-query local attention (SPEC.md §3).
+
+Order of this file (the same in every op file):
+  1. the public function and its input checks,
+  2. the torch.library ops (schema, real implementation, fake implementation),
+  3. the autograd glue,
+  4. the backend declarations used for dispatch, errors and `python -m fastvit_kernels.info`.
+
+The math and the backend contract are in `fastvit_kernels/reference/qna_attention.py`.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastvit_kernels import _native
+from fastvit_kernels.backends import Backend, OpBackends, forced_backend
+from fastvit_kernels.reference import qna_attention as reference
+
+OP_NAME = "qna_attention"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 runs on the reference backend only: it is there for gradcheck and oracles.
+DTYPES_WITH_REFERENCE = DTYPES + (torch.float64,)
+# Limits of the native kernels (the reference has none): windows up to 15x15 (the paper uses
+# 3 and 7), heads of up to 256 channels.
+MAX_KERNEL_SIZE = 15
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Public function
+# ---------------------------------------------------------------------------------------------
+
+
+def qna_attention(
+    cost: Tensor,
+    v: Tensor,
+    rpe: Optional[Tensor] = None,
+    attn_scale: Optional[Tensor] = None,
+    *,
+    kernel_size: int,
+    stride: int = 1,
+) -> Tensor:
+    """Local attention of learned queries over k x k windows, summed over the queries.
+
+    out[o, h] = sum_q sum_t softmax_t(cost[p_t, q, h] + rpe[t, q, h]) * attn_scale[t, q, h] * v[p_t, h]
+    where p_t = o * stride - pad + t runs over the in-bounds pixels of the window (pad = (k-1)//2).
+
+    Args:
+        cost: [B, Hi, Wi, Q, h] score of each learned query (Q queries, h heads) at every pixel,
+            i.e. x @ (W_k q̂) computed outside the op (K is never materialised). Any strides.
+        v: [B, Hi, Wi, h, d] values. Any strides (e.g. a slice of one fused projection).
+        rpe: [k*k, Q, h] relative position bias added to the scores (None: zeros).
+        attn_scale: [k*k, Q, h] per-position weights of each query's attention (None: ones).
+            rpe and attn_scale are in cost's dtype or float32.
+        kernel_size: odd window size k.
+        stride: output pixel o reads the window centred on input pixel o * stride.
+
+    Returns:
+        [B, Ho, Wo, h, d] contiguous, in v's dtype; Ho = (Hi + 2 * pad - k) // stride + 1.
+    """
+    _check_inputs(cost, v, rpe, attn_scale, kernel_size, stride)
+    kk, Q, H = kernel_size * kernel_size, cost.shape[3], cost.shape[4]
+    # Missing parameters become constants: the kernels have a single code path, and these
+    # [k*k, Q, h] tensors are tiny next to the activations.
+    if rpe is None:
+        rpe = torch.zeros(kk, Q, H, dtype=torch.float32, device=cost.device)
+    if attn_scale is None:
+        attn_scale = torch.ones(kk, Q, H, dtype=torch.float32, device=cost.device)
+    out, _ = qna_attention_forward(cost, v, rpe, attn_scale, int(kernel_size), int(stride))
+    return out
+
+
+def _fail(argument: str, expected: str, given) -> None:
+    raise ValueError(f"qna_attention: {argument} must be {expected}, got {given}")
+
+
+def _check_inputs(cost, v, rpe, attn_scale, kernel_size, stride) -> None:
+    """Checks that need only metadata, so they also run while torch.compile traces."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        _fail("kernel_size", "an int", type(kernel_size).__name__)
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        _fail("kernel_size", "odd and >= 1 (the window is centred on a pixel)", kernel_size)
+    if isinstance(stride, bool) or not isinstance(stride, int):
+        _fail("stride", "an int", type(stride).__name__)
+    if stride < 1:
+        _fail("stride", ">= 1", stride)
+    for name, t, layout in (("cost", cost, "[B, Hi, Wi, Q, h]"), ("v", v, "[B, Hi, Wi, h, d]")):
+        if not isinstance(t, Tensor):
+            _fail(name, "a torch.Tensor", type(t).__name__)
+        if t.dim() != 5:
+            _fail(name, f"5-D {layout}", f"{t.dim()}-D tensor of shape {tuple(t.shape)}")
+    if cost.dtype not in DTYPES_WITH_REFERENCE:
+        _fail("cost", "of dtype float32, bfloat16 or float16", cost.dtype)
+    if v.dtype != cost.dtype:
+        _fail("v.dtype", f"cost's dtype {cost.dtype}", v.dtype)
+    if v.device != cost.device:
+        _fail("v.device", f"cost's device {cost.device}", v.device)
+    B, Hi, Wi, Q, H = cost.shape
+    if tuple(v.shape[:3]) != (B, Hi, Wi):
+        _fail("v.shape[:3] (B, Hi, Wi)", f"{(B, Hi, Wi)} as in cost", tuple(v.shape[:3]))
+    if v.shape[3] != H:
+        _fail("v.shape[3] (heads h)", f"{H} as in cost.shape[4]", v.shape[3])
+    if min(B, Hi, Wi, Q, H, v.shape[4]) < 1:
+        _fail("every dimension of cost and v", ">= 1", f"cost {tuple(cost.shape)}, v {tuple(v.shape)}")
+    expected = [kernel_size * kernel_size, Q, H]
+    for name, t in (("rpe", rpe), ("attn_scale", attn_scale)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            _fail(name, "a torch.Tensor or None", type(t).__name__)
+        if list(t.shape) != expected:
+            _fail(f"{name}.shape", f"[k*k={expected[0]}, Q={Q}, h={H}]", list(t.shape))
+        if t.dtype not in (cost.dtype, torch.float32):
+            _fail(f"{name}.dtype", f"cost's dtype {cost.dtype} or torch.float32", t.dtype)
+        if t.device != cost.device:
+            _fail(f"{name}.device", f"cost's device {cost.device}", t.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. torch.library ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvit_kernels::qna_attention_forward", mutates_args=())
+def qna_attention_forward(
+    cost: Tensor, v: Tensor, rpe: Tensor, attn_scale: Tensor, kernel_size: int, stride: int
+) -> Tuple[Tensor, Tensor]:
+    """Returns (out [B, Ho, Wo, h, d], lse [B, Ho, Wo, Q, h] float32)."""
+    backend = select_backend(cost, v, rpe, attn_scale, kernel_size, stride)
+    return backend.load().forward(cost, v, rpe, attn_scale, kernel_size, stride)
+
+
+@qna_attention_forward.register_fake
+def _(cost, v, rpe, attn_scale, kernel_size, stride):
+    B, Hi, Wi, Q, H = cost.shape
+    Ho, Wo = reference.output_size(Hi, kernel_size, stride), reference.output_size(Wi, kernel_size, stride)
+    out = v.new_empty(B, Ho, Wo, H, v.shape[4])
+    lse = cost.new_empty(B, Ho, Wo, Q, H, dtype=torch.float64 if cost.dtype == torch.float64 else torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("fastvit_kernels::qna_attention_backward", mutates_args=())
+def qna_attention_backward(
+    grad_out: Tensor,
+    cost: Tensor,
+    v: Tensor,
+    rpe: Tensor,
+    attn_scale: Tensor,
+    lse: Tensor,
+    kernel_size: int,
+    stride: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dcost, dv, drpe, dattn_scale)."""
+    backend = select_backend(cost, v, rpe, attn_scale, kernel_size, stride)
+    return backend.load().backward(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride)
+
+
+@qna_attention_backward.register_fake
+def _(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride):
+    return (
+        torch.empty_like(cost, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+        torch.empty_like(rpe, memory_format=torch.contiguous_format),
+        torch.empty_like(attn_scale, memory_format=torch.contiguous_format),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    cost, v, rpe, attn_scale, kernel_size, stride = inputs
+    _, lse = output
+    ctx.kernel_size = kernel_size
+    ctx.stride = stride
+    ctx.save_for_backward(cost, v, rpe, attn_scale, lse)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    cost, v, rpe, attn_scale, lse = ctx.saved_tensors
+    if grad_out is None:
+        B, Ho, Wo, Q, H = lse.shape
+        grad_out = v.new_zeros(B, Ho, Wo, H, v.shape[4])
+    dcost, dv, drpe, dattn_scale = qna_attention_backward(
+        grad_out, cost, v, rpe, attn_scale, lse, ctx.kernel_size, ctx.stride
+    )
+    needs = ctx.needs_input_grad
+    return (
+        dcost if needs[0] else None,
+        dv if needs[1] else None,
+        drpe if needs[2] else None,
+        dattn_scale if needs[3] else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "fastvit_kernels::qna_attention_forward", _backward, setup_context=_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Backends
+# ---------------------------------------------------------------------------------------------
+
+
+class _CpuKernels:
+    """The C++ extension's entry points under the backend contract's names."""
+
+    @staticmethod
+    def forward(cost, v, rpe, attn_scale, kernel_size, stride):
+        return tuple(_native.native.qna_attention_forward(cost, v, rpe, attn_scale, kernel_size, stride))
+
+    @staticmethod
+    def backward(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride):
+        return tuple(
+            _native.native.qna_attention_backward(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride)
+        )
+
+
+def _reference_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
+    return []
+
+
+def _native_limits(cost, v, kernel_size) -> List[str]:
+    reasons = []
+    if cost.dtype not in DTYPES:
+        reasons.append(f"dtype {cost.dtype} not in (float32, bfloat16, float16)")
+    if kernel_size > MAX_KERNEL_SIZE:
+        reasons.append(f"kernel_size {kernel_size} > {MAX_KERNEL_SIZE}")
+    if v.shape[4] > MAX_HEAD_DIM:
+        reasons.append(f"head width {v.shape[4]} > {MAX_HEAD_DIM}")
+    return reasons
+
+
+def _cpu_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
+    reasons = []
+    if cost.device.type != "cpu":
+        reasons.append(f"tensors are on {cost.device.type}, the C++ kernel takes CPU tensors")
+    if not _native.available():
+        reasons.append(f"native extension not built ({_native.load_error})")
+    elif not hasattr(_native.native, "qna_attention_forward"):
+        reasons.append("the native extension was built without qna_attention (rebuild it)")
+    return reasons + _native_limits(cost, v, kernel_size)
+
+
+def _triton_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
+    try:
+        from fastvit_kernels.triton import qna_attention as triton_kernels
+    except Exception as error:  # triton missing or broken
+        return [f"cannot import the Triton kernels ({type(error).__name__}: {error})"]
+    return triton_kernels.why_not(cost, v, rpe, attn_scale, kernel_size, stride) + _native_limits(
+        cost, v, kernel_size
+    )
+
+
+def _load_triton():
+    from fastvit_kernels.triton import qna_attention as triton_kernels
+
+    return triton_kernels
+
+
+def _cuda_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
+    return ["no CUDA C++ kernel for this op yet (use 'triton')"]
+
+
+BACKENDS = OpBackends(
+    op=OP_NAME,
+    default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
+)
+BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
+BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
+BACKENDS.add(Backend("triton", _triton_why_not, _load_triton))
+BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
+
+
+def select_backend(cost, v, rpe, attn_scale, kernel_size, stride) -> Backend:
+    backend = BACKENDS.select(cost.device.type, cost, v, rpe, attn_scale, kernel_size, stride)
+    if (
+        backend.name == "reference"
+        and forced_backend() is None
+        and cost.device.type == "cpu"
+        and cost.dtype in DTYPES
+        and not _native.available()
+    ):
+        _native.warn_fallback(OP_NAME)
+    return backend
