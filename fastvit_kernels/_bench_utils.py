@@ -6,6 +6,7 @@ and pass) that carry the device, versions and git sha, so files from different m
 commits can be concatenated and compared.
 """
 
+import contextlib
 import datetime
 import json
 import math
@@ -108,6 +109,57 @@ def _benchmark_cuda_ms(fn, device, quick) -> Dict[str, float]:
     times.sort()
     n = len(times)
     return {"ms": times[n // 2], "iqr_ms": times[(3 * n) // 4] - times[n // 4], "runs": n}
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences file descriptor 2 (output of C++ libraries too) for the block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """The most bytes allocated at once while fn() runs, beyond what was allocated before.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the running total that PyTorch's CPU allocator
+    reports to the profiler at every allocation (so buffers allocated inside C++ kernels count).
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        synchronize(device)
+        del result
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler logs a line on stderr at start and at stop
+        prof.start()
+    try:
+        result = fn()
+        del result
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    peak = 0
+    pending = list(prof.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        if event.tag == _EventType.Allocation:
+            # total_allocated counts from the start of profiling.
+            peak = max(peak, event.extra_fields.total_allocated)
+        pending.extend(event.children)
+    return peak
 
 
 def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:

@@ -14,6 +14,7 @@ import fastvit_kernels
 from fastvit_kernels import _native, backends
 # (`from ... import` reaches the op's module; `fastvit_kernels.ops.bias_attention` is the function.)
 from fastvit_kernels.ops.bias_attention import BACKENDS as BIAS_ATTENTION_BACKENDS
+from fastvit_kernels.ops.qna_attention import BACKENDS as QNA_ATTENTION_BACKENDS
 
 # Every op: (its backend declarations, a function making small sample inputs on a device).
 OPS = {
@@ -25,6 +26,17 @@ OPS = {
             torch.randn(1, 2, 4, 32, device=device),
             torch.randn(2, 4, device=device),
             torch.zeros(4, 4, dtype=torch.long, device=device),
+        ),
+    ),
+    "qna_attention": (
+        QNA_ATTENTION_BACKENDS,
+        lambda device: (
+            torch.randn(1, 4, 4, 2, 2, device=device),  # cost [B, Hi, Wi, Q, h]
+            torch.randn(1, 4, 4, 2, 8, device=device),  # v [B, Hi, Wi, h, d]
+            torch.zeros(9, 2, 2, device=device),
+            torch.ones(9, 2, 2, device=device),
+            3,
+            1,
         ),
     ),
 }

@@ -92,3 +92,52 @@ def test_patched_timm_model_compiles_fullgraph(use_conv):
     model.train()
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# qna_attention
+# ---------------------------------------------------------------------------------------------
+
+QNA_FORWARD = torch.ops.fastvit_kernels.qna_attention_forward.default
+QNA_BACKWARD = torch.ops.fastvit_kernels.qna_attention_backward.default
+
+
+@pytest.mark.parametrize("backend_isa_device", backend_params())
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
+def test_qna_opcheck(backend_isa_device, k, stride):
+    from test_qna_attention import make_inputs as make_qna_inputs
+
+    backend, isa, device = backend_isa_device
+    torch.manual_seed(0)
+    cost, v, rpe, attn_scale = make_qna_inputs(2, 5, 4, 2, 3, 8, k, device=device, param_dtype=torch.float32)
+    leaves = [t.detach().requires_grad_() for t in (cost, v, rpe, attn_scale)]
+    with running_on(backend, isa):
+        torch.library.opcheck(QNA_FORWARD, (*leaves, k, stride))
+        out, lse = QNA_FORWARD(cost, v, rpe, attn_scale, k, stride)
+        torch.library.opcheck(QNA_BACKWARD, (torch.randn_like(out), cost, v, rpe, attn_scale, lse, k, stride))
+
+
+def test_qna_compile_fullgraph_matches_eager_without_recompiling():
+    from fastvit_kernels.ops import qna_attention
+    from test_qna_attention import make_inputs as make_qna_inputs
+
+    torch._dynamo.reset()
+
+    def layer(cost, v, rpe, attn_scale):
+        out = qna_attention(cost, v, rpe, attn_scale, kernel_size=3, stride=2)
+        return out.flatten(-2).square().mean()
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for seed in range(2):  # the second call must reuse the first graph
+            torch.manual_seed(seed)
+            inputs = make_qna_inputs(2, 7, 6, 2, 4, 8, 3)
+            eager_leaves = [t.detach().requires_grad_() for t in inputs]
+            compiled_leaves = [t.detach().requires_grad_() for t in inputs]
+            expected = layer(*eager_leaves)
+            expected.backward()
+            got = compiled(*compiled_leaves)
+            got.backward()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+            for a, b in zip(compiled_leaves, eager_leaves):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)

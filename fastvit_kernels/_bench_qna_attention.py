@@ -1,0 +1,373 @@
+"""Microbenchmark of `fastvit_kernels.ops.qna_attention` at the QnA-ViT tiny shapes.
+
+Lives in the package so that `python -m fastvit_kernels.bench` can run it from an installed
+package; `benchmarks/bench_qna.py` is its command line.
+
+For each QnA layer shape of QnA-ViT tiny at 224x224 (56x56, 28x28 and 14x14 tokens, the three
+strided layers, each with k = 3 and k = 7) and each pass (forward; forward+backward), all
+implementations are timed in the same run:
+
+  op              fastvit_kernels.ops.qna_attention, default backend
+  unfold          the naive formulation: every window unfolded (pad + Tensor.unfold), masked
+                  softmax, einsum with the unfolded values (fastvit_kernels.reference)
+  conv            the JAX original's formulation written in PyTorch: two depthwise (grouped)
+                  convolutions of exp(cost)*v and exp(cost) with kernels exp(rpe)*attn_scale and
+                  exp(rpe), divided (no max subtraction, as in the original)
+  compile-unfold  torch.compile of `unfold`
+  compile-conv    torch.compile of `conv`
+
+Inputs are what the QnA layer makes: v [B, Hi, Wi, h, d] and cost [B, Hi, Wi, Q, h] are slices
+of one projection buffer [B, Hi, Wi, h*d + Q*h]; rpe and attn_scale [k*k, Q, h] float32. Every
+implementation returns [B, Ho, Wo, h*d] (what to_out consumes). Forward+backward takes the
+gradients of the projection buffer, rpe and attn_scale with torch.autograd.grad. Peak memory is
+the most bytes allocated at once during a pass beyond its inputs (CPU: the allocator's running
+total from the PyTorch profiler, C++ scratch included; CUDA: max_memory_allocated).
+
+    python benchmarks/bench_qna.py --quick
+    python benchmarks/bench_qna.py --shapes s0 --kernel-sizes 3 --passes fwd
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastvit_kernels import _bench_utils as common
+from fastvit_kernels.ops import qna_attention
+from fastvit_kernels.ops.qna_attention import select_backend
+from fastvit_kernels.reference import qna_attention as reference
+
+IMPLS = ("op", "unfold", "conv", "compile-unfold", "compile-conv")
+PASSES = ("fwd", "fwd+bwd")
+KERNEL_SIZES = (3, 7)
+QUICK_SHAPES = ("s0.qna",)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# Each case compiles new graphs; never fall back to eager silently, never use dynamic shapes.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+
+
+@dataclass(frozen=True)
+class QnaShape:
+    """One QnA layer of QnA-ViT tiny at 224x224 (B and k are chosen by the benchmark)."""
+
+    name: str  # e.g. "s0.qna" (stage 0, stride 1), "s0.down" (the strided layer ending stage 0)
+    side: int  # input map side Hi = Wi
+    heads: int
+    head_dim: int
+    stride: int
+    queries: int = 2
+
+    @property
+    def features(self) -> int:
+        return self.heads * self.head_dim
+
+    def describe(self, k: int) -> str:
+        out = reference.output_size(self.side, k, self.stride)
+        return (f"{self.side}x{self.side}->{out}x{out} h={self.heads} d={self.head_dim} Q={self.queries} "
+                f"k={k} s={self.stride}")
+
+
+# SPEC.md §3: C = 64/128/256 with 8/16/32 heads of d = 8; each strided layer doubles C and heads.
+QNA_VIT_TINY_SHAPES = (
+    QnaShape("s0.qna", 56, 8, 8, 1),
+    QnaShape("s0.down", 56, 16, 8, 2),
+    QnaShape("s1.qna", 28, 16, 8, 1),
+    QnaShape("s1.down", 28, 32, 8, 2),
+    QnaShape("s2.qna", 14, 32, 8, 1),
+    QnaShape("s2.down", 14, 64, 8, 2),
+)
+
+
+def select_shapes(patterns: Optional[Sequence[str]]) -> List[QnaShape]:
+    if not patterns:
+        return list(QNA_VIT_TINY_SHAPES)
+    chosen = [s for s in QNA_VIT_TINY_SHAPES if any(p in s.name for p in patterns)]
+    if not chosen:
+        raise SystemExit(f"no shape matches {list(patterns)}; shapes are: "
+                         + ", ".join(s.name for s in QNA_VIT_TINY_SHAPES))
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+class Case:
+    """Inputs of one (shape, k): the fused projection buffer, rpe, attn_scale, an output gradient."""
+
+    def __init__(self, shape: QnaShape, k: int, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        self.shape, self.k, self.batch, self.dtype, self.device = shape, k, batch, dtype, device
+        s = shape
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def randn(*size, dtype=dtype):
+            return torch.randn(*size, generator=g).to(device=device, dtype=dtype)
+
+        self.projection = randn(batch, s.side, s.side, s.features + s.queries * s.heads)
+        self.rpe = randn(k * k, s.queries, s.heads, dtype=torch.float32)
+        self.attn_scale = randn(k * k, s.queries, s.heads, dtype=torch.float32)
+        out_side = reference.output_size(s.side, k, s.stride)
+        self.grad_out = randn(batch, out_side, out_side, s.features)
+        self.name = f"{s.name}.k{k}"
+
+    def views(self, projection: torch.Tensor):
+        """(cost, v) as strided views of the projection buffer, as the QnA module makes them."""
+        s = self.shape
+        v = projection[..., : s.features].unflatten(-1, (s.heads, s.head_dim))
+        cost = projection[..., s.features:].unflatten(-1, (s.queries, s.heads))
+        return cost, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: f(cost, v, rpe, attn_scale, k, stride) -> [B, Ho, Wo, h*d]
+# ---------------------------------------------------------------------------------------------
+
+
+def impl_op(cost, v, rpe, attn_scale, k, stride):
+    return qna_attention(cost, v, rpe, attn_scale, kernel_size=k, stride=stride).flatten(-2)
+
+
+def impl_unfold(cost, v, rpe, attn_scale, k, stride):
+    return reference.qna_attention(cost, v, rpe, attn_scale, k, stride).flatten(-2)
+
+
+def impl_conv(cost, v, rpe, attn_scale, k, stride):
+    """The JAX code's two grouped convolutions. Zero padding of exp(cost) is the mask."""
+    B, Hi, Wi, Q, H = cost.shape
+    d = v.shape[-1]
+    pad = (k - 1) // 2
+    exp_cost = cost.exp()
+    weighted_v = (exp_cost.unsqueeze(-1) * v.unsqueeze(3)).flatten(3)  # [B, Hi, Wi, Q*h*d]
+    rpe_exp = rpe.exp().to(cost.dtype).permute(1, 2, 0).reshape(Q * H, 1, k, k)
+    scale = attn_scale.to(cost.dtype).permute(1, 2, 0).reshape(Q * H, 1, k, k)
+    # NHWC buffers seen as NCHW (channels-last memory: the layout depthwise convs like).
+    numerator = F.conv2d(weighted_v.permute(0, 3, 1, 2), (rpe_exp * scale).repeat_interleave(d, 0),
+                         stride=stride, padding=pad, groups=Q * H * d)
+    denominator = F.conv2d(exp_cost.flatten(3).permute(0, 3, 1, 2), rpe_exp,
+                           stride=stride, padding=pad, groups=Q * H)
+    Ho, Wo = numerator.shape[2:]
+    out = numerator.view(B, Q, H, d, Ho, Wo) / denominator.view(B, Q, H, 1, Ho, Wo)
+    return out.sum(dim=1).permute(0, 3, 4, 1, 2).flatten(3)
+
+
+IMPL_FNS: Dict[str, Callable] = {"op": impl_op, "unfold": impl_unfold, "conv": impl_conv}
+
+
+def make_impl(impl: str) -> Callable:
+    if impl.startswith("compile-"):
+        return torch.compile(IMPL_FNS[impl[len("compile-"):]], dynamic=False)
+    return IMPL_FNS[impl]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+
+def _oracle(case: Case, need_grads: bool):
+    """float64 reference output (and the gradients of projection, rpe, attn_scale)."""
+    leaves = [t.detach().double().requires_grad_(need_grads) for t in (case.projection, case.rpe, case.attn_scale)]
+    with torch.set_grad_enabled(need_grads):
+        cost, v = case.views(leaves[0])
+        out = impl_unfold(cost, v, leaves[1], leaves[2], case.k, case.shape.stride)
+        grads = torch.autograd.grad(out, leaves, case.grad_out.double()) if need_grads else None
+    return out.detach(), grads
+
+
+def _rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    worst = 0.0
+    for a, b in zip(got, want):
+        scale = b.abs().max().item() or 1.0
+        worst = max(worst, (a.double() - b).abs().max().item() / scale)
+    return worst
+
+
+def _make_callable(impl: str, case: Case, pass_: str):
+    """A zero-argument function running one iteration, and how to get its outputs to check."""
+    f = make_impl(impl)
+    k, stride = case.k, case.shape.stride
+    if pass_ == "fwd":
+
+        def run():
+            with torch.no_grad():
+                cost, v = case.views(case.projection)
+                return f(cost, v, case.rpe, case.attn_scale, k, stride)
+
+        return run, lambda result: [result]
+
+    leaves = [t.detach().clone().requires_grad_() for t in (case.projection, case.rpe, case.attn_scale)]
+
+    def run():
+        cost, v = case.views(leaves[0])
+        out = f(cost, v, leaves[1], leaves[2], k, stride)
+        return torch.autograd.grad(out, leaves, case.grad_out)
+
+    return run, lambda result: list(result)
+
+
+def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dict, quick: bool) -> List[Dict]:
+    s = case.shape
+    rows = []
+    for pass_ in passes:
+        want_out, want_grads = _oracle(case, need_grads=(pass_ != "fwd"))
+        want = [want_out] if pass_ == "fwd" else list(want_grads)
+        for impl in impls:
+            row = common.make_row(
+                env, case=case.name, shape=s.name, k=case.k, stride=s.stride, B=case.batch, side=s.side,
+                heads=s.heads, head_dim=s.head_dim, Q=s.queries, dtype=str(case.dtype).replace("torch.", ""),
+                **{"pass": pass_}, impl=impl,
+            )
+            common.log(f"{case.name} {pass_:7s} {impl:14s} ...")
+            try:
+                if impl == "op":
+                    cost, v = case.views(case.projection)
+                    row["backend"] = select_backend(cost, v, case.rpe, case.attn_scale, case.k, s.stride).name
+                run, outputs = _make_callable(impl, case, pass_)
+                first = {}
+                row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), case.device), 3)
+                row["max_rel_err"] = _rel_err(outputs(first.pop("r")), want)
+                row["peak_mb"] = common.peak_memory_bytes(run, case.device) / 2**20
+                timing = common.benchmark_ms(run, case.device, quick=quick)
+                row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
+            except Exception as error:  # record and go on
+                row["error"] = common.short_error(error, limit=2000)
+                common.log(f"    failed: {common.short_error(error)}")
+            rows.append(row)
+            if row["ms"] is not None:
+                common.log(f"    {row['ms']:.3f} ms, peak {row['peak_mb']:.0f} MiB "
+                           f"(first call {row['first_call_s']:.2f} s, rel err {row['max_rel_err']:.1e})")
+    return rows
+
+
+def add_memory_ratios(rows: List[Dict], ref_impl: str = "op") -> None:
+    """row['mem_vs_op'] = this row's peak memory / the op's, per (case, pass)."""
+    ref = {(r["case"], r["pass"]): r.get("peak_mb") for r in rows if r["impl"] == ref_impl}
+    for row in rows:
+        op_mb = ref.get((row["case"], row["pass"]))
+        row["mem_vs_op"] = row["peak_mb"] / op_mb if op_mb and row.get("peak_mb") else None
+
+
+def run(shapes: Sequence[QnaShape], *, kernel_sizes: Sequence[int], batch: int, dtype: torch.dtype,
+        device: torch.device, env: Dict, quick: bool = False, impls: Sequence[str] = IMPLS,
+        passes: Sequence[str] = PASSES) -> List[Dict]:
+    """Benchmarks every (shape, k); rows get `ref_speedup` = this impl's time / the op's time."""
+    rows = []
+    for k in kernel_sizes:
+        for shape in shapes:
+            common.log(f"case {shape.name}.k{k}: B={batch} {shape.describe(k)} {str(dtype).replace('torch.', '')}")
+            case = Case(shape, k, batch, dtype, device)
+            rows += bench_case(case, impls, passes, env, quick)
+            del case
+    common.add_ratios(rows, "op")
+    add_memory_ratios(rows)
+    return rows
+
+
+def summarize(rows: List[Dict]) -> List[Dict]:
+    """Per (case, pass): the op against the fastest eager formulation and the fastest compiled
+    one, and its memory against unfold (the numbers the targets are stated in)."""
+    summary = []
+    for key in sorted({(r["case"], r["pass"]) for r in rows}, key=lambda c: (c[1], c[0])):
+        group = {r["impl"]: r for r in rows if (r["case"], r["pass"]) == key}
+        op = group.get("op")
+        if not op or not op.get("ms"):
+            continue
+
+        def fastest(names):
+            timed = [group[n] for n in names if n in group and group[n].get("ms")]
+            return min(timed, key=lambda r: r["ms"]) if timed else None
+
+        eager = fastest(("unfold", "conv"))
+        compiled = fastest(("compile-unfold", "compile-conv"))
+        unfold = group.get("unfold")
+        summary.append({
+            "case": key[0], "pass": key[1], "op_ms": op["ms"],
+            "fastest_eager": eager["impl"] if eager else None,
+            "vs_eager": eager["ms"] / op["ms"] if eager else None,
+            "fastest_compiled": compiled["impl"] if compiled else None,
+            "vs_compiled": compiled["ms"] / op["ms"] if compiled else None,
+            "mem_vs_unfold": op["peak_mb"] / unfold["peak_mb"] if unfold and unfold.get("peak_mb") else None,
+        })
+    return summary
+
+
+COLUMNS = [
+    common.Column("case", "case", left=True),
+    common.Column("pass", "pass", left=True),
+    common.Column("impl", "impl", left=True),
+    common.Column("ms", "ms", "{:.3f}"),
+    common.Column("ref_speedup", "op x", "{:.2f}"),
+    common.Column("peak_mb", "peak MiB", "{:.0f}"),
+    common.Column("mem_vs_op", "mem/op", "{:.2f}"),
+    common.Column("max_rel_err", "rel err", "{:.1e}"),
+    common.Column("first_call_s", "1st s", "{:.1f}"),
+    common.Column("note", "note", left=True),
+]
+
+SUMMARY_COLUMNS = [
+    common.Column("case", "case", left=True),
+    common.Column("pass", "pass", left=True),
+    common.Column("op_ms", "op ms", "{:.3f}"),
+    common.Column("fastest_eager", "fastest eager", left=True),
+    common.Column("vs_eager", "op x", "{:.2f}"),
+    common.Column("fastest_compiled", "fastest compiled", left=True),
+    common.Column("vs_compiled", "op x", "{:.2f}"),
+    common.Column("mem_vs_unfold", "op mem / unfold", "{:.2f}"),
+]
+
+
+def table(rows: List[Dict]) -> str:
+    for row in rows:
+        notes = []
+        if row.get("backend"):
+            notes.append(f"backend={row['backend']}")
+        if row.get("error"):
+            notes.append(f"n/a: {row['error'][:160]}")
+        row["note"] = "; ".join(notes)
+    return common.format_table(rows, COLUMNS)
+
+
+def summary_table(rows: List[Dict]) -> str:
+    return common.format_table(summarize(rows), SUMMARY_COLUMNS)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, float16 on CUDA")
+    parser.add_argument("--batch", type=int, help="default: 32 on CPU, 128 on CUDA")
+    parser.add_argument("--shapes", nargs="+", help="names or substrings, e.g. s0 down "
+                        f"(all: {' '.join(s.name for s in QNA_VIT_TINY_SHAPES)})")
+    parser.add_argument("--kernel-sizes", nargs="+", type=int, default=list(KERNEL_SIZES))
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    parser.add_argument("--quick", action="store_true", help=f"shapes {' '.join(QUICK_SHAPES)}, k=3, short timings")
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json)")
+    args = parser.parse_args(argv)
+
+    device = common.resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    batch = args.batch or (128 if device.type == "cuda" else 32)
+    shapes = select_shapes(args.shapes or (QUICK_SHAPES if args.quick else None))
+    kernel_sizes = [3] if args.quick and args.kernel_sizes == list(KERNEL_SIZES) else args.kernel_sizes
+    env = common.environment(device)
+    print(common.describe_env(env), file=sys.stderr)
+    rows = run(shapes, kernel_sizes=kernel_sizes, batch=batch, dtype=dtype, device=device, env=env,
+               quick=args.quick, impls=args.impls, passes=args.passes)
+    print(common.describe_env(env))
+    print(table(rows))
+    print()
+    print(summary_table(rows))
+    path = common.write_json(args.out or common.default_out_path("bench_qna", env), env, rows,
+                             summary=summarize(rows))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
