@@ -16,6 +16,10 @@ implementations are timed in the same run:
   compile-unfold  torch.compile of `unfold`
   compile-conv    torch.compile of `conv`
 
+With `--level layer` (or `both`), the same comparison runs on the whole QnA layer
+(`fastvit_kernels.QnA`: one projection matmul for values and scores, the attention, to_out) with
+the attention step swapped for each implementation (`layer-op` is the module as shipped).
+
 Inputs are what the QnA layer makes: v [B, Hi, Wi, h, d] and cost [B, Hi, Wi, Q, h] are slices
 of one projection buffer [B, Hi, Wi, h*d + Q*h]; rpe and attn_scale [k*k, Q, h] float32. Every
 implementation returns [B, Ho, Wo, h*d] (what to_out consumes). Forward+backward takes the
@@ -28,6 +32,8 @@ total from the PyTorch profiler, C++ scratch included; CUDA: max_memory_allocate
 """
 
 import argparse
+import contextlib
+import copy
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +105,9 @@ def select_shapes(patterns: Optional[Sequence[str]]) -> List[QnaShape]:
 
 
 class Case:
-    """Inputs of one (shape, k): the fused projection buffer, rpe, attn_scale, an output gradient."""
+    """Op level, one (shape, k): the fused projection buffer, rpe, attn_scale, an output gradient."""
+
+    level = "op"
 
     def __init__(self, shape: QnaShape, k: int, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
         self.shape, self.k, self.batch, self.dtype, self.device = shape, k, batch, dtype, device
@@ -122,6 +130,98 @@ class Case:
         v = projection[..., : s.features].unflatten(-1, (s.heads, s.head_dim))
         cost = projection[..., s.features:].unflatten(-1, (s.queries, s.heads))
         return cost, v
+
+    def backend(self) -> str:
+        cost, v = self.views(self.projection)
+        return select_backend(cost, v, self.rpe, self.attn_scale, self.k, self.shape.stride).name
+
+    def oracle(self, need_grads: bool):
+        """float64 reference output, or the gradients of projection, rpe and attn_scale."""
+        leaves = [t.detach().double().requires_grad_(need_grads) for t in (self.projection, self.rpe, self.attn_scale)]
+        with torch.set_grad_enabled(need_grads):
+            cost, v = self.views(leaves[0])
+            out = impl_unfold(cost, v, leaves[1], leaves[2], self.k, self.shape.stride)
+            if not need_grads:
+                return [out]
+            return list(torch.autograd.grad(out, leaves, self.grad_out.double()))
+
+    def make_callable(self, impl: str, pass_: str) -> Callable[[], List[torch.Tensor]]:
+        """One iteration of `impl`, returning what `oracle` returns."""
+        f = make_impl(impl)
+        k, stride = self.k, self.shape.stride
+        if pass_ == "fwd":
+
+            def run():
+                with torch.no_grad():
+                    cost, v = self.views(self.projection)
+                    return [f(cost, v, self.rpe, self.attn_scale, k, stride)]
+
+            return run
+        leaves = [t.detach().clone().requires_grad_() for t in (self.projection, self.rpe, self.attn_scale)]
+
+        def run():
+            cost, v = self.views(leaves[0])
+            out = f(cost, v, leaves[1], leaves[2], k, stride)
+            return list(torch.autograd.grad(out, leaves, self.grad_out))
+
+        return run
+
+
+class LayerCase:
+    """Layer level, one (shape, k): a fastvit_kernels.QnA layer and its input image."""
+
+    level = "layer"
+
+    def __init__(self, shape: QnaShape, k: int, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        from fastvit_kernels.modules import QnA
+
+        self.shape, self.k, self.batch, self.dtype, self.device = shape, k, batch, dtype, device
+        s = shape
+        torch.manual_seed(seed)
+        in_dim = s.features // s.stride  # the strided layers double the channels
+        self.module = QnA(in_dim, s.features, s.heads, num_queries=s.queries, kernel_size=k, stride=s.stride)
+        with torch.no_grad():  # trained-looking parameters (rpe is zero at init)
+            self.module.rpe.normal_(std=1.0)
+            self.module.attn_scale.normal_(std=1.0)
+        self.module.to(device=device, dtype=dtype)
+        self.x = torch.randn(batch, s.side, s.side, in_dim, device=device, dtype=dtype)
+        out_side = reference.output_size(s.side, k, s.stride)
+        self.grad_out = torch.randn(batch, out_side, out_side, s.features, device=device, dtype=dtype)
+        self.name = f"{s.name}.k{k}"
+
+    def backend(self) -> str:
+        m, s = self.module, self.shape
+        cost = self.x.new_empty(1, s.side, s.side, s.queries, s.heads)
+        v = self.x.new_empty(1, s.side, s.side, s.heads, s.head_dim)
+        return select_backend(cost, v, m.rpe, m.attn_scale, self.k, s.stride).name
+
+    def _run(self, module, x, need_grads: bool, grad_out):
+        if not need_grads:
+            with torch.no_grad():
+                return [module(x)]
+        leaves = [x] + list(module.parameters())
+        return list(torch.autograd.grad(module(x), leaves, grad_out))
+
+    def oracle(self, need_grads: bool):
+        module = copy.deepcopy(self.module).double()
+        x = self.x.detach().double().requires_grad_(need_grads)
+        with qna_attention_swapped("unfold"):
+            return self._run(module, x, need_grads, self.grad_out.double())
+
+    def make_callable(self, impl: str, pass_: str) -> Callable[[], List[torch.Tensor]]:
+        need_grads = pass_ != "fwd"
+        module = self.module
+        compiled = impl.startswith("compile-")
+        formulation = impl[len("compile-"):] if compiled else impl
+        if compiled:
+            module = torch.compile(copy.deepcopy(self.module), dynamic=False)
+        x = self.x.detach().clone().requires_grad_(need_grads)
+
+        def run():
+            with qna_attention_swapped(formulation):
+                return self._run(module, x, need_grads, self.grad_out)
+
+        return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,22 +265,32 @@ def make_impl(impl: str) -> Callable:
     return IMPL_FNS[impl]
 
 
+@contextlib.contextmanager
+def qna_attention_swapped(impl: str):
+    """Runs fastvit_kernels.QnA with the attention step of `impl` (plain PyTorch for the peers,
+    so torch.compile sees and fuses it) for the duration of the block."""
+    from fastvit_kernels.modules import qna as qna_module
+
+    formulation = IMPL_FNS[impl]
+
+    def attention(cost, v, rpe, attn_scale, *, kernel_size, stride=1):
+        return formulation(cost, v, rpe, attn_scale, kernel_size, stride).unflatten(-1, v.shape[-2:])
+
+    original = qna_module.qna_attention
+    qna_module.qna_attention = attention if impl != "op" else original
+    try:
+        yield
+    finally:
+        qna_module.qna_attention = original
+
+
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
 
 
-def _oracle(case: Case, need_grads: bool):
-    """float64 reference output (and the gradients of projection, rpe, attn_scale)."""
-    leaves = [t.detach().double().requires_grad_(need_grads) for t in (case.projection, case.rpe, case.attn_scale)]
-    with torch.set_grad_enabled(need_grads):
-        cost, v = case.views(leaves[0])
-        out = impl_unfold(cost, v, leaves[1], leaves[2], case.k, case.shape.stride)
-        grads = torch.autograd.grad(out, leaves, case.grad_out.double()) if need_grads else None
-    return out.detach(), grads
-
-
 def _rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """max over tensors of max|got - want| / max|want|."""
     worst = 0.0
     for a, b in zip(got, want):
         scale = b.abs().max().item() or 1.0
@@ -188,50 +298,26 @@ def _rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float
     return worst
 
 
-def _make_callable(impl: str, case: Case, pass_: str):
-    """A zero-argument function running one iteration, and how to get its outputs to check."""
-    f = make_impl(impl)
-    k, stride = case.k, case.shape.stride
-    if pass_ == "fwd":
-
-        def run():
-            with torch.no_grad():
-                cost, v = case.views(case.projection)
-                return f(cost, v, case.rpe, case.attn_scale, k, stride)
-
-        return run, lambda result: [result]
-
-    leaves = [t.detach().clone().requires_grad_() for t in (case.projection, case.rpe, case.attn_scale)]
-
-    def run():
-        cost, v = case.views(leaves[0])
-        out = f(cost, v, leaves[1], leaves[2], k, stride)
-        return torch.autograd.grad(out, leaves, case.grad_out)
-
-    return run, lambda result: list(result)
-
-
-def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dict, quick: bool) -> List[Dict]:
+def bench_case(case, impls: Sequence[str], passes: Sequence[str], env: Dict, quick: bool) -> List[Dict]:
+    """Times every implementation of one Case or LayerCase, both passes, checking each result."""
     s = case.shape
     rows = []
     for pass_ in passes:
-        want_out, want_grads = _oracle(case, need_grads=(pass_ != "fwd"))
-        want = [want_out] if pass_ == "fwd" else list(want_grads)
+        want = case.oracle(need_grads=(pass_ != "fwd"))
         for impl in impls:
             row = common.make_row(
-                env, case=case.name, shape=s.name, k=case.k, stride=s.stride, B=case.batch, side=s.side,
-                heads=s.heads, head_dim=s.head_dim, Q=s.queries, dtype=str(case.dtype).replace("torch.", ""),
-                **{"pass": pass_}, impl=impl,
+                env, level=case.level, case=case.name, shape=s.name, k=case.k, stride=s.stride, B=case.batch,
+                side=s.side, heads=s.heads, head_dim=s.head_dim, Q=s.queries,
+                dtype=str(case.dtype).replace("torch.", ""), **{"pass": pass_}, impl=impl,
             )
-            common.log(f"{case.name} {pass_:7s} {impl:14s} ...")
+            common.log(f"{case.level} {case.name} {pass_:7s} {impl:14s} ...")
             try:
                 if impl == "op":
-                    cost, v = case.views(case.projection)
-                    row["backend"] = select_backend(cost, v, case.rpe, case.attn_scale, case.k, s.stride).name
-                run, outputs = _make_callable(impl, case, pass_)
+                    row["backend"] = case.backend()
+                run = case.make_callable(impl, pass_)
                 first = {}
                 row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), case.device), 3)
-                row["max_rel_err"] = _rel_err(outputs(first.pop("r")), want)
+                row["max_rel_err"] = _rel_err(first.pop("r"), want)
                 row["peak_mb"] = common.peak_memory_bytes(run, case.device) / 2**20
                 timing = common.benchmark_ms(run, case.device, quick=quick)
                 row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
@@ -245,36 +331,45 @@ def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dic
     return rows
 
 
+GROUP = ("level", "case", "pass")
+
+
 def add_memory_ratios(rows: List[Dict], ref_impl: str = "op") -> None:
-    """row['mem_vs_op'] = this row's peak memory / the op's, per (case, pass)."""
-    ref = {(r["case"], r["pass"]): r.get("peak_mb") for r in rows if r["impl"] == ref_impl}
+    """row['mem_vs_op'] = this row's peak memory / the op's, per (level, case, pass)."""
+    ref = {tuple(r[key] for key in GROUP): r.get("peak_mb") for r in rows if r["impl"] == ref_impl}
     for row in rows:
-        op_mb = ref.get((row["case"], row["pass"]))
+        op_mb = ref.get(tuple(row[key] for key in GROUP))
         row["mem_vs_op"] = row["peak_mb"] / op_mb if op_mb and row.get("peak_mb") else None
+
+
+LEVELS = {"op": Case, "layer": LayerCase}
 
 
 def run(shapes: Sequence[QnaShape], *, kernel_sizes: Sequence[int], batch: int, dtype: torch.dtype,
         device: torch.device, env: Dict, quick: bool = False, impls: Sequence[str] = IMPLS,
-        passes: Sequence[str] = PASSES) -> List[Dict]:
-    """Benchmarks every (shape, k); rows get `ref_speedup` = this impl's time / the op's time."""
+        passes: Sequence[str] = PASSES, levels: Sequence[str] = ("op",)) -> List[Dict]:
+    """Benchmarks every (level, shape, k); rows get `ref_speedup` = this impl's time / the op's."""
     rows = []
-    for k in kernel_sizes:
-        for shape in shapes:
-            common.log(f"case {shape.name}.k{k}: B={batch} {shape.describe(k)} {str(dtype).replace('torch.', '')}")
-            case = Case(shape, k, batch, dtype, device)
-            rows += bench_case(case, impls, passes, env, quick)
-            del case
-    common.add_ratios(rows, "op")
+    for level in levels:
+        for k in kernel_sizes:
+            for shape in shapes:
+                common.log(f"{level} {shape.name}.k{k}: B={batch} {shape.describe(k)} "
+                           f"{str(dtype).replace('torch.', '')}")
+                case = LEVELS[level](shape, k, batch, dtype, device)
+                rows += bench_case(case, impls, passes, env, quick)
+                del case
+    common.add_ratios(rows, "op", group_keys=GROUP)
     add_memory_ratios(rows)
     return rows
 
 
 def summarize(rows: List[Dict]) -> List[Dict]:
-    """Per (case, pass): the op against the fastest eager formulation and the fastest compiled
-    one, and its memory against unfold (the numbers the targets are stated in)."""
+    """Per (level, case, pass): the op against the fastest eager formulation and the fastest
+    compiled one, and its peak memory against unfold (the numbers the targets are stated in)."""
     summary = []
-    for key in sorted({(r["case"], r["pass"]) for r in rows}, key=lambda c: (c[1], c[0])):
-        group = {r["impl"]: r for r in rows if (r["case"], r["pass"]) == key}
+    keys = sorted({tuple(r[key] for key in GROUP) for r in rows}, key=lambda c: (c[0] != "op", c[2], c[1]))
+    for key in keys:
+        group = {r["impl"]: r for r in rows if tuple(r[k] for k in GROUP) == key}
         op = group.get("op")
         if not op or not op.get("ms"):
             continue
@@ -287,7 +382,7 @@ def summarize(rows: List[Dict]) -> List[Dict]:
         compiled = fastest(("compile-unfold", "compile-conv"))
         unfold = group.get("unfold")
         summary.append({
-            "case": key[0], "pass": key[1], "op_ms": op["ms"],
+            "level": key[0], "case": key[1], "pass": key[2], "op_ms": op["ms"],
             "fastest_eager": eager["impl"] if eager else None,
             "vs_eager": eager["ms"] / op["ms"] if eager else None,
             "fastest_compiled": compiled["impl"] if compiled else None,
@@ -298,6 +393,7 @@ def summarize(rows: List[Dict]) -> List[Dict]:
 
 
 COLUMNS = [
+    common.Column("level", "level", left=True),
     common.Column("case", "case", left=True),
     common.Column("pass", "pass", left=True),
     common.Column("impl", "impl", left=True),
@@ -311,6 +407,7 @@ COLUMNS = [
 ]
 
 SUMMARY_COLUMNS = [
+    common.Column("level", "level", left=True),
     common.Column("case", "case", left=True),
     common.Column("pass", "pass", left=True),
     common.Column("op_ms", "op ms", "{:.3f}"),
@@ -345,6 +442,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", help="names or substrings, e.g. s0 down "
                         f"(all: {' '.join(s.name for s in QNA_VIT_TINY_SHAPES)})")
     parser.add_argument("--kernel-sizes", nargs="+", type=int, default=list(KERNEL_SIZES))
+    parser.add_argument("--level", choices=("op", "layer", "both"), default="both",
+                        help="the op alone, the whole QnA layer (projection, attention, to_out), or both")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument("--quick", action="store_true", help=f"shapes {' '.join(QUICK_SHAPES)}, k=3, short timings")
@@ -359,7 +458,8 @@ def main(argv=None) -> None:
     env = common.environment(device)
     print(common.describe_env(env), file=sys.stderr)
     rows = run(shapes, kernel_sizes=kernel_sizes, batch=batch, dtype=dtype, device=device, env=env,
-               quick=args.quick, impls=args.impls, passes=args.passes)
+               quick=args.quick, impls=args.impls, passes=args.passes,
+               levels=("op", "layer") if args.level == "both" else (args.level,))
     print(common.describe_env(env))
     print(table(rows))
     print()
