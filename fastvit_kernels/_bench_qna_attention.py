@@ -265,19 +265,29 @@ def make_impl(impl: str) -> Callable:
     return IMPL_FNS[impl]
 
 
-@contextlib.contextmanager
-def qna_attention_swapped(impl: str):
-    """Runs fastvit_kernels.QnA with the attention step of `impl` (plain PyTorch for the peers,
-    so torch.compile sees and fuses it) for the duration of the block."""
-    from fastvit_kernels.modules import qna as qna_module
-
-    formulation = IMPL_FNS[impl]
+def _as_module_attention(formulation: Callable) -> Callable:
+    """formulation(cost, v, rpe, attn_scale, k, stride) -> [B, Ho, Wo, h*d] under the op's
+    signature, returning [B, Ho, Wo, h, d] as the op does."""
 
     def attention(cost, v, rpe, attn_scale, *, kernel_size, stride=1):
         return formulation(cost, v, rpe, attn_scale, kernel_size, stride).unflatten(-1, v.shape[-2:])
 
+    return attention
+
+
+# Built once: torch.compile guards on the identity of the functions a module calls.
+_MODULE_ATTENTION = {name: _as_module_attention(fn) for name, fn in IMPL_FNS.items() if name != "op"}
+
+
+@contextlib.contextmanager
+def qna_attention_swapped(impl: str):
+    """Runs fastvit_kernels.QnA with the attention step of `impl` (plain PyTorch for the peers,
+    so torch.compile sees and fuses it) for the duration of the block; 'op' changes nothing."""
+    from fastvit_kernels.modules import qna as qna_module
+
     original = qna_module.qna_attention
-    qna_module.qna_attention = attention if impl != "op" else original
+    if impl != "op":
+        qna_module.qna_attention = _MODULE_ATTENTION[impl]
     try:
         yield
     finally:
