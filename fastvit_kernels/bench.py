@@ -6,7 +6,9 @@ On the device present (cuda if available, else cpu; `--device` to choose):
   3. end-to-end images/s: eager timm, patched, patched + folded BatchNorm, torch.compile of timm;
   4. the bias_attention microbenchmarks (fastvit_kernels/_bench_bias_attention.py, also run by
      benchmarks/bench_bias_attention.py);
-  5. the performance targets (benchmarks/README.md) met or not, and the JSON file.
+  5. the qna_attention microbenchmark at the QnA-ViT tiny stage-0 shape (k=3) and QnA-ViT tiny
+     inference images/s against plain PyTorch (benchmarks/bench_qna.py, bench_qna_vit.py);
+  6. the performance targets (benchmarks/README.md) met or not, and the JSON file.
 
     python -m fastvit_kernels.bench --quick          # a few minutes on a 2-core CPU
     python -m fastvit_kernels.bench --out results.json
@@ -39,11 +41,19 @@ TRAIN_TOL = 1e-3
 
 # Performance targets (benchmarks/README.md): (description, section, case, pass, batch, peer,
 # minimum op speed-up = peer time / reference time). Defined for CPU float32 at these batches.
+# Section "qna" reads the QnA summary (fastvit_kernels._bench_qna_attention.summarize): the peer
+# is a summary column, and a negative minimum means "at most" (memory ratios).
 TARGETS = (
     ("bias_attention fwd, 128s.attn14 B=64: op >= 5x eager", "kernel", "128s.attn14", "fwd", 64, "eager", 5.0),
     ("bias_attention fwd, 128s.attn14 B=64: op >= 2.5x compiled FlexAttention", "kernel", "128s.attn14", "fwd", 64, "flex", 2.5),
     ("bias_attention fwd+bwd, 128s.attn14 B=64: op >= 3x SDPA", "kernel", "128s.attn14", "fwd+bwd", 64, "sdpa", 3.0),
     ("levit_128s inference batch 32: patched+folded >= 1.2x torch.compile(timm)", "levit", "levit_128s", "infer", 32, "compile", 1.2),
+    # QnA (issue 3), at the QnA-ViT tiny stage-0 layer (56x56, h=8, d=8, k=3), batch 32; peers are
+    # the fastest plain-PyTorch formulation (unfold or grouped conv) and the fastest compiled one.
+    ("qna_attention fwd, s0.qna.k3 B=32: op >= 3x the fastest PyTorch formulation", "qna", "s0.qna.k3", "fwd", 32, "vs_eager", 3.0),
+    ("qna_attention fwd, s0.qna.k3 B=32: op >= 1.5x its torch.compile", "qna", "s0.qna.k3", "fwd", 32, "vs_compiled", 1.5),
+    ("qna_attention fwd+bwd, s0.qna.k3 B=32: op >= 2x the fastest PyTorch formulation", "qna", "s0.qna.k3", "fwd+bwd", 32, "vs_eager", 2.0),
+    ("qna_attention fwd+bwd, s0.qna.k3 B=32: peak memory <= 0.5x unfold's", "qna", "s0.qna.k3", "fwd+bwd", 32, "mem_vs_unfold", -0.5),
 )
 
 
@@ -305,19 +315,23 @@ class Stages:
         U.log(f"=== stage {self.n}/{self.total}: {title} (elapsed {time.perf_counter() - self.t0:.0f} s)")
 
 
-def check_targets(levit_rows: List[Dict], kernel_rows: List[Dict], env: Dict) -> List[Dict]:
+def check_targets(levit_rows: List[Dict], kernel_rows: List[Dict], qna_summary: List[Dict], env: Dict) -> List[Dict]:
     results = []
-    for text, section, case, pass_, batch, impl, minimum in TARGETS:
-        row = next((r for r in (levit_rows if section == "levit" else kernel_rows)
-                    if (r.get("case"), r.get("pass"), r.get("impl")) == (case, pass_, impl)), None)
-        measured = row.get("ref_speedup") if row else None
+    for text, section, case, pass_, batch, peer, bound in TARGETS:
+        if section == "qna":
+            row = next((r for r in qna_summary if (r["level"], r["case"], r["pass"]) == ("op", case, pass_)), None)
+            measured = row.get(peer) if row else None
+        else:
+            row = next((r for r in (levit_rows if section == "levit" else kernel_rows)
+                        if (r.get("case"), r.get("pass"), r.get("impl")) == (case, pass_, peer)), None)
+            measured = row.get("ref_speedup") if row else None
         if measured is None:
             verdict = "not measured"
-        elif env["device_type"] != "cpu" or row.get("dtype") != "float32" or row.get("B") != batch:
+        elif env["device_type"] != "cpu" or row.get("dtype", "float32") != "float32" or row.get("B", batch) != batch:
             verdict = f"n/a (defined for CPU float32, batch {batch})"
         else:
-            verdict = "met" if measured >= minimum else "NOT met"
-        results.append({"target": text, "minimum": minimum, "measured": measured, "verdict": verdict})
+            verdict = "met" if (measured >= bound if bound > 0 else measured <= -bound) else "NOT met"
+        results.append({"target": text, "bound": bound, "measured": measured, "verdict": verdict})
     return results
 
 
@@ -334,7 +348,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/ of the checkout, if any)")
     args = parser.parse_args(argv)
 
-    stages = Stages(5)
+    stages = Stages(6)
     device = U.resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     batch = args.batch or (256 if device.type == "cuda" else 32)
@@ -389,8 +403,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   quick=args.quick, impls=kimpls)
         print(kernels.table(kernel_rows), flush=True)
 
+    stages.next("QnA: qna_attention microbenchmarks and QnA-ViT tiny images/s")
+    qna_rows: List[Dict] = []
+    qna_summary: List[Dict] = []
+    if not args.no_kernels:
+        from fastvit_kernels import _bench_qna_attention as qna_bench
+        from fastvit_kernels import _bench_qna_vit as qna_vit_bench
+
+        qimpls = [i for i in qna_bench.IMPLS if not (args.no_compile and i.startswith("compile-"))]
+        qna_rows = qna_bench.run(qna_bench.select_shapes(qna_bench.QUICK_SHAPES), kernel_sizes=(3,),
+                                 batch=256 if device.type == "cuda" else 32, dtype=dtype, device=device,
+                                 env=env, quick=args.quick, impls=qimpls)
+        qna_summary = qna_bench.summarize(qna_rows)
+        print(qna_bench.table(qna_rows), flush=True)
+        print(qna_bench.summary_table(qna_rows), flush=True)
+        vimpls = [i for i in ("fused", "unfold", "conv", "compile-conv")
+                  if not (args.no_compile and i.startswith("compile-"))]
+        vit_rows = qna_vit_bench.bench("qna_vit_tiny", batch=batch, dtype=dtype, device=device, env=env,
+                                       quick=args.quick, impls=vimpls, passes=("infer",))
+        print(qna_vit_bench.table(vit_rows), flush=True)
+        qna_rows += vit_rows
+
     stages.next("targets and results")
-    targets = check_targets(levit_rows, kernel_rows, env)
+    targets = check_targets(levit_rows, kernel_rows, qna_summary, env)
     for t in targets:
         measured = "-" if t["measured"] is None else f"{t['measured']:.2f}x"
         print(f"  [{t['verdict']}] {t['target']}: measured {measured}")
@@ -398,7 +433,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if out is None and (U.REPO_ROOT / "benchmarks").is_dir():
         out = U.default_out_path("fastvit_bench", env)
     if out is not None:
-        path = U.write_json(out, env, levit_rows + kernel_rows, check=check, targets=targets)
+        path = U.write_json(out, env, levit_rows + kernel_rows + qna_rows, check=check, targets=targets,
+                            qna_summary=qna_summary)
         print(f"wrote {path}")
     U.log(f"done in {time.perf_counter() - stages.t0:.0f} s")
     return 0 if check.get("ok") else 1
