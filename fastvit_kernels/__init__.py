@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 
 from fastvit_kernels import ops
 from fastvit_kernels.backends import use_backend
-from fastvit_kernels.modules import BiasAttention, ShrinkAttention
+from fastvit_kernels.modules import BiasAttention, QnA, ShrinkAttention
 from fastvit_kernels.patch import patch_timm, unpatch_timm, fold_batchnorm
+# QnA-ViT; registers qna_vit_* with timm when timm is installed (and the ops' FLOP formulas).
+from fastvit_kernels import models
 
 __all__ = [
     "ops",
@@ -19,6 +21,8 @@ __all__ = [
     "__version__",
     "BiasAttention",
     "ShrinkAttention",
+    "QnA",
+    "models",
     "patch_timm",
     "unpatch_timm",
     "fold_batchnorm",

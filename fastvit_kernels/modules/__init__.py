@@ -2,8 +2,10 @@
 
     BiasAttention    timm.models.levit.Attention            (LeViT attention with learned bias)
     ShrinkAttention  timm.models.levit.AttentionDownsample  (LeViT shrink attention)
+    QnA              the QnA learned-query local attention layer (no timm counterpart)
 """
 
 from fastvit_kernels.modules.bias_attention import BiasAttention, ConvNorm, LinearNorm, ShrinkAttention, Subsample
+from fastvit_kernels.modules.qna import QnA
 
-__all__ = ["BiasAttention", "ShrinkAttention", "LinearNorm", "ConvNorm", "Subsample"]
+__all__ = ["BiasAttention", "ShrinkAttention", "QnA", "LinearNorm", "ConvNorm", "Subsample"]
