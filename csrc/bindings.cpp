@@ -8,6 +8,7 @@
 
 #include "cpu/bias_attention.h"
 #include "cpu/isa.h"
+#include "cpu/qna_attention.h"
 
 // Flags the build system passes as comma-separated tokens (no quoting survives every build
 // tool), e.g. -DFVK_CXX_FLAGS=-O3,-fopenmp; see setup.py / CMakeLists.txt.
@@ -86,6 +87,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("o_pre"), py::arg("lse"), py::arg("scale"), py::arg("activation"),
         py::call_guard<py::gil_scoped_release>(),
         "Fused biased attention backward -> (dq, dk, dv, dtable); see reference/bias_attention.py");
+  m.def("qna_attention_forward", &fc::qna_attention_forward, py::arg("cost"), py::arg("v"),
+        py::arg("rpe"), py::arg("attn_scale"), py::arg("kernel_size"), py::arg("stride"),
+        py::call_guard<py::gil_scoped_release>(),
+        "QnA local attention forward -> (out, lse); see reference/qna_attention.py");
+  m.def("qna_attention_backward", &fc::qna_attention_backward, py::arg("grad_out"),
+        py::arg("cost"), py::arg("v"), py::arg("rpe"), py::arg("attn_scale"), py::arg("lse"),
+        py::arg("kernel_size"), py::arg("stride"), py::call_guard<py::gil_scoped_release>(),
+        "QnA local attention backward -> (dcost, dv, drpe, dattn_scale); see "
+        "reference/qna_attention.py");
 
   // ---- build and CPU capabilities ----
   m.def("cpu_isa", [] { return std::string(fc::isa_name(fc::current_cpu_isa())); },

@@ -15,6 +15,7 @@
 #include <c10/util/Exception.h>
 
 #include "bias_attention_args.h"
+#include "common.h"
 #include "isa.h"
 #include "isa_config.h"
 
@@ -88,22 +89,9 @@ void check_scale(const char* fn, double scale) {
 // Layouts and the dense bias
 // ---------------------------------------------------------------------------------------------
 
-// With FASTVIT_KERNELS_POISON=1 (the tests set it) outputs start as NaN, so an element the
-// kernel forgets to write cannot pass for a right answer left over in recycled memory.
-at::Tensor poisoned(at::Tensor t) {
-  const char* env = std::getenv("FASTVIT_KERNELS_POISON");
-  if (env != nullptr && env[0] == '1' && env[1] == '\0') t.fill_(std::numeric_limits<float>::quiet_NaN());
-  return t;
-}
-
 // A [B, H, N, D] tensor whose memory is [B, N, H, D] (what LeViT's proj consumes).
 at::Tensor empty_bhnd(int64_t B, int64_t H, int64_t N, int64_t D, const at::TensorOptions& opt) {
   return poisoned(at::empty({B, N, H, D}, opt)).transpose(1, 2);
-}
-
-template <size_t R>
-void copy_strides(const at::Tensor& t, int64_t (&dst)[R]) {
-  for (size_t d = 0; d < R; ++d) dst[d] = t.stride(static_cast<int64_t>(d));
 }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }

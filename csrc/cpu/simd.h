@@ -132,6 +132,16 @@ inline void vstore_f16(uint16_t* p, vf x) {
                       _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// Lane l of vpermute(x, idx) is lane idx[l] of x, of vgather(base, idx) is base[idx[l]];
+// vall_le: every lane <= bound (NaN lanes fail).
+using vindex = __m512i;
+inline vindex vload_index(const int32_t* p) { return _mm512_loadu_si512(p); }
+inline vf vpermute(vf x, vindex idx) { return _mm512_permutexvar_ps(idx, x); }
+inline vf vgather(const float* base, vindex idx) { return _mm512_i32gather_ps(idx, base, 4); }
+inline bool vall_le(vf x, float bound) {
+  return _mm512_cmp_ps_mask(x, _mm512_set1_ps(bound), _CMP_LE_OQ) == 0xffff;
+}
+
 // dst[c * ldd + r] = src[r * lds + c] for a 16 x 16 block: pairs, quads, then 128-bit lanes.
 inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m512 r[16], t[16];
@@ -235,6 +245,16 @@ inline void vstore_f16(uint16_t* p, vf x) {
                    _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
+// Lane l of vpermute(x, idx) is lane idx[l] of x, of vgather(base, idx) is base[idx[l]];
+// vall_le: every lane <= bound (NaN lanes fail).
+using vindex = __m256i;
+inline vindex vload_index(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vf vpermute(vf x, vindex idx) { return _mm256_permutevar8x32_ps(x, idx); }
+inline vf vgather(const float* base, vindex idx) { return _mm256_i32gather_ps(base, idx, 4); }
+inline bool vall_le(vf x, float bound) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(bound), _CMP_LE_OQ)) == 0xff;
+}
+
 // dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block: pairs, quads, then 128-bit lanes.
 inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
@@ -301,6 +321,13 @@ inline vf vload_bf16(const uint16_t* p) { return bf16_to_f32(*p); }
 inline void vstore_bf16(uint16_t* p, vf x) { *p = f32_to_bf16(x); }
 inline vf vload_f16(const uint16_t* p) { return f16_to_f32(*p); }
 inline void vstore_f16(uint16_t* p, vf x) { *p = f32_to_f16(x); }
+
+// One lane: the only index is 0, so a permutation is the identity.
+using vindex = int32_t;
+inline vindex vload_index(const int32_t* p) { return *p; }
+inline vf vpermute(vf x, vindex) { return x; }
+inline vf vgather(const float* base, vindex idx) { return base[idx]; }
+inline bool vall_le(vf x, float bound) { return x <= bound; }  // false for NaN
 
 inline void transpose_block(const float* src, int64_t, float* dst, int64_t) { *dst = *src; }
 

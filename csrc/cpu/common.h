@@ -1,0 +1,29 @@
+// Torch-facing helpers shared by the CPU ops (<op>.cpp): output poisoning and stride copies into
+// the kernels' plain-data argument structs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+
+#include <ATen/core/Tensor.h>
+
+namespace fastvit_kernels {
+namespace cpu {
+
+// With FASTVIT_KERNELS_POISON=1 (the tests set it) outputs start as NaN, so an element the
+// kernel forgets to write cannot pass for a right answer left over in recycled memory.
+inline at::Tensor poisoned(at::Tensor t) {
+  const char* env = std::getenv("FASTVIT_KERNELS_POISON");
+  if (env != nullptr && env[0] == '1' && env[1] == '\0') t.fill_(std::numeric_limits<float>::quiet_NaN());
+  return t;
+}
+
+template <size_t R>
+void copy_strides(const at::Tensor& t, int64_t (&dst)[R]) {
+  for (size_t d = 0; d < R; ++d) dst[d] = t.stride(static_cast<int64_t>(d));
+}
+
+}  // namespace cpu
+}  // namespace fastvit_kernels

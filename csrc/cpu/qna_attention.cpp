@@ -1,0 +1,273 @@
+// Torch-facing half of the CPU QnA-attention op: argument checks, output allocation in the
+// contract's layouts, the work split, the call into the ISA kernel chosen at run time
+// (qna_attention_{avx512,avx2,scalar}.cpp), and the ordered sum of the kernels' per-task
+// rpe / attn_scale gradients. The contract is the docstring of
+// fastvit_kernels/reference/qna_attention.py.
+#include "qna_attention.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include "common.h"
+#include "isa.h"
+#include "isa_config.h"
+#include "qna_attention_args.h"
+
+namespace fastvit_kernels {
+namespace cpu {
+namespace {
+
+// Windows up to 15 x 15 (the paper uses 3 and 7); the Python op sends larger ones to the reference.
+constexpr int64_t kMaxKernelSize = 15;
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks
+// ---------------------------------------------------------------------------------------------
+
+ElemType elem_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return ElemType::kBFloat16;
+    case at::kHalf: return ElemType::kFloat16;
+    default: return ElemType::kFloat32;
+  }
+}
+
+void check_window(const char* fn, int64_t kernel_size, int64_t stride) {
+  TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1 && kernel_size <= kMaxKernelSize, fn,
+                    ": kernel_size must be odd and in [1, ", kMaxKernelSize, "], got ", kernel_size);
+  TORCH_CHECK_VALUE(stride >= 1, fn, ": stride must be >= 1, got ", stride);
+}
+
+void check_cpu_5d(const char* fn, const char* name, const at::Tensor& t, const char* layout) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ",
+              t.device());
+  TORCH_CHECK(t.dim() == 5, fn, ": ", name, " must be 5-D ", layout, ", got shape ", t.sizes());
+}
+
+void check_shape(const char* fn, const char* name, const at::Tensor& t,
+                 at::IntArrayRef expected, const char* layout) {
+  TORCH_CHECK(t.sizes() == expected, fn, ": ", name, " must have shape ", layout, " = ",
+              expected, ", got ", t.sizes());
+}
+
+// cost [B, Hi, Wi, Q, h] and v [B, Hi, Wi, h, d] of one floating dtype; rpe and attn_scale
+// [k*k, Q, h] in cost's dtype or float32.
+void check_inputs(const char* fn, const at::Tensor& cost, const at::Tensor& v,
+                  const at::Tensor& rpe, const at::Tensor& attn_scale, int64_t kernel_size) {
+  check_cpu_5d(fn, "cost", cost, "[B, Hi, Wi, Q, h]");
+  check_cpu_5d(fn, "v", v, "[B, Hi, Wi, h, d]");
+  const auto dt = cost.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, fn,
+              ": cost must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(v.scalar_type() == dt, fn, ": v must have cost's dtype ", dt, ", got ",
+              v.scalar_type());
+  const int64_t B = cost.size(0), Hi = cost.size(1), Wi = cost.size(2);
+  const int64_t Q = cost.size(3), H = cost.size(4);
+  TORCH_CHECK(cost.numel() > 0 && v.size(4) > 0, fn,
+              ": every dimension of cost and v must be >= 1, got cost ", cost.sizes(), ", v ",
+              v.sizes());
+  check_shape(fn, "v", v, {B, Hi, Wi, H, v.size(4)}, "[B, Hi, Wi, h, d] (B, Hi, Wi, h from cost)");
+  const int64_t taps = kernel_size * kernel_size;
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"rpe", rpe},
+                                std::pair<const char*, const at::Tensor&>{"attn_scale", attn_scale}}) {
+    TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
+    TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ",
+                t.device());
+    check_shape(fn, name, t, {taps, Q, H}, "[k*k, Q, h]");
+    TORCH_CHECK(t.scalar_type() == dt || t.scalar_type() == at::kFloat, fn, ": ", name,
+                " must be float32 or cost's dtype ", dt, ", got ", t.scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel arguments, selection and work split
+// ---------------------------------------------------------------------------------------------
+
+int64_t output_size(int64_t size, int64_t kernel_size, int64_t stride) {
+  return (size + 2 * ((kernel_size - 1) / 2) - kernel_size) / stride + 1;
+}
+
+// The part of the kernel arguments forward and backward share. rpe32 / attn_scale32 are the fp32
+// contiguous copies (the caller keeps them alive).
+void fill_inputs(QnaAttentionInputs& a, const at::Tensor& cost, const at::Tensor& v,
+                 const at::Tensor& rpe32, const at::Tensor& attn_scale32, int64_t kernel_size,
+                 int64_t stride) {
+  a.B = cost.size(0); a.Hi = cost.size(1); a.Wi = cost.size(2);
+  a.Q = cost.size(3); a.H = cost.size(4); a.D = v.size(4);
+  a.kernel_size = kernel_size; a.stride = stride; a.pad = (kernel_size - 1) / 2;
+  a.Ho = output_size(a.Hi, kernel_size, stride);
+  a.Wo = output_size(a.Wi, kernel_size, stride);
+  a.dtype = elem_type(cost.scalar_type());
+  a.cost = cost.data_ptr(); copy_strides(cost, a.cost_stride);
+  a.v = v.data_ptr(); copy_strides(v, a.v_stride);
+  a.rpe = rpe32.data_ptr<float>();
+  a.attn_scale = attn_scale32.data_ptr<float>();
+}
+
+using Kernel = void (*)(const QnaAttentionFwdArgs&, int64_t, int64_t);
+using BwdKernel = void (*)(const QnaAttentionBwdArgs&, int64_t, int64_t);
+
+Kernel forward_kernel(CpuIsa isa) {
+  switch (isa) {
+#if FVK_X86_KERNELS
+    case CpuIsa::kAvx512: return avx512::qna_attention_forward;
+    case CpuIsa::kAvx2: return avx2::qna_attention_forward;
+#endif
+    default: return scalar::qna_attention_forward;
+  }
+}
+
+BwdKernel backward_by_output_kernel(CpuIsa isa) {
+  switch (isa) {
+#if FVK_X86_KERNELS
+    case CpuIsa::kAvx512: return avx512::qna_attention_backward_by_output;
+    case CpuIsa::kAvx2: return avx2::qna_attention_backward_by_output;
+#endif
+    default: return scalar::qna_attention_backward_by_output;
+  }
+}
+
+BwdKernel backward_by_input_kernel(CpuIsa isa) {
+  switch (isa) {
+#if FVK_X86_KERNELS
+    case CpuIsa::kAvx512: return avx512::qna_attention_backward_by_input;
+    case CpuIsa::kAvx2: return avx2::qna_attention_backward_by_input;
+#endif
+    default: return scalar::qna_attention_backward_by_input;
+  }
+}
+
+// Tasks are (image, block of rows). A block is as tall as fits: a task's packed input rows stay
+// within kPackedBytes (so they stay in L2 while the task runs over them, and the exp reference of
+// the factorisation stays local); and short enough for kMinTasks tasks in all (a batch of 1
+// still spreads over the cores). Shapes only, never the thread count: results are bitwise
+// reproducible for any number of threads.
+constexpr int64_t kPackedBytes = int64_t{384} << 10;
+constexpr int64_t kMinTasks = 16;
+
+RowTasks row_tasks(int64_t B, int64_t rows, int64_t rows_fitting) {
+  const int64_t blocks_wanted = (kMinTasks + B - 1) / B;
+  const int64_t per_task = std::clamp<int64_t>(
+      std::min((rows + blocks_wanted - 1) / blocks_wanted, rows_fitting), 1, rows);
+  return {per_task, (rows + per_task - 1) / per_task};
+}
+
+// Output rows per task of a pass over output rows (forward, backward by_output): their input
+// rows, halo included, are packed (cost twice, v once).
+int64_t output_rows_fitting(const QnaAttentionInputs& a) {
+  const int64_t row_bytes = a.Wi * (2 * a.Q * a.H + a.H * a.D) * int64_t{sizeof(float)};
+  const int64_t input_rows = kPackedBytes / std::max<int64_t>(1, row_bytes);
+  return std::max<int64_t>(1, (input_rows - a.kernel_size) / a.stride + 1);
+}
+
+// Input rows per task of the backward by_input: its input rows plus the output rows they feed
+// (grad_out, delta, lse and the reference scale; about 1 / stride of them per input row).
+int64_t input_rows_fitting(const QnaAttentionInputs& a) {
+  const int64_t input_row = a.Wi * (2 * a.Q * a.H + a.H * a.D);
+  const int64_t output_row = a.Wo * (a.H * a.D + 3 * a.Q * a.H);
+  const int64_t row_bytes = (input_row + output_row / a.stride) * int64_t{sizeof(float)};
+  return std::max<int64_t>(1, kPackedBytes / std::max<int64_t>(1, row_bytes));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> qna_attention_forward(
+    const at::Tensor& cost, const at::Tensor& v, const at::Tensor& rpe,
+    const at::Tensor& attn_scale, int64_t kernel_size, int64_t stride) {
+  constexpr const char* fn = "qna_attention_forward";
+  check_window(fn, kernel_size, stride);
+  check_inputs(fn, cost, v, rpe, attn_scale, kernel_size);
+  const at::Tensor rpe32 = rpe.to(at::kFloat).contiguous();
+  const at::Tensor attn_scale32 = attn_scale.to(at::kFloat).contiguous();
+
+  QnaAttentionFwdArgs a{};
+  fill_inputs(a, cost, v, rpe32, attn_scale32, kernel_size, stride);
+  at::Tensor out = poisoned(at::empty({a.B, a.Ho, a.Wo, a.H, a.D}, v.options()));
+  at::Tensor lse = poisoned(at::empty({a.B, a.Ho, a.Wo, a.Q, a.H}, cost.options().dtype(at::kFloat)));
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  a.tasks = row_tasks(a.B, a.Ho, output_rows_fitting(a));
+
+  const Kernel kernel = forward_kernel(current_cpu_isa());
+  at::parallel_for(0, a.B * a.tasks.tasks_per_image, 1,
+                   [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& cost, const at::Tensor& v,
+    const at::Tensor& rpe, const at::Tensor& attn_scale, const at::Tensor& lse,
+    int64_t kernel_size, int64_t stride) {
+  constexpr const char* fn = "qna_attention_backward";
+  check_window(fn, kernel_size, stride);
+  check_inputs(fn, cost, v, rpe, attn_scale, kernel_size);
+  const at::Tensor rpe32 = rpe.to(at::kFloat).contiguous();
+  const at::Tensor attn_scale32 = attn_scale.to(at::kFloat).contiguous();
+
+  QnaAttentionBwdArgs a{};
+  fill_inputs(a, cost, v, rpe32, attn_scale32, kernel_size, stride);
+  check_cpu_5d(fn, "grad_out", grad_out, "[B, Ho, Wo, h, d]");
+  check_shape(fn, "grad_out", grad_out, {a.B, a.Ho, a.Wo, a.H, a.D}, "[B, Ho, Wo, h, d]");
+  TORCH_CHECK(grad_out.scalar_type() == v.scalar_type(), fn, ": grad_out must have v's dtype ",
+              v.scalar_type(), ", got ", grad_out.scalar_type());
+  check_cpu_5d(fn, "lse", lse, "[B, Ho, Wo, Q, h]");
+  check_shape(fn, "lse", lse, {a.B, a.Ho, a.Wo, a.Q, a.H}, "[B, Ho, Wo, Q, h]");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, fn, ": lse must be float32, got ",
+              lse.scalar_type());
+  const at::Tensor lse_dense = lse.contiguous();
+  a.grad_out = grad_out.data_ptr(); copy_strides(grad_out, a.grad_out_stride);
+  a.lse = lse_dense.data_ptr<float>();
+
+  const at::TensorOptions f32 = cost.options().dtype(at::kFloat);
+  at::Tensor dcost = poisoned(at::empty(cost.sizes(), cost.options()));
+  at::Tensor dv = poisoned(at::empty(v.sizes(), v.options()));
+  at::Tensor delta = poisoned(at::empty({a.B, a.Ho, a.Wo, a.Q, a.H}, f32));
+  a.output_tasks = row_tasks(a.B, a.Ho, output_rows_fitting(a));
+  a.input_tasks = row_tasks(a.B, a.Hi, input_rows_fitting(a));
+  const int64_t output_tasks = a.B * a.output_tasks.tasks_per_image;
+  const int64_t taps = kernel_size * kernel_size;
+  at::Tensor partial = poisoned(at::empty({output_tasks, 2, taps, a.Q, a.H}, f32));
+  a.delta = delta.data_ptr<float>();
+  a.param_grad_partial = partial.data_ptr<float>();
+  a.dcost = dcost.data_ptr();
+  a.dv = dv.data_ptr();
+
+  const CpuIsa isa = current_cpu_isa();
+  const BwdKernel by_output = backward_by_output_kernel(isa);
+  const BwdKernel by_input = backward_by_input_kernel(isa);
+  at::parallel_for(0, output_tasks, 1, [&](int64_t begin, int64_t end) { by_output(a, begin, end); });
+  at::parallel_for(0, a.B * a.input_tasks.tasks_per_image, 1,
+                   [&](int64_t begin, int64_t end) { by_input(a, begin, end); });
+
+  // drpe and dattn_scale: the per-task partials summed task by task in order (deterministic for
+  // any thread count).
+  at::Tensor drpe = poisoned(at::empty({taps, a.Q, a.H}, f32));
+  at::Tensor dattn_scale = poisoned(at::empty({taps, a.Q, a.H}, f32));
+  const float* part = partial.data_ptr<float>();
+  float* sums[2] = {drpe.data_ptr<float>(), dattn_scale.data_ptr<float>()};
+  const int64_t n = drpe.numel();
+  at::parallel_for(0, 2 * n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      float s = 0.0f;
+      for (int64_t task = 0; task < output_tasks; ++task) s += part[task * 2 * n + j];
+      sums[j / n][j % n] = s;
+    }
+  });
+  return {dcost, dv, drpe.to(rpe.scalar_type()), dattn_scale.to(attn_scale.scalar_type())};
+}
+
+}  // namespace cpu
+}  // namespace fastvit_kernels
