@@ -7,6 +7,7 @@
 #include <torch/version.h>
 
 #include "cpu/bias_attention.h"
+#include "cpu/ggem_pool.h"
 #include "cpu/isa.h"
 #include "cpu/qna_attention.h"
 
@@ -96,6 +97,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kernel_size"), py::arg("stride"), py::call_guard<py::gil_scoped_release>(),
         "QnA local attention backward -> (dcost, dv, drpe, dattn_scale); see "
         "reference/qna_attention.py");
+  m.def("ggem_pool_forward", &fc::ggem_pool_forward, py::arg("x"), py::arg("p"), py::arg("groups"),
+        py::arg("eps"), py::arg("interleaved"), py::arg("num_prefix_tokens"),
+        py::call_guard<py::gil_scoped_release>(),
+        "GGeM pooling forward -> (y, log_mean); see reference/ggem_pool.py");
+  m.def("ggem_pool_backward", &fc::ggem_pool_backward, py::arg("grad_y"), py::arg("x"), py::arg("p"),
+        py::arg("log_mean"), py::arg("groups"), py::arg("eps"), py::arg("interleaved"),
+        py::arg("num_prefix_tokens"), py::call_guard<py::gil_scoped_release>(),
+        "GGeM pooling backward -> (dx, dp); see reference/ggem_pool.py");
 
   // ---- build and CPU capabilities ----
   m.def("cpu_isa", [] { return std::string(fc::isa_name(fc::current_cpu_isa())); },

@@ -14,6 +14,7 @@ import fastvit_kernels
 from fastvit_kernels import _native, backends
 # (`from ... import` reaches the op's module; `fastvit_kernels.ops.bias_attention` is the function.)
 from fastvit_kernels.ops.bias_attention import BACKENDS as BIAS_ATTENTION_BACKENDS
+from fastvit_kernels.ops.ggem_pool import BACKENDS as GGEM_POOL_BACKENDS
 from fastvit_kernels.ops.qna_attention import BACKENDS as QNA_ATTENTION_BACKENDS
 
 # Every op: (its backend declarations, a function making small sample inputs on a device).
@@ -37,6 +38,13 @@ OPS = {
             torch.ones(9, 2, 2, device=device),
             3,
             1,
+        ),
+    ),
+    "ggem_pool": (
+        GGEM_POOL_BACKENDS,
+        lambda device: (
+            torch.randn(1, 5, 16, device=device),  # x [B, N, C]
+            torch.full((4,), 3.0, device=device),  # p [groups]
         ),
     ),
 }

@@ -3,9 +3,11 @@
     BiasAttention    timm.models.levit.Attention            (LeViT attention with learned bias)
     ShrinkAttention  timm.models.levit.AttentionDownsample  (LeViT shrink attention)
     QnA              the QnA learned-query local attention layer (no timm counterpart)
+    GGeM             group generalized-mean pooling (a timm VisionTransformer's attn_pool slot)
 """
 
 from fastvit_kernels.modules.bias_attention import BiasAttention, ConvNorm, LinearNorm, ShrinkAttention, Subsample
+from fastvit_kernels.modules.ggem import GGeM
 from fastvit_kernels.modules.qna import QnA
 
-__all__ = ["BiasAttention", "ShrinkAttention", "QnA", "LinearNorm", "ConvNorm", "Subsample"]
+__all__ = ["BiasAttention", "ShrinkAttention", "QnA", "GGeM", "LinearNorm", "ConvNorm", "Subsample"]

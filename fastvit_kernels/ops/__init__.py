@@ -1,6 +1,7 @@
 """The functional API: one module per op, each a registered torch.library op with autograd."""
 
 from fastvit_kernels.ops.bias_attention import bias_attention
+from fastvit_kernels.ops.ggem_pool import ggem_pool
 from fastvit_kernels.ops.qna_attention import qna_attention
 
-__all__ = ["bias_attention", "qna_attention"]
+__all__ = ["bias_attention", "qna_attention", "ggem_pool"]

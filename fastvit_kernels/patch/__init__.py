@@ -4,9 +4,11 @@
 """
 
 from fastvit_kernels.patch.timm import (
+    POOLS,
     FoldedBatchNormWarning,
     PatchReport,
     fold_batchnorm,
+    install_ggem_pool,
     patch_timm,
     registry,
     supported_timm_models,
@@ -17,6 +19,8 @@ __all__ = [
     "patch_timm",
     "unpatch_timm",
     "fold_batchnorm",
+    "install_ggem_pool",
+    "POOLS",
     "supported_timm_models",
     "registry",
     "PatchReport",

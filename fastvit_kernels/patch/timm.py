@@ -6,12 +6,21 @@
     model.eval(); fold_batchnorm(model)      # optional, inference only
     unpatch_timm(model)                      # timm's classes again (BatchNorm stays folded)
 
+    vit = timm.create_model("vit_base_patch16_224")
+    patch_timm(vit, pool="ggem")             # GGeM pooling in the attn_pool slot (groups = heads)
+    # or, with explicit settings: install_ggem_pool(vit, groups=24, p=4.0)
+
 Patching shares the parameter, buffer and submodule objects between the timm module and its
 replacement (no copies): an optimizer built before patching keeps working, a timm state_dict
 loads strictly into the patched model, and the patched model's state_dict loads into timm.
 
 Supported classes live in one registry (`registry`, below): one line per timm class.
 A replacement class must provide `from_timm(module)` (a classmethod) and `to_timm()`.
+
+Pooling (`pool="ggem"`, or `install_ggem_pool`) is not a class swap: it sets the `attn_pool` of
+every timm VisionTransformer in the model to a new GGeM module (new parameters `attn_pool.p`, one
+exponent per group), which timm's `pool()` calls on the patch tokens; `unpatch_timm` puts back
+what was there before (usually None, i.e. the model's `global_pool`).
 
 BatchNorm folding is inference-only and cannot be undone: `unpatch_timm` on a folded model
 restores timm's attention classes but warns (FoldedBatchNormWarning) that the BatchNorms stay
@@ -27,13 +36,15 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from fastvit_kernels.modules import BiasAttention, ShrinkAttention
+from fastvit_kernels.modules import BiasAttention, GGeM, ShrinkAttention
 from fastvit_kernels.modules import bias_attention as _levit_modules
 
 __all__ = [
     "patch_timm",
     "unpatch_timm",
     "fold_batchnorm",
+    "install_ggem_pool",
+    "POOLS",
     "supported_timm_models",
     "registry",
     "PatchReport",
@@ -213,12 +224,16 @@ def _replace_children(model: nn.Module, convert) -> None:
     visit(model)
 
 
-def patch_timm(model: nn.Module, *, fold_bn: bool = False, verbose: bool = False) -> nn.Module:
+def patch_timm(
+    model: nn.Module, *, pool: Optional[str] = None, fold_bn: bool = False, verbose: bool = False
+) -> nn.Module:
     """Replace, in place, every supported timm submodule of `model` by its fused replacement.
 
     Parameters, buffers and submodules are shared with the replaced modules (no copies).
     Already patched modules are left alone (patching twice is a no-op). With `fold_bn=True` the
     LeViT BatchNorms are then folded (see `fold_batchnorm`; the model must be in eval mode).
+    With `pool="ggem"` every timm VisionTransformer in `model` also gets GGeM pooling in its
+    `attn_pool` slot with default settings (see `install_ggem_pool`; ValueError if there is none).
     Returns `model`, with `model.fastvit_kernels_report` (a PatchReport) attached.
     Only submodules are replaced: when `model` itself is a supported class, build its
     replacement with e.g. `BiasAttention.from_timm(model)`. Raises TypeError if `model` is not
@@ -227,6 +242,7 @@ def patch_timm(model: nn.Module, *, fold_bn: bool = False, verbose: bool = False
     _check_module(model, "patch_timm")
     if fold_bn:
         _check_foldable(model)  # fail before changing anything
+    vits = _pool_targets(model, pool) if pool is not None else []  # fails before any change too
     mapping = registry.mapping()
     patched_classes = set(mapping.values())
     replaced: Counter = Counter()
@@ -244,6 +260,12 @@ def patch_timm(model: nn.Module, *, fold_bn: bool = False, verbose: bool = False
         return cls.from_timm(module)
 
     _replace_children(model, convert)
+    for vit in vits:
+        if type(vit.attn_pool) is GGeM:
+            already += 1
+            continue
+        install_ggem_pool(vit)
+        replaced[f"{_class_name(type(vit))}.attn_pool -> GGeM"] += 1
     report = PatchReport(model=type(model).__name__, replaced=dict(replaced), already_patched=already)
     if fold_bn:
         report.folded_batchnorms = _fold(model)
@@ -255,7 +277,8 @@ def patch_timm(model: nn.Module, *, fold_bn: bool = False, verbose: bool = False
 
 def unpatch_timm(model: nn.Module) -> nn.Module:
     """Undo patch_timm in place: every replacement module becomes its timm class again, sharing
-    the same parameters, buffers and submodules. Returns `model`.
+    the same parameters, buffers and submodules, and every GGeM pooling installed by patch_timm /
+    install_ggem_pool is replaced by the attn_pool that was there before. Returns `model`.
 
     BatchNorm folding cannot be undone: if the model was folded, the timm classes are restored
     but the BatchNorms stay folded, and a FoldedBatchNormWarning says so.
@@ -271,6 +294,7 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
         return restored
 
     _replace_children(model, convert)
+    _uninstall_pools(model)
     if any(getattr(m, _FOLDED_ATTR, 0) for m in model.modules()):
         warnings.warn(
             "fastvit_kernels.unpatch_timm: this model's BatchNorms were folded into their "
@@ -284,6 +308,110 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     if hasattr(model, "fastvit_kernels_report"):
         del model.fastvit_kernels_report
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling: GGeM in a timm VisionTransformer's attn_pool slot
+# ---------------------------------------------------------------------------------------------
+
+POOLS = ("ggem",)
+# The attn_pool replaced by install_ggem_pool, kept (inside a tuple, so that it is not registered
+# as a submodule and stays out of state_dict) for unpatch_timm.
+_PREVIOUS_POOL_ATTR = "_fastvit_kernels_previous_attn_pool"
+
+
+def _vision_transformer_class() -> type:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError as error:
+        raise ImportError(f"fastvit_kernels.patch: cannot import timm's VisionTransformer ({error}); is timm installed?") from error
+    if not hasattr(VisionTransformer, "pool"):
+        raise ImportError(
+            "fastvit_kernels.patch: this timm's VisionTransformer has no pool() method (timm >= 1.0.20 "
+            "has it): its attn_pool would receive the prefix tokens too"
+        )
+    return VisionTransformer
+
+
+def _uses_timm_pooling(module: nn.Module, vit_class: type) -> bool:
+    """A VisionTransformer (or a subclass) whose head still pools through timm's pool()/attn_pool
+    (e.g. not DeiT's distilled model, whose forward_head reads the cls and dist tokens)."""
+    cls = type(module)
+    return (
+        isinstance(module, vit_class)
+        and cls.pool is vit_class.pool
+        and cls.forward_head is vit_class.forward_head
+    )
+
+
+def _pool_targets(model: nn.Module, pool: str) -> List[nn.Module]:
+    if pool not in POOLS:
+        raise ValueError(f"fastvit_kernels.patch_timm: pool must be None or one of {POOLS}, got {pool!r}")
+    vit_class = _vision_transformer_class()
+    targets = [m for m in model.modules() if _uses_timm_pooling(m, vit_class)]
+    if not targets:
+        raise ValueError(
+            f"fastvit_kernels.patch_timm(pool={pool!r}): {type(model).__name__} contains no timm "
+            "VisionTransformer whose head pools through attn_pool; nothing to install the pooling in"
+        )
+    return targets
+
+
+def _num_heads(vit: nn.Module) -> Optional[int]:
+    for block in getattr(vit, "blocks", ()):
+        heads = getattr(getattr(block, "attn", None), "num_heads", None)
+        if isinstance(heads, int):
+            return heads
+    return None
+
+
+def install_ggem_pool(
+    vit: nn.Module,
+    *,
+    groups: Optional[int] = None,
+    p: float = 3.0,
+    eps: float = 1e-6,
+    layout: str = "contiguous",
+    learnable: bool = True,
+) -> GGeM:
+    """Make GGeM the pooling of a timm VisionTransformer, in place, and return the new module.
+
+    The module goes into `vit.attn_pool`, which timm's `pool()` calls on the tokens after the final
+    norm, with the prefix (cls / register) tokens removed by a slice (no copy); if the model pools
+    with `pool_include_prefix=True`, GGeM skips them itself. `fc_norm`, dropout and the head follow
+    as usual. groups defaults to the number of attention heads (the paper's choice); p, eps,
+    layout and learnable are GGeM's arguments. The exponents are a new float32 Parameter
+    `attn_pool.p` on the model's device: build the optimizer after installing (or add it).
+    A previous attn_pool (e.g. timm's 'map' attention pooling) is kept aside for unpatch_timm.
+    """
+    _check_module(vit, "install_ggem_pool")
+    vit_class = _vision_transformer_class()
+    if not _uses_timm_pooling(vit, vit_class):
+        raise TypeError(
+            "fastvit_kernels.install_ggem_pool expects a timm VisionTransformer whose head pools "
+            f"through attn_pool, got {type(vit).__module__}.{type(vit).__qualname__}"
+        )
+    if groups is None:
+        groups = _num_heads(vit)
+        if groups is None:
+            raise ValueError("fastvit_kernels.install_ggem_pool: cannot find the number of heads; pass groups=")
+    dim = vit.embed_dim
+    prefix = vit.num_prefix_tokens if vit.pool_include_prefix else 0
+    module = GGeM(dim, groups, p=p, eps=eps, layout=layout, learnable=learnable, num_prefix_tokens=prefix)
+    reference = next(iter(vit.parameters()), None)
+    if reference is not None:
+        module = module.to(reference.device)
+    if not hasattr(vit, _PREVIOUS_POOL_ATTR):
+        object.__setattr__(vit, _PREVIOUS_POOL_ATTR, (vit.attn_pool,))
+    vit.attn_pool = module.train(vit.training)
+    return module
+
+
+def _uninstall_pools(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        previous = module.__dict__.pop(_PREVIOUS_POOL_ATTR, None)
+        if previous is not None:
+            module.attn_pool = previous[0]
 
 
 # ---------------------------------------------------------------------------------------------
