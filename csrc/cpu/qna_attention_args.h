@@ -39,22 +39,26 @@ struct QnaAttentionFwdArgs : QnaAttentionInputs {
   RowTasks tasks;  // over output rows
 };
 
-// The backward runs in two passes (see qna_attention_kernel.h):
-//   by_output, tasks over output rows: delta = sum_t w * attn_scale * u per output pixel, and the
-//     per-task partial sums of drpe and dattn_scale;
-//   by_input, tasks over input rows: dcost and dv of each input pixel, gathered from the (at most
-//     k*k) output pixels whose window holds it.
+// The backward sweeps the output rows as the forward does (tasks over output rows). A task adds
+// the gradient terms of its windows into its own buffers: drpe / dattn_scale partial sums, and
+// dcost / dv of the input rows its windows read. Input rows that only one task reads are written
+// to dcost / dv by that task; the at most edge_rows = k - stride rows read by two neighbouring
+// tasks of an image go to the upper task's bottom edge slot and the lower task's top edge slot,
+// summed afterwards (in that order) by the caller.
 struct QnaAttentionBwdArgs : QnaAttentionInputs {
   const void* grad_out; int64_t grad_out_stride[5];  // [B, Ho, Wo, H, D], any strides
-  const float* lse;  // [B, Ho, Wo, Q, H] contiguous
-  float* delta;      // [B, Ho, Wo, Q, H] fp32 contiguous: written by by_output, read by by_input
-  // [output tasks][2][k*k][Q][H]: per task, its drpe then its dattn_scale partial sums; every
-  // task writes its whole slice.
+  // [tasks][2][k*k][Q][H]: per task, its drpe then its dattn_scale partial sums; every task
+  // writes its whole slice.
   float* param_grad_partial;
+  // [tasks][2 (top, bottom)][edge_rows][Wi][Q*H + H*D]: per shared input pixel, its dcost then
+  // its dv terms from this task (fp32). A slot holds rows from the first row the task shares.
+  float* edge_partial;
+  int64_t edge_rows;
   void* dcost;  // [B, Hi, Wi, Q, H] contiguous
   void* dv;     // [B, Hi, Wi, H, D] contiguous
-  RowTasks output_tasks;  // by_output: over output rows
-  RowTasks input_tasks;   // by_input: over input rows
+  // Over output rows. Every task but an image's last has at least ceil(k / stride) rows, so that
+  // no input row is read by more than two tasks.
+  RowTasks tasks;
 };
 
 // Entry points, one set per ISA: run tasks [task_begin, task_end).
@@ -62,10 +66,8 @@ struct QnaAttentionBwdArgs : QnaAttentionInputs {
   namespace isa {                                                                              \
   void qna_attention_forward(const QnaAttentionFwdArgs& args, int64_t task_begin,              \
                              int64_t task_end);                                                \
-  void qna_attention_backward_by_output(const QnaAttentionBwdArgs& args, int64_t task_begin,   \
-                                        int64_t task_end);                                     \
-  void qna_attention_backward_by_input(const QnaAttentionBwdArgs& args, int64_t task_begin,    \
-                                       int64_t task_end);                                      \
+  void qna_attention_backward(const QnaAttentionBwdArgs& args, int64_t task_begin,             \
+                              int64_t task_end);                                               \
   }
 
 FVK_DECLARE_QNA_ATTENTION_KERNELS(scalar)

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "qna_attention_args.h"
@@ -48,14 +49,8 @@ void qna_attention_forward(const QnaAttentionFwdArgs& args, int64_t task_begin, 
   forward_kernel(args, task_begin, task_end);
 }
 
-void qna_attention_backward_by_output(const QnaAttentionBwdArgs& args, int64_t task_begin,
-                                      int64_t task_end) {
-  backward_by_output_kernel(args, task_begin, task_end);
-}
-
-void qna_attention_backward_by_input(const QnaAttentionBwdArgs& args, int64_t task_begin,
-                                     int64_t task_end) {
-  backward_by_input_kernel(args, task_begin, task_end);
+void qna_attention_backward(const QnaAttentionBwdArgs& args, int64_t task_begin, int64_t task_end) {
+  backward_kernel(args, task_begin, task_end);
 }
 
 }  // namespace avx2

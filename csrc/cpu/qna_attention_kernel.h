@@ -8,14 +8,17 @@
 //   s[o,q,h,t] = cost[p_t,q,h] + rpe[t,q,h] over the in-bounds taps only
 //   w = softmax_t(s),  lse = log sum_t exp(s),  out[o,h,:] = sum_t (sum_q w a)[t,h] v[p_t,h,:]
 // Backward, with u[o,h,t] = g[o,h,:] . v[p_t,h,:]:
-//   delta[o,q,h] = sum_t w a u,  ds = w (a u - delta),  drpe[t] = sum_o ds,  dattn_scale[t] = sum_o w u,
-//   dcost[p] = sum of ds over the (o, t) with p_t = p,  dv[p,h,:] = the same sum of (sum_q w a) g[o,h,:].
+//   delta[o,q,h] = sum_t w a u,  ds = w (a u - delta),
+//   drpe[t] = sum_o ds,  dattn_scale[t] = sum_o w u,
+//   dcost[p] = sum of ds over the (o, t) with p_t = p,
+//   dv[p,h,:] = the same sum of (sum_q w a) g[o,h,:].
 //
 // Work goes by image rows: a task first packs the rows it reads into fp32 scratch (so bf16 / fp16
 // are converted once and any input strides cost nothing), then runs pixel by pixel.
-// The backward never scatters: pass 1 (by_output) computes delta per output pixel and the
-// per-task partial sums of drpe / dattn_scale; pass 2 (by_input) gathers dcost and dv of each
-// input pixel from the (at most k*k) output pixels whose window holds it, recomputing w and u.
+// The backward makes one sweep over output pixels, as the forward: it recomputes the window's
+// softmax, then adds every gradient term of its taps into per-task buffers: drpe / dattn_scale
+// partial sums and the dcost / dv accumulators of the task's input rows. No atomics: tasks own
+// their buffers; the input rows two tasks share are summed afterwards in a fixed order.
 //
 // Vector lanes (see Layout). The softmax runs across (query, head) lanes; the forward's weighted
 // sum of values across a pixel's channel vector [h][d] as stored, each tap's head weight spread
@@ -28,8 +31,8 @@
 // a task computes exp(cost - M) once per input pixel, and a tap then costs two multiplies instead
 // of an exp (k*k fewer exps). Up to rounding this is exact while the window's own scores are not
 // far below the reference M + Rmax; otherwise the products underflow. Each window checks that
-// through its sum (forward, backward pass 1) or exp(M + Rmax - lse) (pass 2) and, per vector of
-// lanes, falls back to direct exps when the reference sits more than kMaxReferenceScale above it.
+// through its sum and, per vector of lanes, falls back to direct exps with its own max when the
+// reference sits more than kMaxReferenceScale above it.
 
 // ---------------------------------------------------------------------------------------------
 // Constants, scratch memory and element access
@@ -140,7 +143,7 @@ struct LaneMap {
 //
 // Heads are padded to Hq: a power of two when H < kW, so that G = kW / Hq groups share a vector
 // (QnA-ViT tiny has H = 8 heads on 16 AVX-512 lanes); else a multiple of kW (G = 1).
-//   cost-like rows (cost, rpe, attn_scale, lse, delta, ...): lane q * Hq + h, QHp lanes; with
+//   cost-like rows (cost, rpe, attn_scale, lse, dcost, ...): lane q * Hq + h, QHp lanes; with
 //     G > 1 a vector holds G queries.
 //   d-major rows (v and grad_out in the backward): DG rows of Hv = max(Hq, kW) lanes; (h, d)
 //     sits in row d / G, lane (d % G) * Hq + h, so a vector holds G values of d.
@@ -150,7 +153,7 @@ struct LaneMap {
 struct Layout {
   int64_t H, D, Q;
   int64_t Hq, G;  // padded heads; groups per vector
-  int64_t QH;     // Q * H: a pixel's cost (and lse, delta, dcost) in the tensors
+  int64_t QH;     // Q * H: a pixel's cost (and lse, dcost) in the tensors
   int64_t QHp;    // a packed cost-like pixel
   int64_t C, Cp;  // H * D channels; rounded up to kW: a packed value pixel (forward)
   int64_t Hv;     // max(Hq, kW): lanes of a per-head row
@@ -312,13 +315,14 @@ inline void load_pixels(const void* x, int64_t off, int64_t pixel_stride, int64_
 }
 
 // The reverse: n packed pixels (src + p * src_stride, written a while ago, for the same reason)
-// rearranged by `from` into the contiguous rows of `count` elements at dst + off.
+// rearranged by `from`, their first `count` elements stored at dst + off + p * dst_stride.
 template <ElemType T>
 inline void store_pixels(const float* src, int64_t src_stride, int64_t n, const LaneMap& from,
-                         int64_t count, const Layout& L, float* staging, void* dst, int64_t off) {
+                         int64_t count, int64_t dst_stride, const Layout& L, float* staging,
+                         void* dst, int64_t off) {
   for (int64_t p = 0; p < n; ++p) from.apply(src + p * src_stride, staging + p * L.staging);
   for (int64_t p = 0; p < n; ++p)
-    store_row<T>(dst, off + p * count, count, staging + p * L.staging);
+    store_row<T>(dst, off + p * dst_stride, count, staging + p * L.staging);
 }
 
 // A task's input rows [y_begin, y_end) of one image as fp32. cost_max is the M of the exponential
@@ -384,35 +388,44 @@ inline void pack_value_rows_d_major(const QnaAttentionInputs& a, const Layout& L
 // ---------------------------------------------------------------------------------------------
 
 // exp(s - ref) of one output pixel's n taps in every lane (e[i][QHp]), 1 / their sum and lse.
-// Forward and backward (pass 1) both normalise by this sum, so the backward's weights are the
-// forward's and sum to 1 up to rounding: delta is then a convex combination of the a u, and
-// ds = w (a u - delta) cancels cleanly.
+// The backward normalises by the same sum as the forward, so its weights are the forward's.
 inline void window_exp(const Layout& L, int64_t n, const int32_t* taps, const int32_t* pixels,
                        const TapTables& tt, const InputRows& in, float* e, float* inv_sum,
                        float* lse) {
   const int64_t QHp = L.QHp;
   for (int64_t l = 0; l < QHp; l += kW) {
-    vf sum = vzero();
-    for (int64_t i = 0; i < n; ++i) {
-      const vf ei = vmul(vload(in.exp_cost + pixels[i] * QHp + l), vload(tt.exp_rpe + taps[i] * QHp + l));
+    const auto tap_exp = [&](int64_t i) {
+      const vf ei =
+          vmul(vload(in.exp_cost + pixels[i] * QHp + l), vload(tt.exp_rpe + taps[i] * QHp + l));
       vstore(e + i * QHp + l, ei);
-      sum = vadd(sum, ei);
+      return ei;
+    };
+    // Four partial sums: one chain of dependent adds would bound the loop by their latency.
+    vf s0 = vzero(), s1 = vzero(), s2 = vzero(), s3 = vzero();
+    int64_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+      s0 = vadd(s0, tap_exp(i));
+      s1 = vadd(s1, tap_exp(i + 1));
+      s2 = vadd(s2, tap_exp(i + 2));
+      s3 = vadd(s3, tap_exp(i + 3));
     }
+    for (; i < n; ++i) s0 = vadd(s0, tap_exp(i));
+    vf sum = vadd(vadd(s0, s1), vadd(s2, s3));
     vf ref = vadd(vload(in.cost_max + l), vload(tt.rpe_max + l));
     vf inv = vdiv(vset1(1.0f), sum);
     if (!vall_le(inv, kMaxReferenceScale)) {
       // This window's scores lie far below the task's reference: direct exps, own max.
       vf m = vset1(-std::numeric_limits<float>::infinity());
-      for (int64_t i = 0; i < n; ++i) {
-        const vf si = vadd(vload(in.cost + pixels[i] * QHp + l), vload(tt.rpe + taps[i] * QHp + l));
-        vstore(e + i * QHp + l, si);
-        m = vmax(m, si);
+      for (int64_t j = 0; j < n; ++j) {
+        const vf sj = vadd(vload(in.cost + pixels[j] * QHp + l), vload(tt.rpe + taps[j] * QHp + l));
+        vstore(e + j * QHp + l, sj);
+        m = vmax(m, sj);
       }
       sum = vzero();
-      for (int64_t i = 0; i < n; ++i) {
-        const vf ei = vexp(vsub(vload(e + i * QHp + l), m));
-        vstore(e + i * QHp + l, ei);
-        sum = vadd(sum, ei);
+      for (int64_t j = 0; j < n; ++j) {
+        const vf ej = vexp(vsub(vload(e + j * QHp + l), m));
+        vstore(e + j * QHp + l, ej);
+        sum = vadd(sum, ej);
       }
       ref = m;
       inv = vdiv(vset1(1.0f), sum);
@@ -470,39 +483,49 @@ inline void window_softmax(const Layout& L, int64_t n, const int32_t* taps, cons
 template <int NV>
 inline void weighted_values(const Layout& L, int64_t j0, int64_t n, const int32_t* pixels,
                             const FwdScratch& w) {
-  vf acc[NV];
+  // With few vectors, even and odd taps go to two sets of accumulators, so that the latency of
+  // each accumulator's chain of FMAs does not bound the loop.
+  constexpr int kSets = NV <= 4 ? 2 : 1;
+  vf acc[kSets][NV];
   vindex lane_head[NV];
   int32_t head0[NV];
 #pragma GCC unroll 8
   for (int c = 0; c < NV; ++c) {
-    acc[c] = vzero();
+    for (int set = 0; set < kSets; ++set) acc[set][c] = vzero();
     lane_head[c] = vload_index(L.lane_head.data() + (j0 + c) * kW);
     head0[c] = L.head0[j0 + c];
   }
-  for (int64_t i = 0; i < n; ++i) {
+  const auto add_tap = [&](vf* sum, int64_t i) {
     const float* mixed = w.mixed + i * L.Hw;
     const float* values = w.in.values + pixels[i] * L.Cp + j0 * kW;
 #pragma GCC unroll 8
-    for (int c = 0; c < NV; ++c) {
-      const vf weight = vpermute(vload(mixed + head0[c]), lane_head[c]);
-      acc[c] = vfma(weight, vload(values + c * kW), acc[c]);
-    }
-  }
+    for (int c = 0; c < NV; ++c)
+      sum[c] = vfma(vpermute(vload(mixed + head0[c]), lane_head[c]), vload(values + c * kW), sum[c]);
+  };
+  int64_t i = 0;
+  for (; i + kSets <= n; i += kSets)
+    for (int set = 0; set < kSets; ++set) add_tap(acc[set], i + set);
+  if (i < n) add_tap(acc[0], i);
 #pragma GCC unroll 8
-  for (int c = 0; c < NV; ++c) vstore(w.out + (j0 + c) * kW, acc[c]);
+  for (int c = 0; c < NV; ++c) {
+    for (int set = 1; set < kSets; ++set) acc[0][c] = vadd(acc[0][c], acc[set][c]);
+    vstore(w.out + (j0 + c) * kW, acc[0][c]);
+  }
 }
 
-inline void weighted_values_dispatch(int nv, const Layout& L, int64_t j0, int64_t n,
-                                     const int32_t* pixels, const FwdScratch& w) {
+// Calls f(std::integral_constant<int, nv>{}) for nv in 1 .. kValueBlock: the register blocking
+// of weighted_values.
+template <class F>
+inline void with_vector_count(int64_t nv, F&& f) {
   switch (nv) {
-    case 1: weighted_values<1>(L, j0, n, pixels, w); break;
-    case 2: weighted_values<2>(L, j0, n, pixels, w); break;
-    case 3: weighted_values<3>(L, j0, n, pixels, w); break;
-    case 4: weighted_values<4>(L, j0, n, pixels, w); break;
-    case 5: weighted_values<5>(L, j0, n, pixels, w); break;
-    case 6: weighted_values<6>(L, j0, n, pixels, w); break;
-    case 7: weighted_values<7>(L, j0, n, pixels, w); break;
-    case 8: weighted_values<8>(L, j0, n, pixels, w); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
   }
 }
 
@@ -521,11 +544,11 @@ inline void forward_rows(const QnaAttentionFwdArgs& a, const Layout& L, int64_t 
       const int64_t n = window_taps(a, oy, ox, w.in.y_begin, taps, pixels);
       window_softmax(L, n, taps, pixels, w, w.lse + ox * L.QHp);
       for (int64_t j = 0; j < vectors; j += kValueBlock)
-        weighted_values_dispatch(static_cast<int>(std::min<int64_t>(kValueBlock, vectors - j)), L,
-                                 j, n, pixels, w);
+        with_vector_count(std::min<int64_t>(kValueBlock, vectors - j),
+                          [&](auto nv) { weighted_values<nv>(L, j, n, pixels, w); });
       store_row<T>(a.out, (o_row + ox) * L.C, L.C, w.out);
     }
-    store_pixels<ElemType::kFloat32>(w.lse, L.QHp, a.Wo, L.from_lanes, L.QH, L, w.staging,
+    store_pixels<ElemType::kFloat32>(w.lse, L.QHp, a.Wo, L.from_lanes, L.QH, L.QH, L, w.staging,
                                      a.lse, o_row * L.QH);
   }
 }
@@ -549,11 +572,11 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
 }
 
 // ---------------------------------------------------------------------------------------------
-// Backward, pass 1: by output pixel
+// Backward
 // ---------------------------------------------------------------------------------------------
 
 // u for the per-head vector at g and v, two d-major pixels: sum over the DG rows (Hv apart),
-// then over the G groups of d. Both passes compute u through here, so they get the same bits.
+// then over the G groups of d.
 inline vf head_dot(const Layout& L, const float* g, const float* v) {
   vf even = vzero(), odd = vzero();
   const int64_t Hv = L.Hv;
@@ -566,15 +589,16 @@ inline vf head_dot(const Layout& L, const float* g, const float* v) {
   return L.group_sum(vadd(even, odd));
 }
 
-// Per-thread buffers of pass 1.
-struct BwdOutputScratch {
+// Per-thread backward buffers. The accumulators cover the task's input rows (those of `in`).
+struct BwdScratch {
   TapTables tables;
   InputRows in;
+  float* dcost;    // [pixel][QHp]: accumulated dcost of the input rows
+  float* dv;       // [pixel][DHv]: accumulated dv, d-major
   float* grad;     // [Wo][DHv]: grad_out of an output row, d-major
-  float* delta;    // [Wo][QHp]: the row's
   float* e;        // [taps][QHp]: exp(s - ref), then the softmax weights w
   float* inv_sum;  // [QHp]
-  float* lse;      // [QHp] (unused: pass 2 reads the forward's)
+  float* lse;      // [QHp] (unused)
   float* u;        // [taps][Hv]: grad . v per head
   float* drpe;     // [taps][QHp]: the task's partial sums
   float* dscale;   // [taps][QHp]
@@ -584,8 +608,9 @@ struct BwdOutputScratch {
     Carver c(base);
     tables.carve(c, L);
     in.carve(c, L, max_pixels, L.DHv);
+    dcost = c.take(max_pixels * L.QHp);
+    dv = c.take(max_pixels * L.DHv);
     grad = c.take(a.Wo * L.DHv);
-    delta = c.take(a.Wo * L.QHp);
     e = c.take(L.taps * L.QHp);
     inv_sum = c.take(L.QHp);
     lse = c.take(L.QHp);
@@ -597,11 +622,11 @@ struct BwdOutputScratch {
   }
 };
 
-// One output pixel (grad_out d-major [DHv]): delta ([QHp]) and its window's terms of drpe /
-// dattn_scale.
+// One output pixel (grad_out d-major [DHv]): its window's softmax again (normalised by the same
+// sum as the forward, so the weights sum to 1 up to rounding and ds cancels cleanly), then every
+// gradient term of its taps: drpe, dattn_scale, and dcost / dv of the input pixels they read.
 inline void backward_window(const Layout& L, int64_t n, const int32_t* taps,
-                            const int32_t* pixels, const float* grad, float* delta_out,
-                            const BwdOutputScratch& w) {
+                            const int32_t* pixels, const float* grad, const BwdScratch& w) {
   const TapTables& tt = w.tables;
   const int64_t QHp = L.QHp, Hv = L.Hv;
   window_exp(L, n, taps, pixels, tt, w.in, w.e, w.inv_sum, w.lse);
@@ -611,35 +636,57 @@ inline void backward_window(const Layout& L, int64_t n, const int32_t* taps,
   for (int64_t l = 0; l < QHp; l += kW) {
     const int64_t hc = l % Hv;
     const vf inv = vload(w.inv_sum + l);
-    vf delta = vzero(), weight_sum = vzero();
+    // delta and the sum of the weights, over even and odd taps in two chains each (latency).
+    vf delta[2] = {vzero(), vzero()}, weight_sum[2] = {vzero(), vzero()};
     for (int64_t i = 0; i < n; ++i) {
       const vf wt = vmul(vload(w.e + i * QHp + l), inv);
       vstore(w.e + i * QHp + l, wt);
-      weight_sum = vadd(weight_sum, wt);
-      delta = vfma(wt, vmul(vload(tt.scale + taps[i] * QHp + l), vload(w.u + i * Hv + hc)), delta);
+      weight_sum[i & 1] = vadd(weight_sum[i & 1], wt);
+      delta[i & 1] =
+          vfma(wt, vmul(vload(tt.scale + taps[i] * QHp + l), vload(w.u + i * Hv + hc)), delta[i & 1]);
     }
-    vstore(delta_out + l, delta);
+    const vf delta_sum = vadd(delta[0], delta[1]), weights = vadd(weight_sum[0], weight_sum[1]);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t t = taps[i] * QHp + l;
       const vf wt = vload(w.e + i * QHp + l), u = vload(w.u + i * Hv + hc);
       vstore(w.dscale + t, vfma(wt, u, vload(w.dscale + t)));
       // w (a u - delta) with a u scaled by the rounded sum of the weights (~1): then the ds of a
       // window sum to 0 up to rounding, and a one-tap window gives 0.
-      const vf ds = vmul(wt, vsub(vmul(vmul(vload(tt.scale + t), u), weight_sum), delta));
+      const vf ds = vmul(wt, vsub(vmul(vmul(vload(tt.scale + t), u), weights), delta_sum));
       vstore(w.drpe + t, vadd(vload(w.drpe + t), ds));
+      float* dcost = w.dcost + pixels[i] * QHp + l;
+      vstore(dcost, vadd(vload(dcost), ds));
+    }
+  }
+  // dv[p_i] += (sum_q w a) * grad, per head.
+  for (int64_t hc = 0; hc < Hv; hc += kW) {
+    for (int64_t i = 0; i < n; ++i) {
+      vf mixed = vzero();
+      for (int64_t l = hc; l < QHp; l += Hv)
+        mixed = vfma(vload(w.e + i * QHp + l), vload(tt.scale + taps[i] * QHp + l), mixed);
+      mixed = L.group_sum(mixed);
+      float* dv = w.dv + pixels[i] * L.DHv + hc;
+      for (int64_t r = 0; r < L.DG; ++r)
+        vstore(dv + r * Hv, vfma(mixed, vload(grad + r * Hv + hc), vload(dv + r * Hv)));
     }
   }
 }
 
-// Output rows [oy_begin, oy_end) of image b; the task's drpe / dattn_scale partial sums go to
-// `partial` ([2][taps][Q][H]).
+// Output rows [oy_begin, oy_end) of image b. The task's drpe / dattn_scale partial sums go to
+// `partial` ([2][taps][Q][H]); dcost and dv of the input rows only this task reads go to the
+// outputs, those of the rows it shares with the task above / below to its edge slots (see
+// QnaAttentionBwdArgs).
 template <ElemType T>
-inline void backward_output_rows(const QnaAttentionBwdArgs& a, const Layout& L, int64_t b,
-                                 int64_t oy_begin, int64_t oy_end, float* partial,
-                                 BwdOutputScratch& w, int32_t* taps, int32_t* pixels) {
-  input_rows_read(a, oy_begin, oy_end, &w.in.y_begin, &w.in.y_end);
-  pack_cost_rows<T>(a, L, b, w.staging, w.in);
-  pack_value_rows_d_major<T>(a, L, b, w.staging, w.in);
+inline void backward_rows(const QnaAttentionBwdArgs& a, const Layout& L, int64_t b,
+                          int64_t oy_begin, int64_t oy_end, float* partial, float* top_edge,
+                          float* bottom_edge, BwdScratch& w, int32_t* taps, int32_t* pixels) {
+  InputRows& in = w.in;
+  input_rows_read(a, oy_begin, oy_end, &in.y_begin, &in.y_end);
+  pack_cost_rows<T>(a, L, b, w.staging, in);
+  pack_value_rows_d_major<T>(a, L, b, w.staging, in);
+  const int64_t pixels_in = (in.y_end - in.y_begin) * a.Wi;
+  std::fill(w.dcost, w.dcost + pixels_in * L.QHp, 0.0f);
+  std::fill(w.dv, w.dv + pixels_in * L.DHv, 0.0f);
   std::fill(w.drpe, w.drpe + L.taps * L.QHp, 0.0f);
   std::fill(w.dscale, w.dscale + L.taps * L.QHp, 0.0f);
   const int64_t* gs = a.grad_out_stride;
@@ -647,208 +694,69 @@ inline void backward_output_rows(const QnaAttentionBwdArgs& a, const Layout& L, 
     load_pixels<T>(a.grad_out, b * gs[0] + oy * gs[1], gs[2], a.Wo, gs[3], gs[4], a.H, a.D,
                    L.to_d_major, L, w.staging, w.grad, L.DHv);
     for (int64_t ox = 0; ox < a.Wo; ++ox) {
-      const int64_t n = window_taps(a, oy, ox, w.in.y_begin, taps, pixels);
-      backward_window(L, n, taps, pixels, w.grad + ox * L.DHv, w.delta + ox * L.QHp, w);
+      const int64_t n = window_taps(a, oy, ox, in.y_begin, taps, pixels);
+      backward_window(L, n, taps, pixels, w.grad + ox * L.DHv, w);
     }
-    store_pixels<ElemType::kFloat32>(w.delta, L.QHp, a.Wo, L.from_lanes, L.QH, L, w.staging,
-                                     a.delta, (b * a.Ho + oy) * a.Wo * L.QH);
   }
-  store_pixels<ElemType::kFloat32>(w.drpe, L.QHp, L.taps, L.from_lanes, L.QH, L, w.staging,
+  store_pixels<ElemType::kFloat32>(w.drpe, L.QHp, L.taps, L.from_lanes, L.QH, L.QH, L, w.staging,
                                    partial, 0);
-  store_pixels<ElemType::kFloat32>(w.dscale, L.QHp, L.taps, L.from_lanes, L.QH, L, w.staging,
-                                   partial, L.taps * L.QH);
+  store_pixels<ElemType::kFloat32>(w.dscale, L.QHp, L.taps, L.from_lanes, L.QH, L.QH, L,
+                                   w.staging, partial, L.taps * L.QH);
+
+  // Rows before above_end are also read by the task above (if any), rows from below_begin on by
+  // the task below.
+  int64_t above_end = in.y_begin, below_begin = in.y_end, unused;
+  if (oy_begin > 0) input_rows_read(a, oy_begin - 1, oy_begin, &unused, &above_end);
+  if (oy_end < a.Ho) input_rows_read(a, oy_end, oy_end + 1, &below_begin, &unused);
+  const int64_t edge_pixel = L.QH + L.C;
+  for (int64_t y = in.y_begin; y < in.y_end; ++y) {
+    const float* dcost = w.dcost + (y - in.y_begin) * a.Wi * L.QHp;
+    const float* dv = w.dv + (y - in.y_begin) * a.Wi * L.DHv;
+    float* edge = y < above_end ? top_edge + (y - in.y_begin) * a.Wi * edge_pixel
+                  : y >= below_begin ? bottom_edge + (y - below_begin) * a.Wi * edge_pixel
+                                     : nullptr;
+    if (edge != nullptr) {
+      store_pixels<ElemType::kFloat32>(dcost, L.QHp, a.Wi, L.from_lanes, L.QH, edge_pixel, L,
+                                       w.staging, edge, 0);
+      store_pixels<ElemType::kFloat32>(dv, L.DHv, a.Wi, L.from_d_major, L.C, edge_pixel, L,
+                                       w.staging, edge, L.QH);
+    } else {
+      const int64_t p = (b * a.Hi + y) * a.Wi;
+      store_pixels<T>(dcost, L.QHp, a.Wi, L.from_lanes, L.QH, L.QH, L, w.staging, a.dcost,
+                      p * L.QH);
+      store_pixels<T>(dv, L.DHv, a.Wi, L.from_d_major, L.C, L.C, L, w.staging, a.dv, p * L.C);
+    }
+  }
+  // Input rows no window reads (stride > k leaves gaps; the bottom of the image) get zeros from
+  // the task above them.
+  const int64_t gap_end = oy_end < a.Ho ? below_begin : a.Hi;
+  for (int64_t y = in.y_end; y < gap_end; ++y) {
+    using E = Elem<T>;
+    const int64_t p = (b * a.Hi + y) * a.Wi;
+    std::fill_n(static_cast<typename E::type*>(a.dcost) + p * L.QH, a.Wi * L.QH, E::from_f32(0.0f));
+    std::fill_n(static_cast<typename E::type*>(a.dv) + p * L.C, a.Wi * L.C, E::from_f32(0.0f));
+  }
 }
 
 template <ElemType T>
-inline void backward_by_output_impl(const QnaAttentionBwdArgs& a, int64_t task_begin,
-                                    int64_t task_end) {
+inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
   const Layout L(a);
-  const int64_t rows = a.output_tasks.rows_per_task;
+  const int64_t rows = a.tasks.rows_per_task;
   const int64_t max_pixels = std::min(a.Hi, (rows - 1) * a.stride + a.kernel_size) * a.Wi;
-  BwdOutputScratch w{};
+  BwdScratch w{};
   std::vector<float> mem(w.carve(nullptr, a, L, max_pixels));
   w.carve(mem.data(), a, L, max_pixels);
   w.tables.fill(a, L);
   std::vector<int32_t> taps(L.taps), pixels(L.taps);
   const int64_t partial_floats = 2 * L.taps * L.QH;
+  const int64_t edge_floats = a.edge_rows * a.Wi * (L.QH + L.C);
   for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t b = task / a.output_tasks.tasks_per_image;
-    const int64_t oy_begin = task % a.output_tasks.tasks_per_image * rows;
-    backward_output_rows<T>(a, L, b, oy_begin, std::min(a.Ho, oy_begin + rows),
-                            a.param_grad_partial + task * partial_floats, w, taps.data(),
-                            pixels.data());
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward, pass 2: by input pixel
-// ---------------------------------------------------------------------------------------------
-
-// The output rows a task's input rows feed, packed: what pass 2 reads per (output, input) pair.
-struct OutputRows {
-  int64_t oy_begin, oy_end;
-  float* grad;        // [pixel][DHv]: grad_out, d-major
-  float* delta;       // [pixel][QHp]
-  float* lse;         // [pixel][QHp]
-  float* ref_scale;   // [pixel][QHp]: exp(M + Rmax - lse), M of the task's input rows
-  uint8_t* factored;  // [pixel][QHp / kW]: ref_scale accepted for that vector
-
-  void carve(Carver& c, const Layout& L, int64_t max_pixels) {
-    grad = c.take(max_pixels * L.DHv);
-    delta = c.take(max_pixels * L.QHp);
-    lse = c.take(max_pixels * L.QHp);
-    ref_scale = c.take(max_pixels * L.QHp);
-    // Flags as bytes inside a float buffer: one allocation for everything.
-    factored = reinterpret_cast<uint8_t*>(c.take((max_pixels * (L.QHp / kW) + 3) / 4));
-  }
-};
-
-struct BwdInputScratch {
-  TapTables tables;
-  InputRows in;
-  OutputRows out;
-  float* w;        // [QHp]: softmax weights of one (output, input) pair
-  float* dcost;    // [Wi][QHp]: an input row's accumulators
-  float* dv;       // [Wi][DHv]
-  float* staging;  // [Wi][staging], see load_pixels
-
-  int64_t carve(float* base, const QnaAttentionInputs& a, const Layout& L, int64_t max_in_pixels,
-                int64_t max_out_pixels) {
-    Carver c(base);
-    tables.carve(c, L);
-    in.carve(c, L, max_in_pixels, L.DHv);
-    out.carve(c, L, max_out_pixels);
-    w = c.take(L.QHp);
-    dcost = c.take(a.Wi * L.QHp);
-    dv = c.take(a.Wi * L.DHv);
-    staging = c.take(a.Wi * L.staging);
-    return c.used();
-  }
-};
-
-template <ElemType T>
-inline void pack_output_rows(const QnaAttentionBwdArgs& a, const Layout& L, int64_t b,
-                             const InputRows& in, const TapTables& tt, float* staging,
-                             OutputRows& out) {
-  const int64_t* gs = a.grad_out_stride;
-  for (int64_t oy = out.oy_begin; oy < out.oy_end; ++oy) {
-    const int64_t o = (b * a.Ho + oy) * a.Wo, j = (oy - out.oy_begin) * a.Wo;
-    load_pixels<T>(a.grad_out, b * gs[0] + oy * gs[1], gs[2], a.Wo, gs[3], gs[4], a.H, a.D,
-                   L.to_d_major, L, staging, out.grad + j * L.DHv, L.DHv);
-    load_pixels<ElemType::kFloat32>(a.delta, o * L.QH, L.QH, a.Wo, a.H, 1, a.Q, a.H, L.to_lanes,
-                                    L, staging, out.delta + j * L.QHp, L.QHp);
-    load_pixels<ElemType::kFloat32>(a.lse, o * L.QH, L.QH, a.Wo, a.H, 1, a.Q, a.H, L.to_lanes, L,
-                                    staging, out.lse + j * L.QHp, L.QHp);
-  }
-  const int64_t pixels = (out.oy_end - out.oy_begin) * a.Wo;
-  for (int64_t j = 0; j < pixels; ++j) {
-    for (int64_t l = 0; l < L.QHp; l += kW) {
-      const vf ref_scale = vexp(vsub(vadd(vload(in.cost_max + l), vload(tt.rpe_max + l)),
-                                     vload(out.lse + j * L.QHp + l)));
-      vstore(out.ref_scale + j * L.QHp + l, ref_scale);
-      out.factored[j * (L.QHp / kW) + l / kW] = vall_le(ref_scale, kMaxReferenceScale);
-    }
-  }
-}
-
-// The softmax weight of one (output, input) pair in one vector: from the factorisation,
-// exp(cost - M) * exp(rpe - Rmax) * exp(M + Rmax - lse), or, where the output's reference scale
-// was refused, exp(cost + rpe - lse) directly.
-struct TapWeight {
-  const float* exp_cost;   // of the input pixel
-  const float* cost;
-  const float* exp_rpe;    // of the tap
-  const float* rpe;
-  const float* ref_scale;  // of the output pixel
-  const float* lse;
-
-  vf operator()(bool factored) const {
-    if (factored) return vmul(vmul(vload(exp_cost), vload(exp_rpe)), vload(ref_scale));
-    return vexp(vsub(vadd(vload(cost), vload(rpe)), vload(lse)));
-  }
-};
-
-// Input pixel (y, x): dcost ([QHp]) and dv ([DHv], d-major) accumulated over every output pixel
-// whose window holds it.
-inline void gather_input_pixel(const QnaAttentionInputs& a, const Layout& L, int64_t y,
-                               int64_t x, const BwdInputScratch& w, float* dcost,
-                               float* dv_acc) {
-  const TapTables& tt = w.tables;
-  const InputRows& in = w.in;
-  const OutputRows& out = w.out;
-  const int64_t QHp = L.QHp, Hv = L.Hv, k = a.kernel_size;
-  const int64_t p = (y - in.y_begin) * a.Wi + x;
-  const float* v = in.values + p * L.DHv;
-  std::fill(dcost, dcost + QHp, 0.0f);
-  std::fill(dv_acc, dv_acc + L.DHv, 0.0f);
-  int64_t oy_begin, oy_end, ox_begin, ox_end;
-  outputs_reading(a, y, y + 1, a.Ho, &oy_begin, &oy_end);
-  outputs_reading(a, x, x + 1, a.Wo, &ox_begin, &ox_end);
-  for (int64_t oy = oy_begin; oy < oy_end; ++oy) {
-    for (int64_t ox = ox_begin; ox < ox_end; ++ox) {
-      const int64_t tap = (y - oy * a.stride + a.pad) * k + (x - ox * a.stride + a.pad);
-      const int64_t o = (oy - out.oy_begin) * a.Wo + ox;
-      const float* grad = out.grad + o * L.DHv;
-      for (int64_t hc = 0; hc < Hv; hc += kW) {
-        // w of each cost vector of these heads, and sum_q w a: the weight of grad in dv.
-        vf mixed = vzero();
-        for (int64_t l = hc; l < QHp; l += Hv) {
-          const int64_t pl = p * QHp + l, tl = tap * QHp + l, ol = o * QHp + l;
-          const TapWeight weight{in.exp_cost + pl, in.cost + pl, tt.exp_rpe + tl, tt.rpe + tl,
-                                 out.ref_scale + ol, out.lse + ol};
-          const vf wt = weight(out.factored[o * (QHp / kW) + l / kW] != 0);
-          vstore(w.w + l, wt);
-          mixed = vfma(wt, vload(tt.scale + tl), mixed);
-        }
-        mixed = L.group_sum(mixed);
-        const vf u = head_dot(L, grad + hc, v + hc);
-        for (int64_t r = 0; r < L.DG; ++r) {
-          float* dv = dv_acc + r * Hv + hc;
-          vstore(dv, vfma(mixed, vload(grad + r * Hv + hc), vload(dv)));
-        }
-        for (int64_t l = hc; l < QHp; l += Hv) {
-          const vf ds = vmul(vload(w.w + l), vsub(vmul(vload(tt.scale + tap * QHp + l), u),
-                                                  vload(out.delta + o * QHp + l)));
-          vstore(dcost + l, vadd(vload(dcost + l), ds));
-        }
-      }
-    }
-  }
-}
-
-// Input rows [y_begin, y_end) of image b.
-template <ElemType T>
-inline void backward_input_rows(const QnaAttentionBwdArgs& a, const Layout& L, int64_t b,
-                                int64_t y_begin, int64_t y_end, BwdInputScratch& w) {
-  w.in.y_begin = y_begin;
-  w.in.y_end = y_end;
-  pack_cost_rows<T>(a, L, b, w.staging, w.in);
-  pack_value_rows_d_major<T>(a, L, b, w.staging, w.in);
-  outputs_reading(a, y_begin, y_end, a.Ho, &w.out.oy_begin, &w.out.oy_end);
-  pack_output_rows<T>(a, L, b, w.in, w.tables, w.staging, w.out);
-  for (int64_t y = y_begin; y < y_end; ++y) {
-    for (int64_t x = 0; x < a.Wi; ++x)
-      gather_input_pixel(a, L, y, x, w, w.dcost + x * L.QHp, w.dv + x * L.DHv);
-    const int64_t p = (b * a.Hi + y) * a.Wi;
-    store_pixels<T>(w.dcost, L.QHp, a.Wi, L.from_lanes, L.QH, L, w.staging, a.dcost, p * L.QH);
-    store_pixels<T>(w.dv, L.DHv, a.Wi, L.from_d_major, L.C, L, w.staging, a.dv, p * L.C);
-  }
-}
-
-template <ElemType T>
-inline void backward_by_input_impl(const QnaAttentionBwdArgs& a, int64_t task_begin,
-                                   int64_t task_end) {
-  const Layout L(a);
-  const int64_t rows = a.input_tasks.rows_per_task;
-  const int64_t max_out_rows = std::min(a.Ho, (rows + a.kernel_size - 2) / a.stride + 1);
-  BwdInputScratch w{};
-  std::vector<float> mem(w.carve(nullptr, a, L, rows * a.Wi, max_out_rows * a.Wo));
-  w.carve(mem.data(), a, L, rows * a.Wi, max_out_rows * a.Wo);
-  w.tables.fill(a, L);
-  for (int64_t task = task_begin; task < task_end; ++task) {
-    const int64_t b = task / a.input_tasks.tasks_per_image;
-    const int64_t y_begin = task % a.input_tasks.tasks_per_image * rows;
-    backward_input_rows<T>(a, L, b, y_begin, std::min(a.Hi, y_begin + rows), w);
+    const int64_t b = task / a.tasks.tasks_per_image;
+    const int64_t oy_begin = task % a.tasks.tasks_per_image * rows;
+    float* edges = a.edge_partial + task * 2 * edge_floats;
+    backward_rows<T>(a, L, b, oy_begin, std::min(a.Ho, oy_begin + rows),
+                     a.param_grad_partial + task * partial_floats, edges, edges + edge_floats, w,
+                     taps.data(), pixels.data());
   }
 }
 
@@ -864,20 +772,10 @@ inline void forward_kernel(const QnaAttentionFwdArgs& a, int64_t task_begin, int
   }
 }
 
-inline void backward_by_output_kernel(const QnaAttentionBwdArgs& a, int64_t task_begin,
-                                      int64_t task_end) {
+inline void backward_kernel(const QnaAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
   switch (a.dtype) {
-    case ElemType::kFloat32: backward_by_output_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
-    case ElemType::kBFloat16: backward_by_output_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
-    case ElemType::kFloat16: backward_by_output_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
-  }
-}
-
-inline void backward_by_input_kernel(const QnaAttentionBwdArgs& a, int64_t task_begin,
-                                     int64_t task_end) {
-  switch (a.dtype) {
-    case ElemType::kFloat32: backward_by_input_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
-    case ElemType::kBFloat16: backward_by_input_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
-    case ElemType::kFloat16: backward_by_input_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat32: backward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: backward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: backward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
   }
 }
