@@ -27,14 +27,6 @@ namespace {
 // Argument checks
 // ---------------------------------------------------------------------------------------------
 
-ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return ElemType::kBFloat16;
-    case at::kHalf: return ElemType::kFloat16;
-    default: return ElemType::kFloat32;
-  }
-}
-
 void check_cpu_4d(const char* fn, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
   TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got device ",

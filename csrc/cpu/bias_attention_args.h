@@ -6,11 +6,10 @@
 
 #include <cstdint>
 
+#include "elem_type.h"
+
 namespace fastvit_kernels {
 namespace cpu {
-
-// Element type of q, k, v, grad_out, o_pre and the outputs (all the same).
-enum class ElemType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 enum class Activation : int { kNone = 0, kHardswish = 1 };
 
@@ -24,7 +23,7 @@ constexpr int64_t kBiasRowAlign = 16;
 // What forward and backward both read: sizes, the op's settings, q / k / v and the dense bias.
 struct BiasAttentionInputs {
   int64_t B, H, Nq, Nk, Dk, Dv;
-  ElemType dtype;
+  ElemType dtype;  // of q, k, v, grad_out, o_pre and the outputs (all the same)
   Activation activation;
   float scale;
   // Element strides in [b, h, n, d] order (any values).

@@ -13,14 +13,14 @@
 // Operands are packed into fp32 scratch first, which converts bf16 / fp16 once and makes any input
 // strides free; k/v are repacked only when a thread moves to another (b, h).
 
+#include "kernel_common.h"  // round_up, Carver, Elem, store_row
+
 static_assert(kBiasRowAlign % kW == 0, "bias rows must hold whole vectors");
 static_assert(kMaxMR <= 8 && kMaxNV <= 4, "gemm_tile dispatch covers MR <= 8, NV <= 4");
 
 // ---------------------------------------------------------------------------------------------
 // Scratch memory and element access
 // ---------------------------------------------------------------------------------------------
-
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // One 64-byte aligned fp32 allocation per kernel call (per thread).
 class AlignedBuffer {
@@ -39,48 +39,6 @@ class AlignedBuffer {
   float* data_ = nullptr;
 };
 
-// Hands out consecutive 64-byte aligned pieces of `base`; with base == nullptr it only counts,
-// so one function both sizes and carves a set of buffers (each listed once).
-class Carver {
- public:
-  explicit Carver(float* base) : base_(base) {}
-  float* take(int64_t n) {
-    float* p = base_ != nullptr ? base_ + used_ : nullptr;
-    used_ += round_up(n, 16);
-    return p;
-  }
-  int64_t used() const { return used_; }
-
- private:
-  float* base_;
-  int64_t used_ = 0;
-};
-
-// Element access, specialised per element type so that the per-row loops inline (LeViT rows are
-// short: 16 to 64 elements).
-template <ElemType T> struct Elem;
-template <> struct Elem<ElemType::kFloat32> {
-  using type = float;
-  static float to_f32(float x) { return x; }
-  static float from_f32(float x) { return x; }
-  static vf load(const float* p) { return vload(p); }
-  static void store(float* p, vf x) { vstore(p, x); }
-};
-template <> struct Elem<ElemType::kBFloat16> {
-  using type = uint16_t;
-  static float to_f32(uint16_t x) { return bf16_to_f32(x); }
-  static uint16_t from_f32(float x) { return f32_to_bf16(x); }
-  static vf load(const uint16_t* p) { return vload_bf16(p); }
-  static void store(uint16_t* p, vf x) { vstore_bf16(p, x); }
-};
-template <> struct Elem<ElemType::kFloat16> {
-  using type = uint16_t;
-  static float to_f32(uint16_t x) { return f16_to_f32(x); }
-  static uint16_t from_f32(float x) { return f32_to_f16(x); }
-  static vf load(const uint16_t* p) { return vload_f16(p); }
-  static void store(uint16_t* p, vf x) { vstore_f16(p, x); }
-};
-
 // dst[d] = mul * src[off + d * stride] for d < n, converted to fp32.
 template <ElemType T>
 inline void load_row(const void* src, int64_t off, int64_t stride, int64_t n, float mul,
@@ -93,16 +51,6 @@ inline void load_row(const void* src, int64_t off, int64_t stride, int64_t n, fl
     for (; d + kW <= n; d += kW) vstore(dst + d, vmul(m, E::load(s + d)));
   }
   for (; d < n; ++d) dst[d] = mul * E::to_f32(s[d * stride]);
-}
-
-// dst[off + d] = src[d] for d < n (outputs always have a unit last stride), rounded to T.
-template <ElemType T>
-inline void store_row(void* dst, int64_t off, int64_t n, const float* src) {
-  using E = Elem<T>;
-  typename E::type* o = static_cast<typename E::type*>(dst) + off;
-  int64_t d = 0;
-  for (; d + kW <= n; d += kW) E::store(o + d, vload(src + d));
-  for (; d < n; ++d) o[d] = E::from_f32(src[d]);
 }
 
 inline int64_t offset4(const int64_t* s, int64_t b, int64_t h, int64_t n) {

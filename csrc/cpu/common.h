@@ -1,5 +1,5 @@
-// Torch-facing helpers shared by the CPU ops (<op>.cpp): output poisoning and stride copies into
-// the kernels' plain-data argument structs.
+// Torch-facing helpers shared by the CPU ops (<op>.cpp): output poisoning, and the element type
+// and stride copies that go into the kernels' plain-data argument structs.
 #pragma once
 
 #include <cstddef>
@@ -8,6 +8,8 @@
 #include <limits>
 
 #include <ATen/core/Tensor.h>
+
+#include "elem_type.h"
 
 namespace fastvit_kernels {
 namespace cpu {
@@ -18,6 +20,15 @@ inline at::Tensor poisoned(at::Tensor t) {
   const char* env = std::getenv("FASTVIT_KERNELS_POISON");
   if (env != nullptr && env[0] == '1' && env[1] == '\0') t.fill_(std::numeric_limits<float>::quiet_NaN());
   return t;
+}
+
+// The kernels' element type of a float32 / bfloat16 / float16 tensor (callers check the dtype).
+inline ElemType elem_type(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return ElemType::kBFloat16;
+    case at::kHalf: return ElemType::kFloat16;
+    default: return ElemType::kFloat32;
+  }
 }
 
 template <size_t R>

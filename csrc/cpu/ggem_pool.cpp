@@ -27,14 +27,6 @@ namespace {
 // Argument checks
 // ---------------------------------------------------------------------------------------------
 
-GGeMElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return GGeMElemType::kBFloat16;
-    case at::kHalf: return GGeMElemType::kFloat16;
-    default: return GGeMElemType::kFloat32;
-  }
-}
-
 // x [B, N, C] float32/bfloat16/float16 on the CPU, p [groups] > 0 in x's dtype or float32.
 void check_inputs(const char* fn, const at::Tensor& x, const at::Tensor& p, int64_t groups,
                   double eps, int64_t prefix) {

@@ -5,16 +5,15 @@
 
 #include <cstdint>
 
+#include "elem_type.h"
+
 namespace fastvit_kernels {
 namespace cpu {
-
-// Element type of x, y and dx (all the same). Everything else the kernels touch is fp32.
-enum class GGeMElemType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 // What forward and backward both read. Tokens [prefix, N) of each batch are pooled.
 struct GGeMPoolInputs {
   int64_t B, N, C, prefix;
-  GGeMElemType dtype;
+  ElemType dtype;  // of x, y and dx (all the same); everything else the kernels touch is fp32
   float eps;
   float log_count;  // ln(N - prefix)
   // p of each channel's group, fp32 [C] contiguous: the kernels never see the channel layout.

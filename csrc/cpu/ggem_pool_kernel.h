@@ -57,31 +57,10 @@ inline vf log_clamped(vf x) { return vlog(x); }
 #endif
 
 // ---------------------------------------------------------------------------------------------
-// Element access
+// Element access (Elem<T> from kernel_common.h)
 // ---------------------------------------------------------------------------------------------
 
-template <GGeMElemType T> struct Elem;
-template <> struct Elem<GGeMElemType::kFloat32> {
-  using type = float;
-  static float to_f32(float x) { return x; }
-  static float from_f32(float x) { return x; }
-  static vf load(const float* p) { return vload(p); }
-  static void store(float* p, vf x) { vstore(p, x); }
-};
-template <> struct Elem<GGeMElemType::kBFloat16> {
-  using type = uint16_t;
-  static float to_f32(uint16_t x) { return bf16_to_f32(x); }
-  static uint16_t from_f32(float x) { return f32_to_bf16(x); }
-  static vf load(const uint16_t* p) { return vload_bf16(p); }
-  static void store(uint16_t* p, vf x) { vstore_bf16(p, x); }
-};
-template <> struct Elem<GGeMElemType::kFloat16> {
-  using type = uint16_t;
-  static float to_f32(uint16_t x) { return f16_to_f32(x); }
-  static uint16_t from_f32(float x) { return f32_to_f16(x); }
-  static vf load(const uint16_t* p) { return vload_f16(p); }
-  static void store(uint16_t* p, vf x) { vstore_f16(p, x); }
-};
+#include "kernel_common.h"
 
 // kW channels starting at p. With Tail (the last vector of a row, fewer than kW channels valid)
 // only `valid` channels are read and the rest of the vector is `pad`; only `valid` are written.
@@ -104,7 +83,7 @@ inline void store_channels(typename E::type* p, vf x, int64_t valid) {
   for (int64_t i = 0; i < valid; ++i) p[i] = E::from_f32(tmp[i]);
 }
 
-using F32 = Elem<GGeMElemType::kFloat32>;
+using F32 = Elem<ElemType::kFloat32>;
 
 // The channels [c0, c1) of task t.
 struct TaskRange {
@@ -172,7 +151,7 @@ inline void accumulate_rows(const typename E::type* x, int64_t sx, int64_t valid
   vstore(s_ptr, s);
 }
 
-template <GGeMElemType T>
+template <ElemType T>
 void forward_typed(const GGeMPoolFwdArgs& a, int64_t task_begin, int64_t task_end) {
   using E = Elem<T>;
   using elem_t = typename E::type;
@@ -244,7 +223,7 @@ inline vf backward_rows(const typename E::type* x, int64_t sx, typename E::type*
   return t;
 }
 
-template <GGeMElemType T>
+template <ElemType T>
 void backward_typed(const GGeMPoolBwdArgs& a, int64_t task_begin, int64_t task_end) {
   using E = Elem<T>;
   using elem_t = typename E::type;
@@ -318,16 +297,16 @@ void backward_typed(const GGeMPoolBwdArgs& a, int64_t task_begin, int64_t task_e
 
 inline void forward_kernel(const GGeMPoolFwdArgs& a, int64_t task_begin, int64_t task_end) {
   switch (a.dtype) {
-    case GGeMElemType::kBFloat16: forward_typed<GGeMElemType::kBFloat16>(a, task_begin, task_end); break;
-    case GGeMElemType::kFloat16: forward_typed<GGeMElemType::kFloat16>(a, task_begin, task_end); break;
-    default: forward_typed<GGeMElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: forward_typed<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: forward_typed<ElemType::kFloat16>(a, task_begin, task_end); break;
+    default: forward_typed<ElemType::kFloat32>(a, task_begin, task_end); break;
   }
 }
 
 inline void backward_kernel(const GGeMPoolBwdArgs& a, int64_t task_begin, int64_t task_end) {
   switch (a.dtype) {
-    case GGeMElemType::kBFloat16: backward_typed<GGeMElemType::kBFloat16>(a, task_begin, task_end); break;
-    case GGeMElemType::kFloat16: backward_typed<GGeMElemType::kFloat16>(a, task_begin, task_end); break;
-    default: backward_typed<GGeMElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: backward_typed<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: backward_typed<ElemType::kFloat16>(a, task_begin, task_end); break;
+    default: backward_typed<ElemType::kFloat32>(a, task_begin, task_end); break;
   }
 }

@@ -30,14 +30,6 @@ constexpr int64_t kMaxKernelSize = 15;
 // Argument checks
 // ---------------------------------------------------------------------------------------------
 
-ElemType elem_type(at::ScalarType t) {
-  switch (t) {
-    case at::kBFloat16: return ElemType::kBFloat16;
-    case at::kHalf: return ElemType::kFloat16;
-    default: return ElemType::kFloat32;
-  }
-}
-
 void check_window(const char* fn, int64_t kernel_size, int64_t stride) {
   TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1 && kernel_size <= kMaxKernelSize, fn,
                     ": kernel_size must be odd and in [1, ", kMaxKernelSize, "], got ",

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "bias_attention_args.h"  // ElemType, the element types every op's kernels share
+#include "elem_type.h"
 
 namespace fastvit_kernels {
 namespace cpu {

@@ -34,6 +34,8 @@
 // through its sum and, per vector of lanes, falls back to direct exps with its own max when the
 // reference sits more than kMaxReferenceScale above it.
 
+#include "kernel_common.h"  // round_up, Carver, Elem, store_row
+
 // ---------------------------------------------------------------------------------------------
 // Constants, scratch memory and element access
 // ---------------------------------------------------------------------------------------------
@@ -46,50 +48,9 @@ constexpr float kMaxReferenceScale = 4294967296.0f;  // 2^32
 // Channel vectors of the output accumulated at once (registers: 8 accumulators + temporaries).
 constexpr int kValueBlock = 8;
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // floor(a / b) and ceil(a / b) for b > 0 and a of any sign.
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
-
-// Hands out consecutive pieces of `base`, each a whole number of 16 floats (64 bytes); with
-// base == nullptr it only counts, so one function both sizes and carves a set of buffers.
-class Carver {
- public:
-  explicit Carver(float* base) : base_(base) {}
-  float* take(int64_t n) {
-    float* p = base_ != nullptr ? base_ + used_ : nullptr;
-    used_ += round_up(std::max<int64_t>(n, 1), 16);
-    return p;
-  }
-  int64_t used() const { return used_; }
-
- private:
-  float* base_;
-  int64_t used_ = 0;
-};
-
-template <ElemType T> struct Elem;
-template <> struct Elem<ElemType::kFloat32> {
-  using type = float;
-  static float to_f32(float x) { return x; }
-  static float from_f32(float x) { return x; }
-  static vf load(const float* p) { return vload(p); }
-  static void store(float* p, vf x) { vstore(p, x); }
-};
-template <> struct Elem<ElemType::kBFloat16> {
-  using type = uint16_t;
-  static float to_f32(uint16_t x) { return bf16_to_f32(x); }
-  static uint16_t from_f32(float x) { return f32_to_bf16(x); }
-  static vf load(const uint16_t* p) { return vload_bf16(p); }
-  static void store(uint16_t* p, vf x) { vstore_bf16(p, x); }
-};
-template <> struct Elem<ElemType::kFloat16> {
-  using type = uint16_t;
-  static float to_f32(uint16_t x) { return f16_to_f32(x); }
-  static uint16_t from_f32(float x) { return f32_to_f16(x); }
-  static vf load(const uint16_t* p) { return vload_f16(p); }
-  static void store(uint16_t* p, vf x) { vstore_f16(p, x); }
-};
 
 // dst[i] = src[off + i * stride] for i < n, converted to fp32.
 template <ElemType T>
@@ -100,16 +61,6 @@ inline void load_row(const void* src, int64_t off, int64_t stride, int64_t n, fl
   if (stride == 1)
     for (; i + kW <= n; i += kW) vstore(dst + i, E::load(s + i));
   for (; i < n; ++i) dst[i] = E::to_f32(s[i * stride]);
-}
-
-// dst[off + i] = src[i] for i < n (outputs are contiguous), rounded to T.
-template <ElemType T>
-inline void store_row(void* dst, int64_t off, int64_t n, const float* src) {
-  using E = Elem<T>;
-  typename E::type* o = static_cast<typename E::type*>(dst) + off;
-  int64_t i = 0;
-  for (; i + kW <= n; i += kW) E::store(o + i, vload(src + i));
-  for (; i < n; ++i) o[i] = E::from_f32(src[i]);
 }
 
 // One pixel's [outer, inner] block of x (cost's [Q, H], v's and grad_out's [H, D]) as the dense
