@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
+from fastvit_kernels import _native
+
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "FASTVIT_KERNELS_BACKEND"
 
@@ -79,6 +81,10 @@ class OpBackends:
     backends: Dict[str, Backend] = field(default_factory=dict)
     # Automatic order per device type.
     default_order: Dict[str, Sequence[str]] = field(default_factory=dict)
+    # dtypes the native CPU kernel takes. When the automatic choice falls back to the reference
+    # for one of them because the extension is missing, warn once: otherwise a broken build is
+    # a silent, large slowdown. (The first input is the op's main tensor.)
+    native_dtypes: Sequence[object] = ()
 
     def add(self, backend: Backend) -> None:
         self.backends[backend.name] = backend
@@ -112,6 +118,9 @@ class OpBackends:
             backend = self.backends[name]
             reasons = backend.why_not(*inputs)
             if not reasons:
+                if (name == "reference" and device_type == "cpu" and not _native.available()
+                        and inputs[0].dtype in self.native_dtypes):
+                    _native.warn_fallback(self.op)
                 return backend
             tried[name] = reasons
         details = "; ".join(f"{n}: {', '.join(r)}" for n, r in tried.items())

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastvit_kernels import _native
-from fastvit_kernels.backends import Backend, OpBackends, forced_backend
+from fastvit_kernels.backends import Backend, OpBackends
 from fastvit_kernels.reference import bias_attention as reference
 
 OP_NAME = "bias_attention"
@@ -342,6 +342,7 @@ def _cuda_why_not(q, k, v, table, index) -> List[str]:
 BACKENDS = OpBackends(
     op=OP_NAME,
     default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
+    native_dtypes=DTYPES,
 )
 BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
 BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
@@ -350,13 +351,4 @@ BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
 
 
 def select_backend(q, k, v, table=None, index=None) -> Backend:
-    backend = BACKENDS.select(q.device.type, q, k, v, table, index)
-    if (
-        backend.name == "reference"
-        and forced_backend() is None
-        and q.device.type == "cpu"
-        and q.dtype in DTYPES
-        and not _native.available()
-    ):
-        _native.warn_fallback(OP_NAME)
-    return backend
+    return BACKENDS.select(q.device.type, q, k, v, table, index)

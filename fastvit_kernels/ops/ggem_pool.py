@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastvit_kernels import _native
-from fastvit_kernels.backends import Backend, OpBackends, forced_backend
+from fastvit_kernels.backends import Backend, OpBackends
 from fastvit_kernels.reference import ggem_pool as reference
 
 OP_NAME = "ggem_pool"
@@ -257,6 +257,7 @@ def _cuda_why_not(x, p) -> List[str]:
 BACKENDS = OpBackends(
     op=OP_NAME,
     default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
+    native_dtypes=DTYPES,
 )
 BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
 BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
@@ -265,13 +266,4 @@ BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
 
 
 def select_backend(x, p) -> Backend:
-    backend = BACKENDS.select(x.device.type, x, p)
-    if (
-        backend.name == "reference"
-        and forced_backend() is None
-        and x.device.type == "cpu"
-        and x.dtype in DTYPES
-        and not _native.available()
-    ):
-        _native.warn_fallback(OP_NAME)
-    return backend
+    return BACKENDS.select(x.device.type, x, p)

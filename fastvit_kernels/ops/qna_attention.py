@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from fastvit_kernels import _native
-from fastvit_kernels.backends import Backend, OpBackends, forced_backend
+from fastvit_kernels.backends import Backend, OpBackends
 from fastvit_kernels.reference import qna_attention as reference
 
 OP_NAME = "qna_attention"
@@ -273,6 +273,7 @@ def _cuda_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
 BACKENDS = OpBackends(
     op=OP_NAME,
     default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
+    native_dtypes=DTYPES,
 )
 BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
 BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
@@ -281,13 +282,4 @@ BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
 
 
 def select_backend(cost, v, rpe, attn_scale, kernel_size, stride) -> Backend:
-    backend = BACKENDS.select(cost.device.type, cost, v, rpe, attn_scale, kernel_size, stride)
-    if (
-        backend.name == "reference"
-        and forced_backend() is None
-        and cost.device.type == "cpu"
-        and cost.dtype in DTYPES
-        and not _native.available()
-    ):
-        _native.warn_fallback(OP_NAME)
-    return backend
+    return BACKENDS.select(cost.device.type, cost, v, rpe, attn_scale, kernel_size, stride)
