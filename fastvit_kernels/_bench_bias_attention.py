@@ -165,15 +165,6 @@ def _oracle(case: Case, need_grads: bool):
     return out.detach(), grads
 
 
-def _rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    """max over tensors of max|got - want| / max|want|."""
-    worst = 0.0
-    for a, b in zip(got, want):
-        scale = b.abs().max().item() or 1.0
-        worst = max(worst, (a.double() - b).abs().max().item() / scale)
-    return worst
-
-
 def _make_callable(impl: str, case: Case, pass_: str):
     """A zero-argument function running one iteration, and the function used to check it."""
     fns: Dict[str, Callable] = {"op": impl_op, "eager": impl_eager, "sdpa": impl_sdpa}
@@ -229,7 +220,7 @@ def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dic
                 # The first call compiles (compile, flex) and is reported, not timed.
                 first = {}
                 row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), case.device), 3)
-                row["max_rel_err"] = _rel_err(outputs(first.pop("r")), want)
+                row["max_rel_err"] = common.max_rel_err(outputs(first.pop("r")), want)
                 timing = common.benchmark_ms(run, case.device, quick=quick)
                 row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
                 if bandwidth:

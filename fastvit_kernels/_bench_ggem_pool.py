@@ -136,14 +136,6 @@ def measure_cpu_copy_bandwidth(nbytes: int = 512 << 20) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-def _rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    worst = 0.0
-    for a, b in zip(got, want):
-        scale = b.abs().max().item() or 1.0
-        worst = max(worst, (a.double() - b).abs().max().item() / scale)
-    return worst
-
-
 # ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +181,7 @@ def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dic
                 run = _make_callable(impl, case, pass_)
                 first = {}
                 row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), case.device), 3)
-                row["max_rel_err"] = _rel_err(first.pop("r"), want)
+                row["max_rel_err"] = common.max_rel_err(first.pop("r"), want)
                 timing = common.benchmark_ms(run, case.device, quick=quick)
                 row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
                 if bandwidth:

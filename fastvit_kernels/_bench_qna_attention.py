@@ -299,15 +299,6 @@ def qna_attention_swapped(impl: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def _rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
-    """max over tensors of max|got - want| / max|want|."""
-    worst = 0.0
-    for a, b in zip(got, want):
-        scale = b.abs().max().item() or 1.0
-        worst = max(worst, (a.double() - b).abs().max().item() / scale)
-    return worst
-
-
 def bench_case(case, impls: Sequence[str], passes: Sequence[str], env: Dict, quick: bool) -> List[Dict]:
     """Times every implementation of one Case or LayerCase, both passes, checking each result."""
     s = case.shape
@@ -327,7 +318,7 @@ def bench_case(case, impls: Sequence[str], passes: Sequence[str], env: Dict, qui
                 run = case.make_callable(impl, pass_)
                 first = {}
                 row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), case.device), 3)
-                row["max_rel_err"] = _rel_err(first.pop("r"), want)
+                row["max_rel_err"] = common.max_rel_err(first.pop("r"), want)
                 row["peak_mb"] = common.peak_memory_bytes(run, case.device) / 2**20
                 timing = common.benchmark_ms(run, case.device, quick=quick)
                 row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])

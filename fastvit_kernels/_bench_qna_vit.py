@@ -75,10 +75,6 @@ def build(model_name: str, device: torch.device, seed: int = 0) -> torch.nn.Modu
     return model.to(device)
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want).abs().max() / want.abs().max()).item()
-
-
 def bench(model_name: str, *, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool,
           impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES) -> List[Dict]:
     base = build(model_name, device)
@@ -119,7 +115,7 @@ def bench(model_name: str, *, batch: int, dtype: torch.dtype, device: torch.devi
                 first = {}
                 row["first_call_s"] = round(common.time_call(lambda: first.setdefault("out", run()), device), 3)
                 if pass_ == "infer":  # train mode has drop path: outputs are random
-                    row["max_rel_err"] = rel_err(first.pop("out").float(), oracle)
+                    row["max_rel_err"] = common.rel_err(first.pop("out").float(), oracle)
                 timing = common.benchmark_ms(run, device, quick=quick, min_run_time=1.0 if quick else 3.0)
                 row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"],
                            img_per_s=batch / (timing["ms"] / 1e3))

@@ -394,6 +394,18 @@ def format_table(rows: Iterable[Dict[str, object]], columns: Sequence[Column]) -
     return "\n".join(out)
 
 
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max|got - want| / max|want| (relative to the tensor's scale, so tiny entries don't dominate)."""
+    want = want.detach().double()
+    scale = want.abs().max().item() or 1.0
+    return (got.detach().double() - want).abs().max().item() / scale
+
+
+def max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float:
+    """The worst rel_err over pairs of tensors (an output and its gradients, say)."""
+    return max((rel_err(a, b) for a, b in zip(got, want)), default=0.0)
+
+
 def short_error(error: BaseException, limit: int = 300) -> str:
     """The first line of an exception, for a table cell and a JSON field (full text in 'error')."""
     text = f"{type(error).__name__}: {error}".strip()

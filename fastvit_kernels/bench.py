@@ -115,13 +115,6 @@ def make_variant(base: nn.Module, impl: str, dtype: torch.dtype = torch.float32,
     return model
 
 
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """max|got - want| / max|want| (relative to the tensor's scale, so tiny entries don't dominate)."""
-    want = want.detach().double()
-    scale = want.abs().max().item() or 1.0
-    return (got.detach().double() - want).abs().max().item() / scale
-
-
 def check_patched(base: nn.Module, device: torch.device, batch: int = 8, seed: int = 0) -> Dict[str, object]:
     """Patched vs eager timm in float32: eval outputs (patched, patched+folded), train-mode outputs
     and the gradients of every parameter for a cross-entropy loss."""
@@ -135,8 +128,8 @@ def check_patched(base: nn.Module, device: torch.device, batch: int = 8, seed: i
         want = copy.deepcopy(base).eval()(x)
         patched = patch_timm(copy.deepcopy(base).eval())
         result["patch_report"] = str(getattr(patched, "fastvit_kernels_report", ""))
-        result["eval_rel_err"] = rel_err(patched(x), want)
-        result["folded_eval_rel_err"] = rel_err(make_variant(base, "patched+folded")(x), want)
+        result["eval_rel_err"] = U.rel_err(patched(x), want)
+        result["folded_eval_rel_err"] = U.rel_err(make_variant(base, "patched+folded")(x), want)
 
     eager = copy.deepcopy(base).train()
     patched = patch_timm(copy.deepcopy(base).train())
@@ -145,7 +138,7 @@ def check_patched(base: nn.Module, device: torch.device, batch: int = 8, seed: i
         out = model(x)
         F.cross_entropy(out, y).backward()
         outs[key] = out
-    result["train_rel_err"] = rel_err(outs["patched"], outs["eager"])
+    result["train_rel_err"] = U.rel_err(outs["patched"], outs["eager"])
     # Per parameter: max|Δgrad| / max(max|grad|, 1e-3 · the largest gradient of the model). The
     # floor matters: some gradients are exactly zero in exact arithmetic (a bias feeding only
     # train-mode BatchNorms) and both runs then hold rounding noise whose ratio means nothing.
@@ -204,7 +197,7 @@ def bench_inference(base: nn.Module, model_name: str, *, batch: int, dtype: torc
 
             first = {}
             row["first_call_s"] = round(U.time_call(lambda: first.setdefault("out", run()), device), 3)
-            row["max_rel_err"] = rel_err(first.pop("out").float(), want)
+            row["max_rel_err"] = U.rel_err(first.pop("out").float(), want)
             row["match"] = row["max_rel_err"] < OUTPUT_TOL[dtype]
             if not row["match"]:
                 U.log(f"    WARNING: {impl} output differs from eager timm (rel err {row['max_rel_err']:.2e})")
@@ -249,7 +242,7 @@ def bench_training(base: nn.Module, model_name: str, *, batch: int, dtype: torch
 
             first = {}  # the first step's output is from the initial weights: comparable with eager
             row["first_call_s"] = round(U.time_call(lambda: first.setdefault("out", step()), device), 3)
-            row["max_rel_err"] = rel_err(first.pop("out").float(), want)
+            row["max_rel_err"] = U.rel_err(first.pop("out").float(), want)
             row["match"] = row["max_rel_err"] < max(TRAIN_TOL, OUTPUT_TOL[dtype])
             t = U.benchmark_ms(step, device, quick=quick, min_run_time=1.0 if quick else 4.0)
             row.update(ms=t["ms"], iqr_ms=t["iqr_ms"], runs=t["runs"], img_per_s=batch / (t["ms"] / 1e3))
