@@ -15,7 +15,9 @@ from fastvit_kernels import _native, backends
 # (`from ... import` reaches the op's module; `fastvit_kernels.ops.bias_attention` is the function.)
 from fastvit_kernels.ops.bias_attention import BACKENDS as BIAS_ATTENTION_BACKENDS
 from fastvit_kernels.ops.ggem_pool import BACKENDS as GGEM_POOL_BACKENDS
+from fastvit_kernels.ops.policy_attention import BACKENDS as POLICY_ATTENTION_BACKENDS
 from fastvit_kernels.ops.qna_attention import BACKENDS as QNA_ATTENTION_BACKENDS
+from fastvit_kernels.ops.varlen_attention import BACKENDS as VARLEN_ATTENTION_BACKENDS
 
 # Every op: (its backend declarations, a function making small sample inputs on a device).
 OPS = {
@@ -45,6 +47,28 @@ OPS = {
         lambda device: (
             torch.randn(1, 5, 16, device=device),  # x [B, N, C]
             torch.full((4,), 3.0, device=device),  # p [groups]
+        ),
+    ),
+    "policy_attention": (
+        POLICY_ATTENTION_BACKENDS,
+        lambda device: (
+            torch.randn(1, 2, 5, 16, device=device),  # q, k, v [B, H, N, D]
+            torch.randn(1, 2, 5, 16, device=device),
+            torch.randn(1, 2, 5, 16, device=device),
+            torch.ones(1, 5, device=device),  # policy [B, N] float32
+            0.25,
+            1e-6,
+        ),
+    ),
+    "varlen_attention": (
+        VARLEN_ATTENTION_BACKENDS,
+        lambda device: (
+            torch.randn(5, 2, 16, device=device),  # q, k, v [T, H, D]
+            torch.randn(5, 2, 16, device=device),
+            torch.randn(5, 2, 16, device=device),
+            torch.tensor([0, 2, 5], device=device),  # cu_seqlens int64
+            3,
+            0.25,
         ),
     ),
 }

@@ -2,6 +2,8 @@
 
 from fastvit_kernels.ops.bias_attention import bias_attention
 from fastvit_kernels.ops.ggem_pool import ggem_pool
+from fastvit_kernels.ops.policy_attention import policy_attention
 from fastvit_kernels.ops.qna_attention import qna_attention
+from fastvit_kernels.ops.varlen_attention import varlen_attention
 
-__all__ = ["bias_attention", "qna_attention", "ggem_pool"]
+__all__ = ["bias_attention", "qna_attention", "ggem_pool", "policy_attention", "varlen_attention"]

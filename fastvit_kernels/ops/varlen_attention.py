@@ -1,0 +1,264 @@
+"""Packed variable-length attention for token-dropping inference (SPEC.md §4).
+
+Order of this file (the same in every op file):
+  1. the public function and its input checks,
+  2. the torch.library ops (schema, real implementation, fake implementation),
+  3. the autograd glue,
+  4. the backend declarations used for dispatch, errors and `python -m fastvit_kernels.info`.
+
+The math and the backend contract are in `fastvit_kernels/reference/varlen_attention.py`.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastvit_kernels import _native
+from fastvit_kernels.backends import Backend, OpBackends
+from fastvit_kernels.reference import varlen_attention as reference
+
+OP_NAME = "varlen_attention"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# float64 runs on the reference backend only: it is there for gradcheck and oracles.
+DTYPES_WITH_REFERENCE = DTYPES + (torch.float64,)
+# Limits of the native kernels (the reference has none).
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Public function
+# ---------------------------------------------------------------------------------------------
+
+
+def varlen_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    *,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Softmax attention within each image of a packed, unpadded batch.
+
+    Image b owns rows [cu_seqlens[b], cu_seqlens[b + 1]) of q, k, v; its rows attend to its
+    own rows only. Images may keep different numbers of tokens (e.g. DynamicViT with a score
+    threshold instead of a fixed keep ratio) and nothing is padded.
+
+    Args:
+        q, k, v: [T, H, D] of one dtype (float32, bfloat16, float16; float64 runs on the
+            reference). Any strides, e.g. `qkv.reshape(T, 3, H, D).unbind(1)`.
+        cu_seqlens: [num_images + 1] int32 or int64 on q's device: 0, strictly increasing
+            (every image keeps at least one token), last entry T.
+        max_seqlen: the longest segment, max_b (cu_seqlens[b + 1] - cu_seqlens[b]), or more.
+        scale: score scale, default D ** -0.5.
+
+    Returns:
+        [T, H, D] contiguous in q's dtype (so `.reshape(T, H * D)` is free). Differentiable
+        with respect to q, k and v. cu_seqlens's values are checked on every call (one host
+        sync on CUDA).
+    """
+    _check_inputs(q, k, v, cu_seqlens, max_seqlen, scale)
+    scale = float(q.shape[2] ** -0.5) if scale is None else float(scale)
+    out, _ = varlen_attention_forward(q, k, v, cu_seqlens.to(torch.int64).contiguous(), int(max_seqlen), scale)
+    return out
+
+
+def _fail(argument: str, expected: str, given) -> None:
+    raise ValueError(f"varlen_attention: {argument} must be {expected}, got {given}")
+
+
+def _check_inputs(q, k, v, cu_seqlens, max_seqlen, scale) -> None:
+    """Checks that need only metadata, so they also run while torch.compile traces.
+    (cu_seqlens's values are checked inside the op, see check_cu_seqlens.)"""
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)):
+        if not isinstance(t, Tensor):
+            _fail(name, "a torch.Tensor", type(t).__name__)
+    if q.dim() != 3:
+        _fail("q", "3-D [T, H, D] (packed tokens)", f"{q.dim()}-D tensor of shape {tuple(q.shape)}")
+    if q.dtype not in DTYPES_WITH_REFERENCE:
+        _fail("q.dtype", "float32, bfloat16 or float16", q.dtype)
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != tuple(q.shape):
+            _fail(f"{name}.shape", f"q's shape {tuple(q.shape)} [T, H, D]", tuple(t.shape))
+        if t.dtype != q.dtype:
+            _fail(f"{name}.dtype", f"q's dtype {q.dtype}", t.dtype)
+        if t.device != q.device:
+            _fail(f"{name}.device", f"q's device {q.device}", t.device)
+    T, H, D = q.shape
+    if min(T, H, D) < 1:
+        _fail("every dimension of q", ">= 1", tuple(q.shape))
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        _fail("cu_seqlens.shape", "[num_images + 1] with at least one image", tuple(cu_seqlens.shape))
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        _fail("cu_seqlens.dtype", "torch.int32 or torch.int64", cu_seqlens.dtype)
+    if cu_seqlens.device != q.device:
+        _fail("cu_seqlens.device", f"q's device {q.device}", cu_seqlens.device)
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+        _fail("max_seqlen", "an int >= 1", repr(max_seqlen))
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        _fail("scale", "a finite float or None", repr(scale))
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, total_tokens: int, max_seqlen: int) -> None:
+    """The checks that need cu_seqlens's values (run inside the op, at run time)."""
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        _fail("cu_seqlens[0]", "0", bounds[0])
+    lengths = [end - start for start, end in zip(bounds[:-1], bounds[1:])]
+    for b, length in enumerate(lengths):
+        if length < 1:
+            _fail("cu_seqlens", "strictly increasing (every image keeps >= 1 token)",
+                  f"cu_seqlens[{b}] = {bounds[b]} >= cu_seqlens[{b + 1}] = {bounds[b + 1]}")
+    if bounds[-1] != total_tokens:
+        _fail("cu_seqlens[-1]", f"the number of packed tokens q.shape[0] = {total_tokens}", bounds[-1])
+    if max(lengths) > max_seqlen:
+        _fail("max_seqlen", f">= the longest segment ({max(lengths)})", max_seqlen)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. torch.library ops
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastvit_kernels::varlen_attention_forward", mutates_args=())
+def varlen_attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
+) -> Tuple[Tensor, Tensor]:
+    """Returns (out [T, H, D] contiguous, lse [T, H] float32)."""
+    check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    backend = select_backend(q, k, v, cu_seqlens, max_seqlen, scale)
+    return backend.load().forward(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+@varlen_attention_forward.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, scale):
+    stat = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=stat)
+
+
+@torch.library.custom_op("fastvit_kernels::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv), [T, H, D] contiguous."""
+    backend = select_backend(q, k, v, cu_seqlens, max_seqlen, scale)
+    return backend.load().backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
+
+
+@varlen_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Autograd
+# ---------------------------------------------------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    out, lse = output
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    needs = ctx.needs_input_grad
+    return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None)
+
+
+torch.library.register_autograd(
+    "fastvit_kernels::varlen_attention_forward", _backward, setup_context=_setup_context
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Backends
+# ---------------------------------------------------------------------------------------------
+
+
+class _CpuKernels:
+    """The C++ extension's entry points under the backend contract's names."""
+
+    @staticmethod
+    def forward(q, k, v, cu_seqlens, max_seqlen, scale):
+        return tuple(_native.native.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale))
+
+    @staticmethod
+    def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+        return tuple(_native.native.varlen_attention_backward(
+            grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale))
+
+
+def _reference_why_not(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
+    return []
+
+
+def _native_limits(q) -> List[str]:
+    reasons = []
+    if q.dtype not in DTYPES:
+        reasons.append(f"dtype {q.dtype} not in (float32, bfloat16, float16)")
+    if q.shape[2] > MAX_HEAD_DIM:
+        reasons.append(f"head width {q.shape[2]} > {MAX_HEAD_DIM}")
+    return reasons
+
+
+def _cpu_why_not(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
+    reasons = []
+    if q.device.type != "cpu":
+        reasons.append(f"tensors are on {q.device.type}, the C++ kernel takes CPU tensors")
+    if not _native.available():
+        reasons.append(f"native extension not built ({_native.load_error})")
+    elif not hasattr(_native.native, "varlen_attention_forward"):
+        reasons.append("the native extension was built without varlen_attention (rebuild it)")
+    return reasons + _native_limits(q)
+
+
+def _triton_why_not(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
+    try:
+        from fastvit_kernels.triton import varlen_attention as triton_kernels
+    except Exception as error:  # triton missing or broken
+        return [f"cannot import the Triton kernels ({type(error).__name__}: {error})"]
+    return triton_kernels.why_not(q, k, v, cu_seqlens, max_seqlen, scale) + _native_limits(q)
+
+
+def _load_triton():
+    from fastvit_kernels.triton import varlen_attention as triton_kernels
+
+    return triton_kernels
+
+
+def _cuda_why_not(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
+    return ["no CUDA C++ kernel for this op yet (use 'triton')"]
+
+
+BACKENDS = OpBackends(
+    op=OP_NAME,
+    default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
+    native_dtypes=DTYPES,
+)
+BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
+BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
+BACKENDS.add(Backend("triton", _triton_why_not, _load_triton))
+BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
+
+
+def select_backend(q, k, v, cu_seqlens, max_seqlen, scale) -> Backend:
+    return BACKENDS.select(q.device.type, q, k, v, cu_seqlens, max_seqlen, scale)
