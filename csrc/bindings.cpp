@@ -9,7 +9,9 @@
 #include "cpu/bias_attention.h"
 #include "cpu/ggem_pool.h"
 #include "cpu/isa.h"
+#include "cpu/policy_attention.h"
 #include "cpu/qna_attention.h"
+#include "cpu/varlen_attention.h"
 
 // Flags the build system passes as comma-separated tokens (no quoting survives every build
 // tool), e.g. -DFVK_CXX_FLAGS=-O3,-fopenmp; see setup.py / CMakeLists.txt.
@@ -97,6 +99,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("kernel_size"), py::arg("stride"), py::call_guard<py::gil_scoped_release>(),
         "QnA local attention backward -> (dcost, dv, drpe, dattn_scale); see "
         "reference/qna_attention.py");
+  m.def("policy_attention_forward", &fc::policy_attention_forward, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("policy"), py::arg("scale"), py::arg("eps"),
+        py::call_guard<py::gil_scoped_release>(),
+        "DynamicViT policy attention forward -> (out, row_max, denom, row_argmax); see "
+        "reference/policy_attention.py");
+  m.def("policy_attention_backward", &fc::policy_attention_backward, py::arg("grad_out"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("policy"), py::arg("out"),
+        py::arg("row_max"), py::arg("denom"), py::arg("row_argmax"), py::arg("scale"),
+        py::arg("eps"), py::arg("need_dpolicy"), py::call_guard<py::gil_scoped_release>(),
+        "DynamicViT policy attention backward -> (dq, dk, dv, dpolicy); see "
+        "reference/policy_attention.py");
   m.def("ggem_pool_forward", &fc::ggem_pool_forward, py::arg("x"), py::arg("p"), py::arg("groups"),
         py::arg("eps"), py::arg("interleaved"), py::arg("num_prefix_tokens"),
         py::call_guard<py::gil_scoped_release>(),
@@ -105,6 +118,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("log_mean"), py::arg("groups"), py::arg("eps"), py::arg("interleaved"),
         py::arg("num_prefix_tokens"), py::call_guard<py::gil_scoped_release>(),
         "GGeM pooling backward -> (dx, dp); see reference/ggem_pool.py");
+  m.def("varlen_attention_forward", &fc::varlen_attention_forward, py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("cu_seqlens"), py::arg("max_seqlen"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Packed variable-length attention forward -> (out, lse); see "
+        "reference/varlen_attention.py");
+  m.def("varlen_attention_backward", &fc::varlen_attention_backward, py::arg("grad_out"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("cu_seqlens"), py::arg("max_seqlen"), py::arg("scale"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Packed variable-length attention backward -> (dq, dk, dv); see "
+        "reference/varlen_attention.py");
 
   // ---- build and CPU capabilities ----
   m.def("cpu_isa", [] { return std::string(fc::isa_name(fc::current_cpu_isa())); },

@@ -1,0 +1,647 @@
+// DynamicViT's keep-policy attention (softmax_with_policy), forward and backward, written once
+// over the vocabulary of simd.h. Included inside an ISA namespace by
+// policy_attention_{avx512,avx2,scalar}.cpp after simd.h (see simd.h for why nothing is included
+// here). The kernels see only PolicyAttention{Fwd,Bwd}Args: raw pointers, element strides, sizes.
+//
+// Math (fastvit_kernels/reference/policy_attention.py), fp32 statistics and accumulation for every
+// element type: S = q k^T * scale, m_i = max_j S, E = exp(S - m), A = E * G with
+// G[i, j] = p_j (1 on the diagonal), D_i = sum_j A + eps, O_i = (A v + eps / N sum_j v_j) / D_i.
+//
+// Key columns come in the caller's per-batch order: kept keys (p != 0) first, then dropped ones
+// (see PolicyAttentionInputs). With Nc kept keys and Ncp = round_up(Nc, kW), only the first Ncp
+// columns take part in exp / P·V / dS / dq / dk / dv (the dropped keys in [Nc, Ncp) carry a zero
+// policy, so they cost a little padding and nothing else); q k^T runs over every column for the
+// row max (and so does the backward's E / dO v^T when dpolicy is wanted). A row's diagonal entry
+// (G = 1) and its row-argmax entry (the gradient through m) are added one by one when their
+// column lies beyond Ncp. All products go through one register-blocked micro-kernel, gemm(),
+// copied from bias_attention_kernel.h: operands are packed into fp32 scratch first, which converts
+// bf16 / fp16 once and makes any input strides free.
+
+#include "kernel_common.h"  // round_up, Carver, Elem, store_row
+
+static_assert(kPolicyRowAlign % kW == 0, "policy rows must hold whole vectors");
+static_assert(kMaxMR <= 8 && kMaxNV <= 4, "gemm_tile dispatch covers MR <= 8, NV <= 4");
+
+// ---------------------------------------------------------------------------------------------
+// Scratch memory and element access
+// ---------------------------------------------------------------------------------------------
+
+// One 64-byte aligned fp32 allocation per kernel call (per thread).
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t floats) {
+    const int64_t n = round_up(std::max<int64_t>(floats, 16), 16);  // aligned_alloc: size % 64 == 0
+    data_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(n) * sizeof(float)));
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  ~AlignedBuffer() { std::free(data_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  float* data() const { return data_; }
+
+ private:
+  float* data_ = nullptr;
+};
+
+// dst[d] = mul * src[off + d * stride] for d < n, converted to fp32.
+template <ElemType T>
+inline void load_row(const void* src, int64_t off, int64_t stride, int64_t n, float mul,
+                     float* dst) {
+  using E = Elem<T>;
+  const typename E::type* s = static_cast<const typename E::type*>(src) + off;
+  int64_t d = 0;
+  if (stride == 1) {
+    const vf m = vset1(mul);
+    for (; d + kW <= n; d += kW) vstore(dst + d, vmul(m, E::load(s + d)));
+  }
+  for (; d < n; ++d) dst[d] = mul * E::to_f32(s[d * stride]);
+}
+
+inline int64_t offset4(const int64_t* s, int64_t b, int64_t h, int64_t n) {
+  return b * s[0] + h * s[1] + n * s[2];
+}
+
+// dst[c * ld + d] = mul * x[b, h, perm[c], d] for c < N, d < D; columns [D, ld) and rows
+// [N, rows) zeroed.
+template <ElemType T>
+inline void pack_rows(const void* x, const int64_t* s, int64_t b, int64_t h, const int32_t* perm,
+                      int64_t N, int64_t rows, int64_t D, int64_t ld, float mul, float* dst) {
+  for (int64_t c = 0; c < rows; ++c) {
+    float* row = dst + c * ld;
+    int64_t d = 0;
+    if (c < N) {
+      load_row<T>(x, offset4(s, b, h, perm[c]), s[3], D, mul, row);
+      d = D;
+    }
+    for (; d < ld; ++d) row[d] = 0.0f;
+  }
+}
+
+// dst[d * ld + c] = x[b, h, perm[c], d] for c < N, d < D, zero for c in [N, ld) and for the
+// padding rows d in [D, round_up(D, kW)) that dst must also hold. Rows go kW at a time through
+// `blk` (kW * round_up(D, kW) floats) and are transposed in registers.
+template <ElemType T>
+inline void pack_transposed(const void* x, const int64_t* s, int64_t b, int64_t h,
+                            const int32_t* perm, int64_t N, int64_t D, int64_t ld, float* blk,
+                            float* dst) {
+  const int64_t Dp = round_up(D, kW);
+  for (int64_t c0 = 0; c0 < ld; c0 += kW) {
+    for (int64_t r = 0; r < kW; ++r) {
+      float* row = blk + r * Dp;
+      int64_t d = 0;
+      if (c0 + r < N) {
+        load_row<T>(x, offset4(s, b, h, perm[c0 + r]), s[3], D, 1.0f, row);
+        d = D;
+      }
+      for (; d < Dp; ++d) row[d] = 0.0f;
+    }
+    for (int64_t d0 = 0; d0 < Dp; d0 += kW) transpose_block(blk + d0, Dp, dst + d0 * ld + c0, ld);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMM micro-kernel
+// ---------------------------------------------------------------------------------------------
+
+// C[i, :] = sum_k A[i * ars + k * acs] * B[k * ldb + :] (+ C0[i * ldc0 + :]) for a tile of MR
+// rows and NV vectors; the epilogue functor receives each finished accumulator.
+struct TileArgs {
+  int64_t K;
+  const float* A; int64_t ars, acs;
+  const float* B; int64_t ldb;
+  const float* C0; int64_t ldc0;
+  int64_t i0, jv0;  // tile origin, handed to the epilogue (row, vector column)
+};
+
+template <int MR, int NV, class Epi>
+inline void gemm_tile(const TileArgs& t, Epi& epi) {
+  vf acc[MR][NV];
+  if (t.C0 != nullptr) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = vload(t.C0 + r * t.ldc0 + c * kW);
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = vzero();
+  }
+  const float* a = t.A;
+  const float* b = t.B;
+  for (int64_t k = 0; k < t.K; ++k, a += t.acs, b += t.ldb) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) bv[c] = vload(b + c * kW);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const vf av = vset1(a[r * t.ars]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = vfma(av, bv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) epi(t.i0 + r, t.jv0 + c, acc[r][c]);
+}
+
+template <int MR, class Epi>
+inline void gemm_tile_nv(int nv, const TileArgs& t, Epi& epi) {
+  switch (nv) {
+    case 1: if constexpr (MR * 1 <= kMaxAcc) gemm_tile<MR, 1>(t, epi); break;
+    case 2: if constexpr (MR * 2 <= kMaxAcc && kMaxNV >= 2) gemm_tile<MR, 2>(t, epi); break;
+    case 3: if constexpr (MR * 3 <= kMaxAcc && kMaxNV >= 3) gemm_tile<MR, 3>(t, epi); break;
+    case 4: if constexpr (MR * 4 <= kMaxAcc && kMaxNV >= 4) gemm_tile<MR, 4>(t, epi); break;
+  }
+}
+
+template <class Epi>
+inline void gemm_tile_dispatch(int mr, int nv, const TileArgs& t, Epi& epi) {
+  switch (mr) {
+    case 1: gemm_tile_nv<1>(nv, t, epi); break;
+    case 2: if constexpr (kMaxMR >= 2) gemm_tile_nv<2>(nv, t, epi); break;
+    case 3: if constexpr (kMaxMR >= 3) gemm_tile_nv<3>(nv, t, epi); break;
+    case 4: if constexpr (kMaxMR >= 4) gemm_tile_nv<4>(nv, t, epi); break;
+    case 5: if constexpr (kMaxMR >= 5) gemm_tile_nv<5>(nv, t, epi); break;
+    case 6: if constexpr (kMaxMR >= 6) gemm_tile_nv<6>(nv, t, epi); break;
+    case 7: if constexpr (kMaxMR >= 7) gemm_tile_nv<7>(nv, t, epi); break;
+    case 8: if constexpr (kMaxMR >= 8) gemm_tile_nv<8>(nv, t, epi); break;
+  }
+}
+
+// Split n into the fewest parts of at most `most`, as even as possible; part p has size
+// part_size(n, parts, p).
+inline int64_t num_parts(int64_t n, int64_t most) { return (n + most - 1) / most; }
+inline int64_t part_size(int64_t n, int64_t parts, int64_t p) {
+  return n / parts + (p < n % parts ? 1 : 0);
+}
+
+// C (M rows x NVt vectors) = A (M x K, strides ars / acs) * B (K rows of ldb floats) (+ C0).
+// Column tiles outermost so that a K x NV block of B stays in L1 across the row tiles.
+template <class Epi>
+inline void gemm(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t ars, int64_t acs,
+                 const float* B, int64_t ldb, const float* C0, int64_t ldc0, Epi& epi) {
+  const int64_t col_tiles = num_parts(NVt, kMaxNV);
+  for (int64_t ct = 0, jv = 0; ct < col_tiles; ++ct) {
+    const int nv = static_cast<int>(part_size(NVt, col_tiles, ct));
+    const int64_t row_tiles = num_parts(M, std::min(kMaxMR, kMaxAcc / nv));
+    for (int64_t rt = 0, i = 0; rt < row_tiles; ++rt) {
+      const int mr = static_cast<int>(part_size(M, row_tiles, rt));
+      const TileArgs t{K, A + i * ars, ars, acs, B + jv * kW, ldb,
+                       C0 != nullptr ? C0 + i * ldc0 + jv * kW : nullptr, ldc0, i, jv};
+      gemm_tile_dispatch(mr, nv, t, epi);
+      i += mr;
+    }
+    jv += nv;
+  }
+}
+
+// Epilogues.
+struct StoreEpi {  // C = acc
+  float* c; int64_t ldc;
+  void operator()(int64_t i, int64_t jv, vf x) { vstore(c + i * ldc + jv * kW, x); }
+};
+struct MaskEpi {  // C = acc + mask (0 for real keys, -inf for the padding columns)
+  float* c; int64_t ldc; const float* mask;
+  void operator()(int64_t i, int64_t jv, vf acc) {
+    vstore(c + i * ldc + jv * kW, vadd(acc, vload(mask + jv * kW)));
+  }
+};
+struct GradAEpi {  // acc = dO v^T; C = dA = (acc - delta[i]) / D[i]
+  float* c; int64_t ldc; const float* delta; const float* denom;
+  void operator()(int64_t i, int64_t jv, vf x) {
+    vstore(c + i * ldc + jv * kW, vdiv(vsub(x, vset1(delta[i])), vset1(denom[i])));
+  }
+};
+
+// exp(x) of one float, by the same vexp as the vector paths.
+inline float exp1(float x) {
+  float t[kW];
+  vstore(t, vexp(vset1(x)));
+  return t[0];
+}
+
+inline float dot(const float* x, const float* y, int64_t n) {  // n: a whole number of vectors
+  vf acc = vzero();
+  for (int64_t d = 0; d < n; d += kW) acc = vfma(vload(x + d), vload(y + d), acc);
+  return vhsum(acc);
+}
+
+// y += alpha * x over n floats (a whole number of vectors).
+inline void axpy(float alpha, const float* x, float* y, int64_t n) {
+  const vf a = vset1(alpha);
+  for (int64_t d = 0; d < n; d += kW) vstore(y + d, vfma(a, vload(x + d), vload(y + d)));
+}
+
+inline int64_t offset3(const int64_t* s, int64_t b, int64_t h, int64_t n) {
+  return b * s[0] + h * s[1] + n * s[2];
+}
+
+// Column order of batch b (see PolicyAttentionInputs).
+struct Columns {
+  const int32_t* perm;  // column -> key
+  const int32_t* pos;   // key -> column
+  const float* pk;      // policy per column (0 from Nc on)
+  int64_t Nc, Ncp;
+};
+
+inline Columns columns_of(const PolicyAttentionInputs& a, int64_t b) {
+  Columns c;
+  c.perm = a.perm + b * a.N;
+  c.pos = a.pos + b * a.N;
+  c.pk = a.pk + b * a.ld;
+  c.Nc = a.n_kept[b];
+  c.Ncp = round_up(c.Nc, kW);
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// Query rows handled together: their scores stay in L1 between the two products.
+constexpr int64_t kRowGroup = kW == 1 ? 8 : 2 * kMaxMR;
+// Larger than any key index (key indices < kPolicyMaxTokens = 2^24 are exact in fp32).
+constexpr float kNoKey = 3.0e9f;
+
+// Per-thread forward buffers (ld: columns, Dp: D rounded up to whole vectors).
+struct FwdScratch {
+  float* kt;     // k^T [Dp][ld], columns in batch order
+  float* vp;     // v [ld][Dp], rows in column order (zero beyond N)
+  float* vsum;   // sum_j v_j [Dp]
+  float* pkrow;  // this batch's pk, with the current row's diagonal set to 1 [ld]
+  float* keyf;   // key index of each column as a float, kNoKey for the padding [ld]
+  float* qs;     // q * scale [kRowGroup][Dp]
+  float* s;      // scores, then A [kRowGroup][ld]
+  float* o;      // output rows [kRowGroup][Dp]
+  float* blk;    // transpose staging [kW][Dp]
+
+  int64_t carve(float* base, int64_t ld, int64_t Dp) {
+    Carver c(base);
+    kt = c.take(Dp * ld);
+    vp = c.take(ld * Dp);
+    vsum = c.take(Dp);
+    pkrow = c.take(ld);
+    keyf = c.take(ld);
+    qs = c.take(kRowGroup * Dp);
+    s = c.take(kRowGroup * ld);
+    o = c.take(kRowGroup * Dp);
+    blk = c.take(kW * Dp);
+    return c.used();
+  }
+};
+
+// One group of `rows` query rows [i0, i0 + rows) of (b, h), with k^T / v already packed.
+template <ElemType T>
+inline void forward_rows(const PolicyAttentionFwdArgs& a, const Columns& col, int64_t b,
+                         int64_t h, int64_t i0, int64_t rows, const FwdScratch& w) {
+  const int64_t N = a.N, D = a.D, ld = a.ld, Dp = round_up(D, kW), Ncp = col.Ncp;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* qr = w.qs + r * Dp;
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], D, a.scale, qr);
+    for (int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
+  }
+
+  // S over every column (the row max sees dropped keys too); padding columns get -inf.
+  MaskEpi s_epi{w.s, ld, a.col_mask};
+  gemm(rows, ld / kW, Dp, w.qs, Dp, 1, w.kt, ld, nullptr, 0, s_epi);
+
+  float mx_[kRowGroup], den_[kRowGroup], extra_[kRowGroup];
+  int64_t arg_[kRowGroup], xcol_[kRowGroup];
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = w.s + r * ld;
+    vf mv = vload(sr);
+    for (int64_t c = kW; c < ld; c += kW) mv = vmax(mv, vload(sr + c));
+    const float m = vhmax(mv);
+    // Row argmax: the smallest key index among the columns that reach m (torch.max's choice
+    // on ties, e.g. duplicate tokens), lane-wise over the keys' indices as floats.
+    const vf m_v = vset1(m);
+    vf best = vset1(kNoKey);
+    for (int64_t c = 0; c < ld; c += kW)
+      best = vmin(vsel_lt(vload(sr + c), m_v, vset1(kNoKey), vload(w.keyf + c)), best);
+    const float key = -vhmax(vsub(vzero(), best));
+    const int64_t arg = key < static_cast<float>(N) ? static_cast<int64_t>(key) : 0;
+    // The diagonal counts with G = 1: inside the exp range through pkrow, else on its own.
+    const int64_t pc = col.pos[i0 + r];
+    float extra = 0.0f;
+    if (pc < Ncp) {
+      w.pkrow[pc] = 1.0f;
+    } else {
+      extra = exp1(sr[pc] - m);
+    }
+    vf sum = vzero();
+    for (int64_t c = 0; c < Ncp; c += kW) {
+      const vf e = vmul(vexp(vsub(vload(sr + c), m_v)), vload(w.pkrow + c));
+      vstore(sr + c, e);
+      sum = vadd(sum, e);
+    }
+    if (pc < Ncp) w.pkrow[pc] = col.pk[pc];
+    mx_[r] = m;
+    den_[r] = vhsum(sum) + extra + a.eps;
+    extra_[r] = extra;
+    arg_[r] = arg;
+    xcol_[r] = pc;
+  }
+
+  // O = (A v + extra * v_i + eps / N * sum_j v_j) / D.
+  StoreEpi o_epi{w.o, Dp};
+  gemm(rows, Dp / kW, Ncp, w.s, ld, 1, w.vp, Dp, nullptr, 0, o_epi);
+  const vf eps_n = vset1(a.eps / static_cast<float>(N));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* orow = w.o + r * Dp;
+    const vf den = vset1(den_[r]);
+    const float* vx = w.vp + xcol_[r] * Dp;
+    const vf ex = vset1(extra_[r]);
+    for (int64_t d = 0; d < Dp; d += kW) {
+      vf x = vload(orow + d);
+      if (extra_[r] != 0.0f) x = vfma(ex, vload(vx + d), x);
+      x = vfma(eps_n, vload(w.vsum + d), x);
+      vstore(orow + d, vdiv(x, den));
+    }
+    store_row<T>(a.out, offset4(a.out_stride, b, h, i), D, orow);
+    a.row_max[offset3(a.row_max_stride, b, h, i)] = mx_[r];
+    a.denom[offset3(a.denom_stride, b, h, i)] = den_[r];
+    a.row_argmax[offset3(a.row_argmax_stride, b, h, i)] = static_cast<int32_t>(arg_[r]);
+  }
+}
+
+// Packs k^T, v (column order), sum_j v_j and the policy row of (b, h).
+template <ElemType T>
+inline void pack_kv(const PolicyAttentionInputs& a, const Columns& col, int64_t b, int64_t h,
+                    float* kt, float* vp, float* vsum, float* pkrow, float* blk) {
+  const int64_t N = a.N, D = a.D, ld = a.ld, Dp = round_up(D, kW);
+  pack_transposed<T>(a.k, a.k_stride, b, h, col.perm, N, D, ld, blk, kt);
+  pack_rows<T>(a.v, a.v_stride, b, h, col.perm, N, ld, D, Dp, 1.0f, vp);
+  std::fill(vsum, vsum + Dp, 0.0f);
+  for (int64_t j = 0; j < N; ++j) {  // key order, as the reference
+    const float* vr = vp + static_cast<int64_t>(col.pos[j]) * Dp;
+    for (int64_t d = 0; d < Dp; d += kW) vstore(vsum + d, vadd(vload(vsum + d), vload(vr + d)));
+  }
+  std::copy(col.pk, col.pk + ld, pkrow);
+}
+
+template <ElemType T>
+inline void forward_impl(const PolicyAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const int64_t ld = a.ld, Dp = round_up(a.D, kW);
+  FwdScratch w{};
+  AlignedBuffer mem(w.carve(nullptr, ld, Dp));
+  w.carve(mem.data(), ld, Dp);
+
+  int64_t packed_bh = -1;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t bh = task / a.q_blocks;
+    const int64_t b = bh / a.H, h = bh % a.H;
+    const Columns col = columns_of(a, b);
+    if (bh != packed_bh) {
+      pack_kv<T>(a, col, b, h, w.kt, w.vp, w.vsum, w.pkrow, w.blk);
+      for (int64_t c = 0; c < ld; ++c)
+        w.keyf[c] = c < a.N ? static_cast<float>(col.perm[c]) : kNoKey;
+      packed_bh = bh;
+    }
+    const int64_t i_begin = (task % a.q_blocks) * a.q_block;
+    const int64_t i_end = std::min(a.N, i_begin + a.q_block);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowGroup)
+      forward_rows<T>(a, col, b, h, i0, std::min(kRowGroup, i_end - i0), w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Per-thread backward buffers (QB: query rows per block).
+struct BwdScratch {
+  float* kt;     // k^T [Dp][ld]
+  float* ks;     // k * scale [ld][Dp]
+  float* vt;     // v^T [Dp][ld]
+  float* vp;     // v [ld][Dp]
+  float* vbar;   // sum_j v_j, then its mean [Dp]
+  float* pkrow;  // [ld], see FwdScratch
+  float* dk;     // dk accumulator [ld][Dp] (column order)
+  float* dv;     // dv accumulator [ld][Dp]
+  float* dpol;   // dpolicy column sums [ld], only with need_dpolicy
+  float* csum;   // sum_i dO_i / D_i [Dp]
+  float* qs;     // q * scale [QB][Dp]
+  float* dout;   // dO [QB][Dp]
+  float* dos;    // dO / D [QB][Dp]
+  float* e;      // S, then E [QB][ld]
+  float* p;      // A, then dS [QB][ld]
+  float* da;     // dA [QB][ld]
+  float* dq;     // dq rows [QB][Dp]
+  float* stat;   // per-row m, D, delta, corr [4][QB]
+  float* tmp;    // an out row; transpose staging [kW][Dp]
+
+  int64_t carve(float* base, int64_t ld, int64_t Dp, int64_t QB, bool need_dp) {
+    Carver c(base);
+    kt = c.take(Dp * ld);
+    ks = c.take(ld * Dp);
+    vt = c.take(Dp * ld);
+    vp = c.take(ld * Dp);
+    vbar = c.take(Dp);
+    pkrow = c.take(ld);
+    dk = c.take(ld * Dp);
+    dv = c.take(ld * Dp);
+    dpol = need_dp ? c.take(ld) : nullptr;
+    csum = c.take(Dp);
+    qs = c.take(QB * Dp);
+    dout = c.take(QB * Dp);
+    dos = c.take(QB * Dp);
+    e = c.take(QB * ld);
+    p = c.take(QB * ld);
+    da = c.take(QB * ld);
+    dq = c.take(QB * Dp);
+    stat = c.take(4 * QB);
+    tmp = c.take(kW * Dp);
+    return c.used();
+  }
+};
+
+// Query rows [i0, i0 + rows) of (b, h): every product, with k / v already packed.
+template <ElemType T>
+inline void backward_rows(const PolicyAttentionBwdArgs& a, const Columns& col, int64_t b,
+                          int64_t h, int64_t i0, int64_t rows, int64_t QB, const BwdScratch& w) {
+  const int64_t D = a.D, ld = a.ld, Dp = round_up(D, kW), Ncp = col.Ncp;
+  const bool need_dp = w.dpol != nullptr;
+  const int64_t W = need_dp ? ld : Ncp;  // columns of E and dA
+  float* mx = w.stat;
+  float* den = w.stat + QB;
+  float* delta = w.stat + 2 * QB;
+  float* corr = w.stat + 3 * QB;
+
+  // Per row: q * scale, dO, dO / D, delta = dO . out, m, D, and the argmax correction
+  // corr = eps (delta - dO . vbar) / D.
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* qr = w.qs + r * Dp;
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i), a.q_stride[3], D, a.scale, qr);
+    float* gr = w.dout + r * Dp;
+    load_row<T>(a.grad_out, offset4(a.grad_out_stride, b, h, i), a.grad_out_stride[3], D, 1.0f,
+                gr);
+    load_row<T>(a.out, offset4(a.out_stride, b, h, i), a.out_stride[3], D, 1.0f, w.tmp);
+    for (int64_t d = D; d < Dp; ++d) qr[d] = gr[d] = w.tmp[d] = 0.0f;
+    mx[r] = a.row_max[offset3(a.row_max_stride, b, h, i)];
+    den[r] = a.denom[offset3(a.denom_stride, b, h, i)];
+    delta[r] = dot(gr, w.tmp, Dp);
+    corr[r] = a.eps * (delta[r] - dot(gr, w.vbar, Dp)) / den[r];
+    const vf dn = vset1(den[r]);
+    float* dr = w.dos + r * Dp;
+    for (int64_t d = 0; d < Dp; d += kW) {
+      const vf x = vdiv(vload(gr + d), dn);
+      vstore(dr + d, x);
+      vstore(w.csum + d, vadd(vload(w.csum + d), x));
+    }
+  }
+
+  // E = exp(S - m) over W columns (padding columns: exp(-inf) = 0).
+  MaskEpi s_epi{w.e, ld, a.col_mask};
+  gemm(rows, W / kW, Dp, w.qs, Dp, 1, w.kt, ld, nullptr, 0, s_epi);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* er = w.e + r * ld;
+    float* pr = w.p + r * ld;
+    const vf m = vset1(mx[r]);
+    for (int64_t c = 0; c < W; c += kW) vstore(er + c, vexp(vsub(vload(er + c), m)));
+    // A = E * G over the kept columns (the diagonal through pkrow when it lies there).
+    const int64_t pc = col.pos[i0 + r];
+    if (pc < Ncp) w.pkrow[pc] = 1.0f;
+    for (int64_t c = 0; c < Ncp; c += kW) vstore(pr + c, vmul(vload(er + c), vload(w.pkrow + c)));
+    if (pc < Ncp) w.pkrow[pc] = col.pk[pc];
+  }
+
+  // dv += A^T (dO / D) over the kept columns (A read transposed).
+  StoreEpi dv_epi{w.dv, Dp};
+  gemm(Ncp, Dp / kW, rows, w.p, 1, ld, w.dos, Dp, w.dv, Dp, dv_epi);
+
+  // dA = (dO v^T - delta) / D over W columns.
+  GradAEpi da_epi{w.da, ld, delta, den};
+  gemm(rows, W / kW, Dp, w.dout, Dp, 1, w.vt, ld, nullptr, 0, da_epi);
+
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* er = w.e + r * ld;
+    float* pr = w.p + r * ld;
+    const float* dar = w.da + r * ld;
+    const int64_t pc = col.pos[i];
+    // The diagonal entry beyond the kept columns: E_ii, dA_ii and dS_ii one by one.
+    float ds_diag = 0.0f;
+    if (pc >= Ncp) {
+      float e_ii, da_ii;
+      if (need_dp) {
+        e_ii = er[pc];
+        da_ii = dar[pc];
+      } else {
+        float s_ii = 0.0f;
+        float dp_ii = 0.0f;
+        for (int64_t d = 0; d < D; ++d) {
+          s_ii += w.qs[r * Dp + d] * w.kt[d * ld + pc];
+          dp_ii += w.dout[r * Dp + d] * w.vt[d * ld + pc];
+        }
+        e_ii = exp1(s_ii - mx[r]);
+        da_ii = (dp_ii - delta[r]) / den[r];
+      }
+      ds_diag = e_ii * da_ii;
+      axpy(e_ii, w.dos + r * Dp, w.dv + pc * Dp, Dp);
+    }
+    // dpolicy: sum_i E dA over every column but the diagonal.
+    if (need_dp) {
+      const float e_keep = er[pc];
+      er[pc] = 0.0f;
+      for (int64_t c = 0; c < ld; c += kW)
+        vstore(w.dpol + c, vfma(vload(er + c), vload(dar + c), vload(w.dpol + c)));
+      er[pc] = e_keep;
+    }
+    // dS = A dA over the kept columns, minus the argmax correction.
+    for (int64_t c = 0; c < Ncp; c += kW) vstore(pr + c, vmul(vload(pr + c), vload(dar + c)));
+    const int64_t ac = col.pos[a.row_argmax[offset3(a.row_argmax_stride, b, h, i)]];
+    if (ac < Ncp) pr[ac] -= corr[r];
+    // Entries beyond Ncp (diagonal, argmax): their dq / dk terms here, in a fixed order.
+    float* dqr = w.dq + r * Dp;
+    std::fill(dqr, dqr + Dp, 0.0f);
+    const float* qr = w.qs + r * Dp;
+    if (pc >= Ncp) {
+      axpy(ds_diag, w.ks + pc * Dp, dqr, Dp);
+      axpy(ds_diag, qr, w.dk + pc * Dp, Dp);
+    }
+    if (ac >= Ncp) {
+      axpy(-corr[r], w.ks + ac * Dp, dqr, Dp);
+      axpy(-corr[r], qr, w.dk + ac * Dp, Dp);
+    }
+  }
+
+  // dq = dS (k * scale) + the entries above.
+  StoreEpi dq_epi{w.dq, Dp};
+  gemm(rows, Dp / kW, Ncp, w.p, ld, 1, w.ks, Dp, w.dq, Dp, dq_epi);
+  for (int64_t r = 0; r < rows; ++r)
+    store_row<T>(a.dq, offset4(a.dq_stride, b, h, i0 + r), D, w.dq + r * Dp);
+
+  // dk += dS^T (q * scale).
+  StoreEpi dk_epi{w.dk, Dp};
+  gemm(Ncp, Dp / kW, rows, w.p, 1, ld, w.qs, Dp, w.dk, Dp, dk_epi);
+}
+
+// All of (b, h): pack k / v, every query block, then store dk / dv / the dpolicy partial.
+template <ElemType T>
+inline void backward_bh(const PolicyAttentionBwdArgs& a, int64_t b, int64_t h, int64_t QB,
+                        const BwdScratch& w) {
+  const int64_t N = a.N, D = a.D, ld = a.ld, Dp = round_up(D, kW);
+  const Columns col = columns_of(a, b);
+  pack_kv<T>(a, col, b, h, w.kt, w.vp, w.vbar, w.pkrow, w.tmp);
+  pack_rows<T>(a.k, a.k_stride, b, h, col.perm, N, ld, D, Dp, a.scale, w.ks);
+  pack_transposed<T>(a.v, a.v_stride, b, h, col.perm, N, D, ld, w.tmp, w.vt);
+  const vf inv_n = vset1(1.0f / static_cast<float>(N));
+  for (int64_t d = 0; d < Dp; d += kW) vstore(w.vbar + d, vmul(vload(w.vbar + d), inv_n));
+  std::fill(w.dk, w.dk + ld * Dp, 0.0f);
+  std::fill(w.dv, w.dv + ld * Dp, 0.0f);
+  std::fill(w.csum, w.csum + Dp, 0.0f);
+  if (w.dpol != nullptr) std::fill(w.dpol, w.dpol + ld, 0.0f);
+  for (int64_t i0 = 0; i0 < N; i0 += QB)
+    backward_rows<T>(a, col, b, h, i0, std::min(QB, N - i0), QB, w);
+
+  // dv_j += eps / N * sum_i dO_i / D_i for every key.
+  const float eps_n = a.eps / static_cast<float>(N);
+  for (int64_t j = 0; j < N; ++j) {
+    const int64_t c = col.pos[j];
+    float* dvr = w.dv + c * Dp;
+    axpy(eps_n, w.csum, dvr, Dp);
+    store_row<T>(a.dk, offset4(a.dk_stride, b, h, j), D, w.dk + c * Dp);
+    store_row<T>(a.dv, offset4(a.dv_stride, b, h, j), D, dvr);
+  }
+  if (w.dpol != nullptr) {
+    float* out = a.dpolicy_partial + (b * a.H + h) * N;
+    for (int64_t j = 0; j < N; ++j) out[j] = w.dpol[col.pos[j]];
+  }
+}
+
+// Task t: (b, h) = divmod(t, H).
+template <ElemType T>
+inline void backward_impl(const PolicyAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const int64_t ld = a.ld, Dp = round_up(a.D, kW);
+  const int64_t QB = std::max<int64_t>(1, std::min(a.q_block, a.N));
+  const bool need_dp = a.dpolicy_partial != nullptr;
+  BwdScratch w{};
+  AlignedBuffer mem(w.carve(nullptr, ld, Dp, QB, need_dp));
+  w.carve(mem.data(), ld, Dp, QB, need_dp);
+  for (int64_t task = task_begin; task < task_end; ++task)
+    backward_bh<T>(a, task / a.H, task % a.H, QB, w);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: one instantiation per element type
+// ---------------------------------------------------------------------------------------------
+
+inline void forward_kernel(const PolicyAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  switch (a.dtype) {
+    case ElemType::kFloat32: forward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: forward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: forward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+  }
+}
+
+inline void backward_kernel(const PolicyAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
+  switch (a.dtype) {
+    case ElemType::kFloat32: backward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: backward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: backward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+  }
+}

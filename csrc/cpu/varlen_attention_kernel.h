@@ -1,0 +1,520 @@
+// Packed variable-length softmax attention (DynamicViT after token dropping), forward and
+// backward, written once over the vocabulary of simd.h. Included inside an ISA namespace by
+// varlen_attention_{avx512,avx2,scalar}.cpp after simd.h (see simd.h for why nothing is included
+// here). The kernels see only VarlenAttention{Fwd,Bwd}Args: raw pointers, element strides, sizes.
+//
+// Math (fastvit_kernels/reference/varlen_attention.py), fp32 accumulation for every element type;
+// for rows i, j of one segment [start, start + n) and one head:
+//   S = q k^T * scale,  P = softmax_j(S),  O = P v,  lse = log sum_j exp(S)
+// Backward: delta_i = dO_i . O_i, dP = dO v^T, dS = P * (dP - delta),
+//   dq = dS k * scale, dk = dS^T q * scale, dv = P^T dO.
+//
+// Every product goes through one register-blocked micro-kernel, gemm(): C = A * B (+ C0) with A
+// read element-wise through two strides (so A^T costs nothing) and B / C as rows of whole vectors
+// (the same micro-kernel as bias_attention_kernel.h). Operands are packed into fp32 scratch first,
+// which converts bf16 / fp16 once and makes any input strides free; k / v are repacked only when a
+// thread moves to another (segment, head). Key columns past the segment's end (vector padding)
+// are masked with -inf before the softmax. Each query row's result depends only on its own data,
+// never on how rows are grouped into tasks, so any thread count gives the same bits.
+
+#include "kernel_common.h"  // round_up, Carver, Elem, store_row
+
+static_assert(kMaxMR <= 8 && kMaxNV <= 4, "gemm_tile dispatch covers MR <= 8, NV <= 4");
+
+// ---------------------------------------------------------------------------------------------
+// Scratch memory and element access
+// ---------------------------------------------------------------------------------------------
+
+// One 64-byte aligned fp32 allocation per kernel call (per thread).
+class AlignedBuffer {
+ public:
+  explicit AlignedBuffer(int64_t floats) {
+    const int64_t n = round_up(std::max<int64_t>(floats, 16), 16);  // aligned_alloc: size % 64 == 0
+    data_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(n) * sizeof(float)));
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  ~AlignedBuffer() { std::free(data_); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  float* data() const { return data_; }
+
+ private:
+  float* data_ = nullptr;
+};
+
+// dst[d] = mul * src[off + d * stride] for d < n, converted to fp32.
+// (GCC 12 inlines it where it cannot bound n and warns that a huge iteration count would overflow
+// d * stride: n is a head width <= kVarlenMaxHeadDim.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
+template <ElemType T>
+inline void load_row(const void* src, int64_t off, int64_t stride, int64_t n, float mul,
+                     float* dst) {
+  using E = Elem<T>;
+  const typename E::type* s = static_cast<const typename E::type*>(src) + off;
+  int64_t d = 0;
+  if (stride == 1) {
+    const vf m = vset1(mul);
+    for (; d + kW <= n; d += kW) vstore(dst + d, vmul(m, E::load(s + d)));
+  }
+  for (; d < n; ++d) dst[d] = mul * E::to_f32(s[d * stride]);
+}
+#pragma GCC diagnostic pop
+
+inline int64_t offset3(const int64_t* s, int64_t t, int64_t h) { return t * s[0] + h * s[1]; }
+
+// dst[j * ld + d] = mul * x[t0 + j, h, d] for j < N, d < D; columns [D, ld) zeroed.
+template <ElemType T>
+inline void pack_rows(const void* x, const int64_t* s, int64_t t0, int64_t h, int64_t N,
+                      int64_t D, int64_t ld, float mul, float* dst) {
+  for (int64_t j = 0; j < N; ++j) {
+    float* row = dst + j * ld;
+    load_row<T>(x, offset3(s, t0 + j, h), s[2], D, mul, row);
+    for (int64_t d = D; d < ld; ++d) row[d] = 0.0f;
+  }
+}
+
+// dst[d * ld + j] = x[t0 + j, h, d] for j < N, d < D, zero for j in [N, ld) and for the padding
+// rows d in [D, round_up(D, kW)) that dst must also hold. Rows go kW at a time through `blk`
+// (kW * round_up(D, kW) floats) and are transposed in registers.
+template <ElemType T>
+inline void pack_transposed(const void* x, const int64_t* s, int64_t t0, int64_t h, int64_t N,
+                            int64_t D, int64_t ld, float* blk, float* dst) {
+  const int64_t Dp = round_up(D, kW);
+  for (int64_t j0 = 0; j0 < ld; j0 += kW) {
+    for (int64_t r = 0; r < kW; ++r) {
+      float* row = blk + r * Dp;
+      int64_t d = 0;
+      if (j0 + r < N) {
+        load_row<T>(x, offset3(s, t0 + j0 + r, h), s[2], D, 1.0f, row);
+        d = D;
+      }
+      for (; d < Dp; ++d) row[d] = 0.0f;
+    }
+    for (int64_t d0 = 0; d0 < Dp; d0 += kW) transpose_block(blk + d0, Dp, dst + d0 * ld + j0, ld);
+  }
+}
+
+// Prefetch rows [t0, t0 + N) of x[:, h, 0:D] for the next (segment, head), so its packing finds
+// them in cache: per-head rows of a fused qkv buffer are scattered and the hardware prefetchers
+// miss them.
+template <ElemType T>
+inline void prefetch_rows(const void* x, const int64_t* s, int64_t t0, int64_t h, int64_t N,
+                          int64_t D) {
+  const int64_t esize = sizeof(typename Elem<T>::type);
+  const char* base = static_cast<const char*>(x);
+  for (int64_t r = 0; r < N; ++r) {
+    const char* row = base + offset3(s, t0 + r, h) * esize;
+    for (int64_t d = 0; d < D; d += 64 / esize) prefetch(row + d * s[2] * esize);
+  }
+}
+
+// Key mask of a segment of n keys: mask[j] = 0 for j < n, -inf for j in [n, round_up(n, kW)).
+inline void fill_key_mask(int64_t n, float* mask) {
+  const int64_t np = round_up(n, kW);
+  for (int64_t j = 0; j < np; ++j) mask[j] = j < n ? 0.0f : -std::numeric_limits<float>::infinity();
+}
+
+// Adds the mask to the last (partial) vector of each of `rows` score rows of ld floats.
+inline void mask_scores(float* s, int64_t rows, int64_t ld, int64_t n, const float* mask) {
+  if (n % kW == 0) return;
+  const int64_t c = ld - kW;
+  const vf m = vload(mask + c);
+  for (int64_t r = 0; r < rows; ++r) vstore(s + r * ld + c, vadd(vload(s + r * ld + c), m));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GEMM micro-kernel
+// ---------------------------------------------------------------------------------------------
+
+// C[i, :] = sum_k A[i * ars + k * acs] * B[k * ldb + :] (+ C0[i * ldc0 + :]) for a tile of MR
+// rows and NV vectors; the epilogue functor receives each finished accumulator.
+struct TileArgs {
+  int64_t K;
+  const float* A; int64_t ars, acs;
+  const float* B; int64_t ldb;
+  const float* C0; int64_t ldc0;
+  int64_t i0, jv0;  // tile origin, handed to the epilogue (row, vector column)
+};
+
+template <int MR, int NV, class Epi>
+inline void gemm_tile(const TileArgs& t, Epi& epi) {
+  vf acc[MR][NV];
+  if (t.C0 != nullptr) {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = vload(t.C0 + r * t.ldc0 + c * kW);
+  } else {
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = vzero();
+  }
+  const float* a = t.A;
+  const float* b = t.B;
+  for (int64_t k = 0; k < t.K; ++k, a += t.acs, b += t.ldb) {
+    vf bv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) bv[c] = vload(b + c * kW);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const vf av = vset1(a[r * t.ars]);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[r][c] = vfma(av, bv[c], acc[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) epi(t.i0 + r, t.jv0 + c, acc[r][c]);
+}
+
+template <int MR, class Epi>
+inline void gemm_tile_nv(int nv, const TileArgs& t, Epi& epi) {
+  switch (nv) {
+    case 1: if constexpr (MR * 1 <= kMaxAcc) gemm_tile<MR, 1>(t, epi); break;
+    case 2: if constexpr (MR * 2 <= kMaxAcc && kMaxNV >= 2) gemm_tile<MR, 2>(t, epi); break;
+    case 3: if constexpr (MR * 3 <= kMaxAcc && kMaxNV >= 3) gemm_tile<MR, 3>(t, epi); break;
+    case 4: if constexpr (MR * 4 <= kMaxAcc && kMaxNV >= 4) gemm_tile<MR, 4>(t, epi); break;
+  }
+}
+
+template <class Epi>
+inline void gemm_tile_dispatch(int mr, int nv, const TileArgs& t, Epi& epi) {
+  switch (mr) {
+    case 1: gemm_tile_nv<1>(nv, t, epi); break;
+    case 2: if constexpr (kMaxMR >= 2) gemm_tile_nv<2>(nv, t, epi); break;
+    case 3: if constexpr (kMaxMR >= 3) gemm_tile_nv<3>(nv, t, epi); break;
+    case 4: if constexpr (kMaxMR >= 4) gemm_tile_nv<4>(nv, t, epi); break;
+    case 5: if constexpr (kMaxMR >= 5) gemm_tile_nv<5>(nv, t, epi); break;
+    case 6: if constexpr (kMaxMR >= 6) gemm_tile_nv<6>(nv, t, epi); break;
+    case 7: if constexpr (kMaxMR >= 7) gemm_tile_nv<7>(nv, t, epi); break;
+    case 8: if constexpr (kMaxMR >= 8) gemm_tile_nv<8>(nv, t, epi); break;
+  }
+}
+
+// Split n into the fewest parts of at most `most`, as even as possible; part p has size
+// part_size(n, parts, p).
+inline int64_t num_parts(int64_t n, int64_t most) { return (n + most - 1) / most; }
+inline int64_t part_size(int64_t n, int64_t parts, int64_t p) {
+  return n / parts + (p < n % parts ? 1 : 0);
+}
+
+// C (M rows x NVt vectors) = A (M x K, strides ars / acs) * B (K rows of ldb floats) (+ C0).
+// Column tiles outermost so that a K x NV block of B stays in L1 across the row tiles.
+template <class Epi>
+inline void gemm(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t ars, int64_t acs,
+                 const float* B, int64_t ldb, const float* C0, int64_t ldc0, Epi& epi) {
+  const int64_t col_tiles = num_parts(NVt, kMaxNV);
+  for (int64_t ct = 0, jv = 0; ct < col_tiles; ++ct) {
+    const int nv = static_cast<int>(part_size(NVt, col_tiles, ct));
+    const int64_t row_tiles = num_parts(M, std::min(kMaxMR, kMaxAcc / nv));
+    for (int64_t rt = 0, i = 0; rt < row_tiles; ++rt) {
+      const int mr = static_cast<int>(part_size(M, row_tiles, rt));
+      const TileArgs t{K, A + i * ars, ars, acs, B + jv * kW, ldb,
+                       C0 != nullptr ? C0 + i * ldc0 + jv * kW : nullptr, ldc0, i, jv};
+      gemm_tile_dispatch(mr, nv, t, epi);
+      i += mr;
+    }
+    jv += nv;
+  }
+}
+
+// Epilogues.
+struct StoreEpi {  // C = acc
+  float* c; int64_t ldc;
+  void operator()(int64_t i, int64_t jv, vf x) { vstore(c + i * ldc + jv * kW, x); }
+};
+struct RowScaleEpi {  // C = acc * row_mul[i]
+  float* c; int64_t ldc; const float* row_mul;
+  void operator()(int64_t i, int64_t jv, vf x) {
+    vstore(c + i * ldc + jv * kW, vmul(x, vset1(row_mul[i])));
+  }
+};
+struct SoftmaxGradEpi {  // acc = dP; P <- dS = P * (dP - delta[i]), in place
+  float* p; int64_t ldp; const float* delta;
+  void operator()(int64_t i, int64_t jv, vf x) {
+    float* ptr = p + i * ldp + jv * kW;
+    vstore(ptr, vmul(vload(ptr), vsub(x, vset1(delta[i]))));
+  }
+};
+
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// Query rows handled together: their scores stay in L1 between the two products.
+constexpr int64_t kRowGroup = kW == 1 ? 8 : 2 * kMaxMR;
+static_assert(kRowGroup % kW == 0, "row statistics are processed in whole vectors");
+
+// Per-thread forward buffers, sized for the longest segment (Np = round_up(max_seqlen, kW),
+// Dp = round_up(D, kW)); a segment of n keys uses leading dimension round_up(n, kW).
+struct FwdScratch {
+  float* kt;       // k^T [Dp][Np]
+  float* vp;       // v [max_seqlen][Dp]
+  float* mask;     // key mask [Np]
+  float* qs;       // q * scale [kRowGroup][D]
+  float* s;        // scores, then probabilities [kRowGroup][Np]
+  float* o;        // output rows [kRowGroup][Dp]
+  float* row_sum;  // softmax denominators, then their inverses [kRowGroup]
+  float* lse;      // row maxima, then lse [kRowGroup]
+  float* blk;      // transpose staging [kW][Dp]
+
+  int64_t carve(float* base, int64_t N, int64_t D) {
+    const int64_t Np = round_up(N, kW), Dp = round_up(D, kW);
+    Carver c(base);
+    kt = c.take(Dp * Np);
+    vp = c.take(N * Dp);
+    mask = c.take(Np);
+    qs = c.take(kRowGroup * D);
+    s = c.take(kRowGroup * Np);
+    o = c.take(kRowGroup * Dp);
+    row_sum = c.take(kRowGroup);
+    lse = c.take(kRowGroup);
+    blk = c.take(kW * Dp);
+    return c.used();
+  }
+};
+
+// Query rows [i0, i0 + rows) (inside the segment [start, start + n)) of head h, with k^T / v /
+// the mask already packed.
+template <ElemType T>
+inline void forward_rows(const VarlenAttentionFwdArgs& a, int64_t start, int64_t n, int64_t h,
+                         int64_t i0, int64_t rows, const FwdScratch& w) {
+  const int64_t H = a.H, D = a.D;
+  const int64_t Np = round_up(n, kW), Dp = round_up(D, kW);
+  for (int64_t r = 0; r < rows; ++r)
+    load_row<T>(a.q, offset3(a.q_stride, start + i0 + r, h), a.q_stride[2], D, a.scale,
+                w.qs + r * D);
+
+  // S = (q * scale) k^T, key padding masked to -inf.
+  StoreEpi s_epi{w.s, Np};
+  gemm(rows, Np / kW, D, w.qs, D, 1, w.kt, Np, nullptr, 0, s_epi);
+  mask_scores(w.s, rows, Np, n, w.mask);
+
+  // Softmax numerators in place, then lse = max + log(sum) and 1 / sum, a vector of rows at once.
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = w.s + r * Np;
+    vf mx = vload(sr);
+    for (int64_t c = kW; c < Np; c += kW) mx = vmax(mx, vload(sr + c));
+    const float m = vhmax(mx);
+    const vf mv = vset1(m);
+    vf sum = vzero();
+    for (int64_t c = 0; c < Np; c += kW) {
+      const vf e = vexp(vsub(vload(sr + c), mv));
+      vstore(sr + c, e);
+      sum = vadd(sum, e);
+    }
+    w.lse[r] = m;
+    w.row_sum[r] = vhsum(sum);
+  }
+  for (int64_t r = rows; r < kRowGroup; ++r) w.lse[r] = w.row_sum[r] = 1.0f;
+  for (int64_t r = 0; r < kRowGroup; r += kW) {
+    const vf l = vload(w.row_sum + r);
+    vstore(w.lse + r, vadd(vload(w.lse + r), vlog(l)));
+    vstore(w.row_sum + r, vdiv(vset1(1.0f), l));
+  }
+  for (int64_t r = 0; r < rows; ++r) a.lse[(start + i0 + r) * H + h] = w.lse[r];
+
+  // O = P v / sum, stored in the output dtype.
+  RowScaleEpi o_epi{w.o, Dp, w.row_sum};
+  gemm(rows, Dp / kW, n, w.s, Np, 1, w.vp, Dp, nullptr, 0, o_epi);
+  for (int64_t r = 0; r < rows; ++r)
+    store_row<T>(a.out, ((start + i0 + r) * H + h) * D, D, w.o + r * Dp);
+}
+
+template <ElemType T>
+inline void forward_impl(const VarlenAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const int64_t D = a.D, Dp = round_up(D, kW);
+  FwdScratch w{};
+  AlignedBuffer mem(w.carve(nullptr, a.max_seqlen, D));
+  w.carve(mem.data(), a.max_seqlen, D);
+
+  int64_t packed_seg = -1, packed_h = -1;
+  for (int64_t ti = task_begin; ti < task_end; ++ti) {
+    const VarlenTask& t = a.tasks[ti];
+    const int64_t start = a.cu_seqlens[t.seg], n = a.cu_seqlens[t.seg + 1] - start;
+    if (t.seg != packed_seg || t.head != packed_h) {
+      // Warm the cache for the next (segment, head) while this one computes, then pack this one.
+      if (ti + 1 < task_end) {
+        const VarlenTask& nt = a.tasks[ti + 1];
+        if (nt.seg != t.seg || nt.head != t.head) {
+          const int64_t ns = a.cu_seqlens[nt.seg], nn = a.cu_seqlens[nt.seg + 1] - ns;
+          prefetch_rows<T>(a.k, a.k_stride, ns, nt.head, nn, D);
+          prefetch_rows<T>(a.v, a.v_stride, ns, nt.head, nn, D);
+          prefetch_rows<T>(a.q, a.q_stride, ns + nt.q_begin, nt.head,
+                           std::min<int64_t>(nt.q_end - nt.q_begin, kRowGroup), D);
+        }
+      }
+      const int64_t Np = round_up(n, kW);
+      pack_transposed<T>(a.k, a.k_stride, start, t.head, n, D, Np, w.blk, w.kt);
+      pack_rows<T>(a.v, a.v_stride, start, t.head, n, D, Dp, 1.0f, w.vp);
+      fill_key_mask(n, w.mask);
+      packed_seg = t.seg;
+      packed_h = t.head;
+    }
+    for (int64_t i0 = t.q_begin; i0 < t.q_end; i0 += kRowGroup)
+      forward_rows<T>(a, start, n, t.head, i0, std::min(kRowGroup, t.q_end - i0), w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Per-thread backward buffers (N: longest segment, QB: query rows per block).
+struct BwdScratch {
+  float* kt;     // k^T [Dp][Np]
+  float* ks;     // k * scale [N][Dp]
+  float* vt;     // v^T [Dp][Np]
+  float* dk;     // dk accumulator [N][Dp]
+  float* dv;     // dv accumulator [N][Dp]
+  float* mask;   // key mask [Np]
+  float* qs;     // q * scale [QB][Dp]
+  float* dout;   // dO [QB][Dp]
+  float* p;      // P, then dS [QB][Np]
+  float* dq;     // dq rows [QB][Dp]
+  float* delta;  // dO . O [QB]
+  float* lse;    // [QB]
+  float* tmp;    // an out row; transpose staging [kW][Dp]
+
+  int64_t carve(float* base, int64_t N, int64_t D, int64_t QB) {
+    const int64_t Np = round_up(N, kW), Dp = round_up(D, kW);
+    Carver c(base);
+    kt = c.take(Dp * Np);
+    ks = c.take(N * Dp);
+    vt = c.take(Dp * Np);
+    dk = c.take(N * Dp);
+    dv = c.take(N * Dp);
+    mask = c.take(Np);
+    qs = c.take(QB * Dp);
+    dout = c.take(QB * Dp);
+    p = c.take(QB * Np);
+    dq = c.take(QB * Dp);
+    delta = c.take(QB);
+    lse = c.take(QB);
+    tmp = c.take(kW * Dp);
+    return c.used();
+  }
+};
+
+// Query rows [i0, i0 + rows) of the segment [start, start + n), head h: every product, with k / v
+// already packed.
+template <ElemType T>
+inline void backward_rows(const VarlenAttentionBwdArgs& a, int64_t start, int64_t n, int64_t h,
+                          int64_t i0, int64_t rows, const BwdScratch& w) {
+  const int64_t D = a.D, H = a.H;
+  const int64_t Np = round_up(n, kW), Dp = round_up(D, kW);
+
+  // Per row: q * scale, dO, delta = dO . O (= rowsum(P * dP)), lse.
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t t = start + i0 + r;
+    float* qr = w.qs + r * Dp;
+    load_row<T>(a.q, offset3(a.q_stride, t, h), a.q_stride[2], D, a.scale, qr);
+    for (int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
+    float* gr = w.dout + r * Dp;
+    load_row<T>(a.grad_out, offset3(a.grad_out_stride, t, h), a.grad_out_stride[2], D, 1.0f, gr);
+    load_row<T>(a.out, offset3(a.out_stride, t, h), a.out_stride[2], D, 1.0f, w.tmp);
+    for (int64_t d = D; d < Dp; ++d) gr[d] = w.tmp[d] = 0.0f;
+    vf dot = vzero();
+    for (int64_t c = 0; c < Dp; c += kW) dot = vfma(vload(gr + c), vload(w.tmp + c), dot);
+    w.delta[r] = vhsum(dot);
+    w.lse[r] = a.lse[t * a.lse_stride[0] + h * a.lse_stride[1]];
+  }
+
+  // P = exp(q k^T * scale - lse), zero on the key padding.
+  StoreEpi s_epi{w.p, Np};
+  gemm(rows, Np / kW, D, w.qs, Dp, 1, w.kt, Np, nullptr, 0, s_epi);
+  mask_scores(w.p, rows, Np, n, w.mask);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* pr = w.p + r * Np;
+    const vf l = vset1(w.lse[r]);
+    for (int64_t c = 0; c < Np; c += kW) vstore(pr + c, vexp(vsub(vload(pr + c), l)));
+  }
+
+  // dv += P^T dO (A = P read transposed).
+  StoreEpi dv_epi{w.dv, Dp};
+  gemm(n, Dp / kW, rows, w.p, 1, Np, w.dout, Dp, w.dv, Dp, dv_epi);
+
+  // dS = P * (dO v^T - delta), written over P.
+  SoftmaxGradEpi ds_epi{w.p, Np, w.delta};
+  gemm(rows, Np / kW, D, w.dout, Dp, 1, w.vt, Np, nullptr, 0, ds_epi);
+
+  // dq = dS (k * scale).
+  StoreEpi dq_epi{w.dq, Dp};
+  gemm(rows, Dp / kW, n, w.p, Np, 1, w.ks, Dp, nullptr, 0, dq_epi);
+  for (int64_t r = 0; r < rows; ++r)
+    store_row<T>(a.dq, ((start + i0 + r) * H + h) * D, D, w.dq + r * Dp);
+
+  // dk += dS^T (q * scale).
+  StoreEpi dk_epi{w.dk, Dp};
+  gemm(n, Dp / kW, rows, w.p, 1, Np, w.qs, Dp, w.dk, Dp, dk_epi);
+}
+
+// A whole (segment, head): pack k / v, every query block, then store dk / dv.
+template <ElemType T>
+inline void backward_seg_head(const VarlenAttentionBwdArgs& a, int64_t start, int64_t n,
+                              int64_t h, int64_t QB, const BwdScratch& w) {
+  const int64_t D = a.D, H = a.H;
+  const int64_t Np = round_up(n, kW), Dp = round_up(D, kW);
+  pack_transposed<T>(a.k, a.k_stride, start, h, n, D, Np, w.tmp, w.kt);
+  pack_rows<T>(a.k, a.k_stride, start, h, n, D, Dp, a.scale, w.ks);
+  pack_transposed<T>(a.v, a.v_stride, start, h, n, D, Np, w.tmp, w.vt);
+  fill_key_mask(n, w.mask);
+  std::fill(w.dk, w.dk + n * Dp, 0.0f);
+  std::fill(w.dv, w.dv + n * Dp, 0.0f);
+  for (int64_t i0 = 0; i0 < n; i0 += QB) backward_rows<T>(a, start, n, h, i0, std::min(QB, n - i0), w);
+  for (int64_t j = 0; j < n; ++j) {
+    store_row<T>(a.dk, ((start + j) * H + h) * D, D, w.dk + j * Dp);
+    store_row<T>(a.dv, ((start + j) * H + h) * D, D, w.dv + j * Dp);
+  }
+}
+
+// Tasks cover whole (segment, head) pairs in backward (see VarlenAttentionBwdArgs).
+template <ElemType T>
+inline void backward_impl(const VarlenAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const int64_t D = a.D;
+  const int64_t QB = std::max<int64_t>(1, std::min(a.q_block, a.max_seqlen));
+  BwdScratch w{};
+  AlignedBuffer mem(w.carve(nullptr, a.max_seqlen, D, QB));
+  w.carve(mem.data(), a.max_seqlen, D, QB);
+
+  for (int64_t ti = task_begin; ti < task_end; ++ti) {
+    const VarlenTask& t = a.tasks[ti];
+    const int64_t start = a.cu_seqlens[t.seg], n = a.cu_seqlens[t.seg + 1] - start;
+    // Warm the cache for the next task's k / v and first query block.
+    if (ti + 1 < task_end) {
+      const VarlenTask& nt = a.tasks[ti + 1];
+      const int64_t ns = a.cu_seqlens[nt.seg], nn = a.cu_seqlens[nt.seg + 1] - ns;
+      const int64_t rows = std::min(nn, QB);
+      prefetch_rows<T>(a.k, a.k_stride, ns, nt.head, nn, D);
+      prefetch_rows<T>(a.v, a.v_stride, ns, nt.head, nn, D);
+      prefetch_rows<T>(a.q, a.q_stride, ns, nt.head, rows, D);
+      prefetch_rows<T>(a.grad_out, a.grad_out_stride, ns, nt.head, rows, D);
+      prefetch_rows<T>(a.out, a.out_stride, ns, nt.head, rows, D);
+    }
+    backward_seg_head<T>(a, start, n, t.head, QB, w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: one instantiation per element type
+// ---------------------------------------------------------------------------------------------
+
+inline void forward_kernel(const VarlenAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  switch (a.dtype) {
+    case ElemType::kFloat32: forward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: forward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: forward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+  }
+}
+
+inline void backward_kernel(const VarlenAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
+  switch (a.dtype) {
+    case ElemType::kFloat32: backward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: backward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: backward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+  }
+}
