@@ -9,5 +9,6 @@
 from fastvit_kernels.modules.bias_attention import BiasAttention, ConvNorm, LinearNorm, ShrinkAttention, Subsample
 from fastvit_kernels.modules.ggem import GGeM
 from fastvit_kernels.modules.qna import QnA
+from fastvit_kernels.modules.masked_token_attention import MaskedTokenAttention
 
-__all__ = ["BiasAttention", "ShrinkAttention", "QnA", "GGeM", "LinearNorm", "ConvNorm", "Subsample"]
+__all__ = ["BiasAttention", "ShrinkAttention", "QnA", "GGeM", "LinearNorm", "ConvNorm", "Subsample", "MaskedTokenAttention"]
