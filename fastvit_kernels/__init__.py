@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from fastvit_kernels import ops
 from fastvit_kernels.backends import use_backend
 from fastvit_kernels.modules import BiasAttention, GGeM, QnA, ShrinkAttention
+from fastvit_kernels.modules import MaskedTokenAttention
 from fastvit_kernels.patch import patch_timm, unpatch_timm, fold_batchnorm
 # QnA-ViT; registers qna_vit_* with timm when timm is installed (and the ops' FLOP formulas).
 from fastvit_kernels import models
@@ -23,6 +24,7 @@ __all__ = [
     "ShrinkAttention",
     "QnA",
     "GGeM",
+    "MaskedTokenAttention",
     "models",
     "patch_timm",
     "unpatch_timm",

@@ -17,4 +17,7 @@ from fastvit_kernels.models.qna_vit import (
     qna_vit_tiny_7x7,
 )
 
-__all__ = ["QnAViT", "qna_vit_tiny", "qna_vit_tiny_7x7", "qna_vit_small", "qna_vit_base"]
+from fastvit_kernels.models.dynamic_vit import DynamicViT, dynamicvit_deit_base, dynamicvit_deit_small
+
+__all__ = ["QnAViT", "qna_vit_tiny", "qna_vit_tiny_7x7", "qna_vit_small", "qna_vit_base",
+           "DynamicViT", "dynamicvit_deit_small", "dynamicvit_deit_base"]
