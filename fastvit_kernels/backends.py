@@ -16,6 +16,7 @@ tensors: it runs only when forced. `VERIFIED_ON_GPU` records what has been verif
 """
 
 import contextlib
+import importlib
 import contextvars
 import os
 from dataclasses import dataclass, field
@@ -125,3 +126,73 @@ class OpBackends:
             tried[name] = reasons
         details = "; ".join(f"{n}: {', '.join(r)}" for n, r in tried.items())
         raise RuntimeError(f"{self.op}: no backend can run these inputs ({details})")
+
+
+class NativeKernels:
+    """An op's C++ entry points `_C.<op>_forward` / `_C.<op>_backward` under the backend
+    contract's names (they take the contract's arguments in its order)."""
+
+    def __init__(self, op: str):
+        self.op = op
+
+    def forward(self, *args):
+        return tuple(getattr(_native.native, f"{self.op}_forward")(*args))
+
+    def backward(self, *args):
+        return tuple(getattr(_native.native, f"{self.op}_backward")(*args))
+
+
+_NO_LIMITS: Callable[..., List[str]] = lambda *inputs: []  # noqa: E731
+
+
+def standard_backends(
+    op: str,
+    reference: object,
+    native_dtypes: Sequence[object],
+    native_limits: Callable[..., List[str]] = _NO_LIMITS,
+    triton_limits: Optional[Callable[..., List[str]]] = None,
+    cpu_kernels: Optional[object] = None,
+) -> OpBackends:
+    """The four backends every op declares the same way; `op` names the C++ entry points
+    (`_C.<op>_forward`), the Triton module (`fastvit_kernels.triton.<op>`) and the messages.
+
+    The why_not functions take the op's dispatch inputs, the first being its main tensor (its
+    device decides). native_limits(*inputs) lists what the C++ kernel cannot take (dtype, sizes);
+    triton_limits adds to the Triton module's own why_not (default: native_limits).
+    cpu_kernels adapts a C++ signature that differs from the contract (default: NativeKernels).
+    """
+    triton_limits = native_limits if triton_limits is None else triton_limits
+
+    def reference_why_not(*inputs) -> List[str]:
+        return []
+
+    def cpu_why_not(*inputs) -> List[str]:
+        reasons = []
+        if inputs[0].device.type != "cpu":
+            reasons.append(f"tensors are on {inputs[0].device.type}, the C++ kernel takes CPU tensors")
+        if not _native.available():
+            reasons.append(f"native extension not built ({_native.load_error})")
+        elif not hasattr(_native.native, f"{op}_forward"):
+            reasons.append(f"the native extension was built without {op} (rebuild it)")
+        return reasons + native_limits(*inputs)
+
+    def load_triton():
+        return importlib.import_module(f"fastvit_kernels.triton.{op}")
+
+    def triton_why_not(*inputs) -> List[str]:
+        try:
+            kernels = load_triton()
+        except Exception as error:  # triton missing or broken
+            return [f"cannot import the Triton kernels ({type(error).__name__}: {error})"]
+        return kernels.why_not(*inputs) + triton_limits(*inputs)
+
+    def cuda_why_not(*inputs) -> List[str]:
+        return ["no CUDA C++ kernel for this op yet (use 'triton')"]
+
+    backends = OpBackends(op=op, default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
+                          native_dtypes=native_dtypes)
+    backends.add(Backend("reference", reference_why_not, lambda: reference))
+    backends.add(Backend("cpu", cpu_why_not, lambda: cpu_kernels or NativeKernels(op)))
+    backends.add(Backend("triton", triton_why_not, load_triton))
+    backends.add(Backend("cuda", cuda_why_not, lambda: None))
+    return backends

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastvit_kernels import _native
-from fastvit_kernels.backends import Backend, OpBackends
+from fastvit_kernels.backends import Backend, standard_backends
 from fastvit_kernels.reference import bias_attention as reference
 
 OP_NAME = "bias_attention"
@@ -84,7 +84,7 @@ def _check_inputs(q, k, v, table, index, scale, activation) -> None:
         if t.dim() != 4:
             _fail(name, f"4-D {layout}", f"{t.dim()}-D tensor of shape {tuple(t.shape)}")
     if q.dtype not in DTYPES_WITH_REFERENCE:
-        _fail("q", f"of dtype float32, bfloat16 or float16", q.dtype)
+        _fail("q", "of dtype float32, bfloat16 or float16", q.dtype)
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             _fail(f"{name}.dtype", f"q's dtype {q.dtype}", t.dtype)
@@ -304,16 +304,8 @@ class _CpuKernels:
         )
 
 
-def _reference_why_not(q, k, v, table, index) -> List[str]:
-    return []
-
-
-def _cpu_why_not(q, k, v, table, index) -> List[str]:
+def _native_limits(q, k, v, table, index) -> List[str]:
     reasons = []
-    if q.device.type != "cpu":
-        reasons.append(f"tensors are on {q.device.type}, the C++ kernel takes CPU tensors")
-    if not _native.available():
-        reasons.append(f"native extension not built ({_native.load_error})")
     if q.dtype not in DTYPES:
         reasons.append(f"dtype {q.dtype} not in (float32, bfloat16, float16)")
     if max(q.shape[3], v.shape[3]) > MAX_HEAD_DIM:
@@ -321,33 +313,9 @@ def _cpu_why_not(q, k, v, table, index) -> List[str]:
     return reasons
 
 
-def _triton_why_not(q, k, v, table, index) -> List[str]:
-    try:
-        from fastvit_kernels.triton import bias_attention as triton_kernels
-    except Exception as error:  # triton missing or broken
-        return [f"cannot import the Triton kernels ({type(error).__name__}: {error})"]
-    return triton_kernels.why_not(q, k, v, table, index)
-
-
-def _load_triton():
-    from fastvit_kernels.triton import bias_attention as triton_kernels
-
-    return triton_kernels
-
-
-def _cuda_why_not(q, k, v, table, index) -> List[str]:
-    return ["no CUDA C++ kernel for this op yet (use 'triton')"]
-
-
-BACKENDS = OpBackends(
-    op=OP_NAME,
-    default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
-    native_dtypes=DTYPES,
-)
-BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
-BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
-BACKENDS.add(Backend("triton", _triton_why_not, _load_triton))
-BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
+# The Triton module's why_not covers its own dtype and size limits.
+BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits, triton_limits=lambda *inputs: [],
+                             cpu_kernels=_CpuKernels)
 
 
 def select_backend(q, k, v, table=None, index=None) -> Backend:

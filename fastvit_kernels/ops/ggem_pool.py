@@ -15,8 +15,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from fastvit_kernels import _native
-from fastvit_kernels.backends import Backend, OpBackends
+from fastvit_kernels.backends import Backend, standard_backends
 from fastvit_kernels.reference import ggem_pool as reference
 
 OP_NAME = "ggem_pool"
@@ -198,24 +197,6 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
-class _CpuKernels:
-    """The C++ extension's entry points under the backend contract's names."""
-
-    @staticmethod
-    def forward(x, p, groups, eps, interleaved, num_prefix_tokens):
-        return tuple(_native.native.ggem_pool_forward(x, p, groups, eps, interleaved, num_prefix_tokens))
-
-    @staticmethod
-    def backward(grad_y, x, p, log_mean, groups, eps, interleaved, num_prefix_tokens):
-        return tuple(
-            _native.native.ggem_pool_backward(grad_y, x, p, log_mean, groups, eps, interleaved, num_prefix_tokens)
-        )
-
-
-def _reference_why_not(x, p) -> List[str]:
-    return []
-
-
 def _native_limits(x, p) -> List[str]:
     reasons = []
     if x.dtype not in DTYPES:
@@ -225,44 +206,7 @@ def _native_limits(x, p) -> List[str]:
     return reasons
 
 
-def _cpu_why_not(x, p) -> List[str]:
-    reasons = []
-    if x.device.type != "cpu":
-        reasons.append(f"tensors are on {x.device.type}, the C++ kernel takes CPU tensors")
-    if not _native.available():
-        reasons.append(f"native extension not built ({_native.load_error})")
-    elif not hasattr(_native.native, "ggem_pool_forward"):
-        reasons.append("the native extension was built without ggem_pool (rebuild it)")
-    return reasons + _native_limits(x, p)
-
-
-def _triton_why_not(x, p) -> List[str]:
-    try:
-        from fastvit_kernels.triton import ggem_pool as triton_kernels
-    except Exception as error:  # triton missing or broken
-        return [f"cannot import the Triton kernels ({type(error).__name__}: {error})"]
-    return triton_kernels.why_not(x, p) + _native_limits(x, p)
-
-
-def _load_triton():
-    from fastvit_kernels.triton import ggem_pool as triton_kernels
-
-    return triton_kernels
-
-
-def _cuda_why_not(x, p) -> List[str]:
-    return ["no CUDA C++ kernel for this op yet (use 'triton')"]
-
-
-BACKENDS = OpBackends(
-    op=OP_NAME,
-    default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
-    native_dtypes=DTYPES,
-)
-BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
-BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
-BACKENDS.add(Backend("triton", _triton_why_not, _load_triton))
-BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
+BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits)
 
 
 def select_backend(x, p) -> Backend:

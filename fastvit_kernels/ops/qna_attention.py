@@ -14,8 +14,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastvit_kernels import _native
-from fastvit_kernels.backends import Backend, OpBackends
+from fastvit_kernels.backends import Backend, standard_backends
 from fastvit_kernels.reference import qna_attention as reference
 
 OP_NAME = "qna_attention"
@@ -210,25 +209,7 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
-class _CpuKernels:
-    """The C++ extension's entry points under the backend contract's names."""
-
-    @staticmethod
-    def forward(cost, v, rpe, attn_scale, kernel_size, stride):
-        return tuple(_native.native.qna_attention_forward(cost, v, rpe, attn_scale, kernel_size, stride))
-
-    @staticmethod
-    def backward(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride):
-        return tuple(
-            _native.native.qna_attention_backward(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride)
-        )
-
-
-def _reference_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
-    return []
-
-
-def _native_limits(cost, v, kernel_size) -> List[str]:
+def _native_limits(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
     reasons = []
     if cost.dtype not in DTYPES:
         reasons.append(f"dtype {cost.dtype} not in (float32, bfloat16, float16)")
@@ -239,46 +220,7 @@ def _native_limits(cost, v, kernel_size) -> List[str]:
     return reasons
 
 
-def _cpu_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
-    reasons = []
-    if cost.device.type != "cpu":
-        reasons.append(f"tensors are on {cost.device.type}, the C++ kernel takes CPU tensors")
-    if not _native.available():
-        reasons.append(f"native extension not built ({_native.load_error})")
-    elif not hasattr(_native.native, "qna_attention_forward"):
-        reasons.append("the native extension was built without qna_attention (rebuild it)")
-    return reasons + _native_limits(cost, v, kernel_size)
-
-
-def _triton_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
-    try:
-        from fastvit_kernels.triton import qna_attention as triton_kernels
-    except Exception as error:  # triton missing or broken
-        return [f"cannot import the Triton kernels ({type(error).__name__}: {error})"]
-    return triton_kernels.why_not(cost, v, rpe, attn_scale, kernel_size, stride) + _native_limits(
-        cost, v, kernel_size
-    )
-
-
-def _load_triton():
-    from fastvit_kernels.triton import qna_attention as triton_kernels
-
-    return triton_kernels
-
-
-def _cuda_why_not(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
-    return ["no CUDA C++ kernel for this op yet (use 'triton')"]
-
-
-BACKENDS = OpBackends(
-    op=OP_NAME,
-    default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
-    native_dtypes=DTYPES,
-)
-BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
-BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
-BACKENDS.add(Backend("triton", _triton_why_not, _load_triton))
-BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
+BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits)
 
 
 def select_backend(cost, v, rpe, attn_scale, kernel_size, stride) -> Backend:

@@ -15,8 +15,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastvit_kernels import _native
-from fastvit_kernels.backends import Backend, OpBackends
+from fastvit_kernels.backends import Backend, standard_backends
 from fastvit_kernels.reference import varlen_attention as reference
 
 OP_NAME = "varlen_attention"
@@ -194,24 +193,7 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
-class _CpuKernels:
-    """The C++ extension's entry points under the backend contract's names."""
-
-    @staticmethod
-    def forward(q, k, v, cu_seqlens, max_seqlen, scale):
-        return tuple(_native.native.varlen_attention_forward(q, k, v, cu_seqlens, max_seqlen, scale))
-
-    @staticmethod
-    def backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
-        return tuple(_native.native.varlen_attention_backward(
-            grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale))
-
-
-def _reference_why_not(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
-    return []
-
-
-def _native_limits(q) -> List[str]:
+def _native_limits(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
     reasons = []
     if q.dtype not in DTYPES:
         reasons.append(f"dtype {q.dtype} not in (float32, bfloat16, float16)")
@@ -220,44 +202,7 @@ def _native_limits(q) -> List[str]:
     return reasons
 
 
-def _cpu_why_not(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
-    reasons = []
-    if q.device.type != "cpu":
-        reasons.append(f"tensors are on {q.device.type}, the C++ kernel takes CPU tensors")
-    if not _native.available():
-        reasons.append(f"native extension not built ({_native.load_error})")
-    elif not hasattr(_native.native, "varlen_attention_forward"):
-        reasons.append("the native extension was built without varlen_attention (rebuild it)")
-    return reasons + _native_limits(q)
-
-
-def _triton_why_not(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
-    try:
-        from fastvit_kernels.triton import varlen_attention as triton_kernels
-    except Exception as error:  # triton missing or broken
-        return [f"cannot import the Triton kernels ({type(error).__name__}: {error})"]
-    return triton_kernels.why_not(q, k, v, cu_seqlens, max_seqlen, scale) + _native_limits(q)
-
-
-def _load_triton():
-    from fastvit_kernels.triton import varlen_attention as triton_kernels
-
-    return triton_kernels
-
-
-def _cuda_why_not(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
-    return ["no CUDA C++ kernel for this op yet (use 'triton')"]
-
-
-BACKENDS = OpBackends(
-    op=OP_NAME,
-    default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
-    native_dtypes=DTYPES,
-)
-BACKENDS.add(Backend("reference", _reference_why_not, lambda: reference))
-BACKENDS.add(Backend("cpu", _cpu_why_not, lambda: _CpuKernels))
-BACKENDS.add(Backend("triton", _triton_why_not, _load_triton))
-BACKENDS.add(Backend("cuda", _cuda_why_not, lambda: None))
+BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits)
 
 
 def select_backend(q, k, v, cu_seqlens, max_seqlen, scale) -> Backend:
