@@ -26,6 +26,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
+
 from fastvit_kernels.reference.bias_attention import empty_bhnd
 
 # ---------------------------------------------------------------------------------------------
@@ -33,16 +35,6 @@ from fastvit_kernels.reference.bias_attention import empty_bhnd
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: fp32 products with fp32 operands (the GPU's default would be TF32). Set for fp32
-    # inputs (the casts are no-ops), and for bf16 under the interpreter, whose bf16 tl.dot is
-    # wrong (bf16 x bf16 products are exact in fp32, so only the summation order differs).
-    if IEEE:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 @triton.jit
@@ -115,7 +107,7 @@ def _fwd_kernel(
             k_base + offs_n[None, :] * s_kn + offs_dk[:, None] * s_kd,
             mask=n_mask[None, :] & dk_mask[:, None], other=0.0,
         )
-        s = _dot(q, kt, IEEE) * qk_scale
+        s = dot(q, kt, IEEE) * qk_scale
         if HAS_BIAS:
             s += _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :],
                             m_mask[:, None] & n_mask[None, :], s_th, s_tt, s_iq, s_ik) * log2e
@@ -129,7 +121,7 @@ def _fwd_kernel(
             v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
             mask=n_mask[:, None] & dv_mask[None, :], other=0.0,
         )
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
     o = acc / l_i[:, None]
@@ -230,15 +222,15 @@ def _bwd_dkdv_kernel(
         lse = tl.load(LSE + bh * NQ + offs_m, mask=m_mask, other=0.0) * log2e
         delta = tl.load(DELTA + bh * NQ + offs_m, mask=m_mask, other=0.0)
         mask_t = n_mask[:, None] & m_mask[None, :]
-        st = _dot(k, tl.trans(q), IEEE) * qk_scale
+        st = dot(k, tl.trans(q), IEEE) * qk_scale
         if HAS_BIAS:
             st += _bias_tile(TABLE, INDEX, h, offs_m[None, :], offs_n[:, None], mask_t,
                              s_th, s_tt, s_iq, s_ik) * log2e
         pt = tl.where(mask_t, tl.exp2(st - lse[None, :]), 0.0)
-        dv += _dot(pt.to(q.dtype), do, IEEE)
-        dpt = _dot(v, tl.trans(do), IEEE)
+        dv += dot(pt.to(q.dtype), do, IEEE)
+        dpt = dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, IEEE)
+        dk += dot(dst.to(q.dtype), q, IEEE)
 
     dk = dk * scale
     tl.store(DK_OUT + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_dk[None, :] * s_dkd,
@@ -323,7 +315,7 @@ def _bwd_dq_kernel(
                         mask=n_mask[:, None] & dk_mask[None, :], other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * s_vn + offs_dv[:, None] * s_vd,
                          mask=n_mask[None, :] & dv_mask[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * qk_scale
+            s = dot(q, tl.trans(k), IEEE) * qk_scale
             if HAS_BIAS:
                 if ONE_KBLOCK:
                     s += bias1
@@ -331,9 +323,9 @@ def _bwd_dq_kernel(
                     s += _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], mask,
                                     s_th, s_tt, s_iq, s_ik) * log2e
             p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
-            dp = _dot(do, vt, IEEE)
+            dp = dot(do, vt, IEEE)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(q.dtype), k, IEEE)
+            dq += dot(ds.to(q.dtype), k, IEEE)
             if HAS_BIAS:
                 if ONE_KBLOCK:
                     ds_sum += ds
@@ -358,15 +350,10 @@ def _bwd_dq_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_HEAD_DIM = 256
 
 
-def _pow2(n: int, cap: Optional[int] = None) -> int:
-    """Power of two >= max(n, 16) (the GPU's minimum dot size), optionally capped (cap >= 16)."""
-    p = max(16, triton.next_power_of_2(max(int(n), 1)))
-    return min(p, cap) if cap is not None else p
 
 
 def _config(kernel: str, Nq: int, Nk: int, bdk: int, bdv: int, dtype: torch.dtype) -> dict:
@@ -386,7 +373,7 @@ def _config(kernel: str, Nq: int, Nk: int, bdk: int, bdv: int, dtype: torch.dtyp
         bm, bn, warps = 32, 64, 4 if wide < 128 else 8
     else:
         bm, bn, warps = 64, 32, 4 if wide < 128 else 8
-    bm, bn = _pow2(Nq, bm), _pow2(Nk, bn)
+    bm, bn = pow2(Nq, bm), pow2(Nk, bn)
     # The tiles the loop streams (k/v, or q/dO for dk/dv) are pipelined through shared memory.
     elem = 4 if dtype == torch.float32 else 2
     stage_bytes = (bm if kernel == "dkdv" else bn) * (bdk + bdv) * elem
@@ -394,9 +381,6 @@ def _config(kernel: str, Nq: int, Nk: int, bdk: int, bdv: int, dtype: torch.dtyp
     return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
 
 
-def _fp32_dots(dtype: torch.dtype) -> bool:
-    """Whether the kernels' dots take fp32 operands (see _dot)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
 
 
 def _bias_args(table: Optional[Tensor], index: Optional[Tensor], dummy: Tensor):
@@ -430,7 +414,7 @@ def forward(
     if Nk == 0:
         raise ValueError("bias_attention (triton): softmax over no keys (Nk == 0)")
 
-    bdk, bdv = _pow2(Dk), _pow2(Dv)
+    bdk, bdv = pow2(Dk), pow2(Dv)
     cfg = _config("fwd", Nq, Nk, bdk, bdv, q.dtype)
     tbl, idx, t_strides = _bias_args(table, index, q)
     pre = o_pre if save_pre else out
@@ -439,7 +423,7 @@ def forward(
         q, k, v, tbl, idx, out, pre, lse,
         *q.stride(), *k.stride(), *v.stride(), *t_strides, *out.stride(), *pre.stride(),
         H, Nq, Nk, Dk, Dv, float(scale),
-        HAS_BIAS=table is not None, ACT=act, SAVE_PRE=save_pre, IEEE=_fp32_dots(q.dtype),
+        HAS_BIAS=table is not None, ACT=act, SAVE_PRE=save_pre, IEEE=fp32_dots(q.dtype),
         BDK=bdk, BDV=bdv, **cfg,
     )
     return out, o_pre, lse
@@ -497,15 +481,15 @@ def backward(
     if lse.dtype != torch.float32 or not lse.is_contiguous():
         lse = lse.to(torch.float32).contiguous()
 
-    bdk, bdv = _pow2(Dk), _pow2(Dv)
-    ieee = _fp32_dots(q.dtype)
+    bdk, bdv = pow2(Dk), pow2(Dv)
+    ieee = fp32_dots(q.dtype)
     tbl, idx, t_strides = _bias_args(table, index, q)
     has_bias = table is not None
 
     # 1. delta (and dO' when there is an activation).
     delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     do = torch.empty(B, H, Nq, Dv, dtype=q.dtype, device=q.device) if act else grad_out
-    bm_pre = _pow2(Nq, 64)
+    bm_pre = pow2(Nq, 64)
     _bwd_pre_kernel[(triton.cdiv(Nq, bm_pre) * B * H,)](
         grad_out, o_pre, do, delta,
         *grad_out.stride(), *o_pre.stride(),
@@ -554,9 +538,6 @@ def backward(
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    # TRITON_INTERPRET is read when @triton.jit runs (at this module's import), not per call.
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Optional[Tensor]) -> List[str]:
@@ -567,22 +548,11 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Opt
         tensors.append(("bias_table", table))
     if index is not None:
         tensors.append(("bias_index", index))
-    devices = {t.device for _, t in tensors}
-    if len(devices) > 1:
-        reasons.append(f"tensors on different devices {sorted(str(d) for d in devices)}")
-    device = q.device
-    if device.type == "cuda":
-        if not _interpreted() and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
-            reasons.append("bfloat16 dots need a GPU of compute capability >= 8.0")
-    elif not _interpreted():
-        reasons.append(
-            f"tensors on {device.type}: Triton runs on CUDA GPUs (or on CPU with TRITON_INTERPRET=1 "
-            "set before fastvit_kernels.triton.bias_attention is imported)"
-        )
+    reasons += device_reasons("bias_attention", tensors, q.dtype)
     if any(t.dim() != 4 for _, t in tensors[:3]):
         reasons.append("q, k, v must be 4-D [B, H, N, D]")
         return reasons
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
@@ -593,7 +563,7 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Opt
         reasons.append("no keys (Nk == 0)")
     if (table is None) != (index is None):
         reasons.append("bias_table and bias_index must be both given or both None")
-    if table is not None and table.dtype not in _FLOAT_DTYPES:
+    if table is not None and table.dtype not in FLOAT_DTYPES:
         reasons.append(f"bias_table dtype {table.dtype} (supported: float32, bfloat16, float16)")
     if index is not None and index.dtype not in _INDEX_DTYPES:
         reasons.append(f"bias_index dtype {index.dtype} (supported: int32, int64)")

@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons
+
 from fastvit_kernels.reference.ggem_pool import channel_group, new_output
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +124,6 @@ def _bwd_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _config(N: int, C: int) -> dict:
@@ -194,26 +195,14 @@ def backward(
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    # TRITON_INTERPRET is read when @triton.jit runs (at this module's import), not per call.
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def why_not(x: Tensor, p: Tensor) -> List[str]:
     """Reasons these Triton kernels cannot run the inputs ([] when they can)."""
     reasons: List[str] = []
-    if p.device != x.device:
-        reasons.append(f"tensors on different devices {sorted({str(x.device), str(p.device)})}")
-    if x.device.type == "cuda":
-        if not _interpreted() and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (8, 0):
-            reasons.append("bfloat16 needs a GPU of compute capability >= 8.0")
-    elif not _interpreted():
-        reasons.append(
-            f"tensors on {x.device.type}: Triton runs on CUDA GPUs (or on CPU with TRITON_INTERPRET=1 "
-            "set before fastvit_kernels.triton.ggem_pool is imported)"
-        )
+    reasons += device_reasons("ggem_pool", [("x", x), ("p", p)], x.dtype)
     if x.dim() != 3:
         reasons.append("x must be 3-D [B, N, C]")
-    if x.dtype not in _FLOAT_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {x.dtype} (supported: float32, bfloat16, float16)")
     return reasons

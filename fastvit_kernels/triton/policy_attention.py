@@ -42,6 +42,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
+
 from fastvit_kernels.reference.ggem_pool import new_output
 
 # ---------------------------------------------------------------------------------------------
@@ -49,15 +51,6 @@ from fastvit_kernels.reference.ggem_pool import new_output
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: fp32 products with fp32 operands (the GPU's default would be TF32). Set for fp32
-    # inputs (the casts are no-ops) and for bf16 under the interpreter.
-    if IEEE:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 @triton.jit
@@ -103,7 +96,7 @@ def _fwd_kernel(
         n_mask = offs_n < N
         kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = _dot(q, kt, IEEE) * scale
+        s = dot(q, kt, IEEE) * scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         # The max runs over every key, dropped ones included; the first maximiser wins.
         b_max = tl.max(s, 1)
@@ -123,7 +116,7 @@ def _fwd_kernel(
             l_i = l_i * alpha + tl.sum(a, 1)
             v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            acc = acc * alpha[:, None] + _dot(a.to(v.dtype), v, IEEE)
+            acc = acc * alpha[:, None] + dot(a.to(v.dtype), v, IEEE)
             mk_i = mk_new
 
     # The sums run relative to the kept max mk (the diagonal is always kept, so it is finite), so
@@ -223,11 +216,11 @@ def _bwd_dq_kernel(
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             vt = tl.load(v_base + offs_n[None, :] * s_vn + offs_d[:, None] * s_vd,
                          mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-            s = _dot(q, tl.trans(k), IEEE) * scale
+            s = dot(q, tl.trans(k), IEEE) * scale
             e = tl.where(n_mask[None, :], tl.exp(s - row_max[:, None]), 0.0)
             a = e * tl.where(offs_m[:, None] == offs_n[None, :], 1.0, p[None, :])
-            da = (_dot(do, vt, IEEE) - delta[:, None]) * inv_den[:, None]
-            dq += _dot((a * da).to(q.dtype), k, IEEE)
+            da = (dot(do, vt, IEEE) - delta[:, None]) * inv_den[:, None]
+            dq += dot((a * da).to(q.dtype), k, IEEE)
 
     # Gradient through the row max: dS[i, argmax_i] -= c_i, i.e. dq_i -= c_i k_{argmax_i}.
     corr = tl.load(CORR + bh * N + offs_m, mask=m_mask, other=0.0)
@@ -303,17 +296,17 @@ def _bwd_dkdv_kernel(
                 row_max = tl.load(MAX + row_base + offs_m, mask=m_mask, other=0.0)
                 inv_den = 1.0 / tl.load(DEN + row_base + offs_m, mask=m_mask, other=1.0)
                 delta = tl.load(DELTA + row_base + offs_m, mask=m_mask, other=0.0)
-                st = _dot(k, tl.trans(q), IEEE) * scale
+                st = dot(k, tl.trans(q), IEEE) * scale
                 et = tl.where(n_mask[:, None] & m_mask[None, :],
                               tl.exp(st - row_max[None, :]), 0.0)
                 is_diag = offs_n[:, None] == offs_m[None, :]
                 at = et * tl.where(is_diag, 1.0, p[:, None])
-                dat = (_dot(v, tl.trans(do), IEEE) - delta[None, :]) * inv_den[None, :]
+                dat = (dot(v, tl.trans(do), IEEE) - delta[None, :]) * inv_den[None, :]
                 dst += at * dat
-                dv += _dot((at * inv_den[None, :]).to(q.dtype), do, IEEE)
+                dv += dot((at * inv_den[None, :]).to(q.dtype), do, IEEE)
                 if NEED_DP:
                     dp += tl.sum(tl.where(is_diag, 0.0, et * dat), 1)
-            dk += _dot(dst.to(q.dtype), q, IEEE)
+            dk += dot(dst.to(q.dtype), q, IEEE)
 
     w = tl.load(W + bh * D + offs_d, mask=d_mask, other=0.0)  # Σ_i dO_i / D_i
     dv += (eps / N) * w[None, :]
@@ -329,14 +322,9 @@ def _bwd_dkdv_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 256
 
 
-def _pow2(n: int, cap: int = 0) -> int:
-    """Power of two >= max(n, 16) (the GPU's minimum dot size), capped at cap (>= 16) if given."""
-    p = max(16, triton.next_power_of_2(max(int(n), 1)))
-    return min(p, cap) if cap else p
 
 
 def _config(kernel: str, N: int, bd: int, dtype: torch.dtype) -> dict:
@@ -360,7 +348,7 @@ def _config(kernel: str, N: int, bd: int, dtype: torch.dtype) -> dict:
         bm, bn, warps = 32, 32, 4
     else:
         bm, bn, warps = 64, 32, 4 if bd < 128 else 8
-    bm, bn = _pow2(N, bm), _pow2(N, bn)
+    bm, bn = pow2(N, bm), pow2(N, bn)
     if dtype == torch.float32:
         stages = 2
     else:
@@ -369,9 +357,6 @@ def _config(kernel: str, N: int, bd: int, dtype: torch.dtype) -> dict:
     return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
 
 
-def _fp32_dots(dtype: torch.dtype) -> bool:
-    """Whether the kernels' dots take fp32 operands (see _dot)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
 
 
 def _v_sum(v: Tensor) -> Tensor:
@@ -390,14 +375,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float,
         return out, row_max, denom, row_argmax
     policy = policy.to(torch.float32).contiguous()
     vsum = _v_sum(v)
-    bd = _pow2(D)
+    bd = pow2(D)
     cfg = _config("fwd", N, bd, q.dtype)
     grid = (triton.cdiv(N, cfg["BM"]) * B * H,)
     _fwd_kernel[grid](
         q, k, v, policy, vsum, out, row_max, denom, row_argmax,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, N, D, float(scale), float(eps),
-        IEEE=_fp32_dots(q.dtype), BD=bd, **cfg,
+        IEEE=fp32_dots(q.dtype), BD=bd, **cfg,
     )
     return out, row_max, denom, row_argmax
 
@@ -417,12 +402,12 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, 
     denom = denom.to(torch.float32).contiguous()
     row_argmax = row_argmax.to(torch.int32).contiguous()
     vsum = _v_sum(v)
-    bd = _pow2(D)
-    ieee = _fp32_dots(q.dtype)
+    bd = pow2(D)
+    ieee = fp32_dots(q.dtype)
     f32 = dict(dtype=torch.float32, device=q.device)
 
     # 1. δ, the argmax correction c, and Σ_i dO_i / D_i (per-block partials, summed in order).
-    bm_pre = _pow2(N, 64)
+    bm_pre = pow2(N, 64)
     num_m_pre = triton.cdiv(N, bm_pre)
     delta = torch.empty((B, H, N), **f32)
     corr = torch.empty((B, H, N), **f32)
@@ -464,31 +449,17 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, 
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    # TRITON_INTERPRET is read when @triton.jit runs (at this module's import), not per call.
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float, eps: float) -> List[str]:
     """Reasons these Triton kernels cannot run the inputs ([] when they can)."""
     reasons: List[str] = []
     tensors = [("q", q), ("k", k), ("v", v), ("policy", policy)]
-    devices = {t.device for _, t in tensors}
-    if len(devices) > 1:
-        reasons.append(f"tensors on different devices {sorted(str(d) for d in devices)}")
-    device = q.device
-    if device.type == "cuda":
-        if not _interpreted() and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
-            reasons.append("bfloat16 dots need a GPU of compute capability >= 8.0")
-    elif not _interpreted():
-        reasons.append(
-            f"tensors on {device.type}: Triton runs on CUDA GPUs (or on CPU with TRITON_INTERPRET=1 "
-            "set before fastvit_kernels.triton.policy_attention is imported)"
-        )
+    reasons += device_reasons("policy_attention", tensors, q.dtype)
     if any(t.dim() != 4 for _, t in tensors[:3]):
         reasons.append("q, k, v must be 4-D [B, H, N, D]")
         return reasons
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")

@@ -52,6 +52,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons
+
 from fastvit_kernels.reference.qna_attention import new_output, output_size
 
 # ---------------------------------------------------------------------------------------------
@@ -359,7 +361,6 @@ def _bwd_in_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Elements of the largest register tile a program holds ([BW, BH, BD] or [BW, BQ, BH]). From
 # ptxas reports for sm_90 (not yet from timings): at 1024 over 4 warps (8 elements a thread) the
 # forward needs 72-96 registers, _bwd_out_kernel 80-128, _bwd_in_kernel 116-168 (spills of at
@@ -474,9 +475,6 @@ def backward(
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    # TRITON_INTERPRET is read when @triton.jit runs (at this module's import), not per call.
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def why_not(
@@ -485,18 +483,10 @@ def why_not(
     """Reasons these Triton kernels cannot run the inputs ([] when they can)."""
     reasons: List[str] = []
     tensors = [("cost", cost), ("v", v), ("rpe", rpe), ("attn_scale", attn_scale)]
-    devices = {t.device for _, t in tensors}
-    if len(devices) > 1:
-        reasons.append(f"tensors on different devices {sorted(str(d) for d in devices)}")
-    device = cost.device
     # No GPU-generation limit: there are no dots, and bf16 is only converted to and from fp32
     # (the kernels compile for sm_70, sm_75, sm_80 and sm_90 in every dtype).
-    if device.type != "cuda" and not _interpreted():
-        reasons.append(
-            f"tensors on {device.type}: Triton runs on CUDA GPUs (or on CPU with "
-            "TRITON_INTERPRET=1 set before fastvit_kernels.triton.qna_attention is imported)"
-        )
-    if cost.dtype not in _FLOAT_DTYPES:
+    reasons += device_reasons("qna_attention", tensors, cost.dtype, bf16_needs_sm80=False)
+    if cost.dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {cost.dtype} (supported: float32, bfloat16, float16)")
     if v.dtype != cost.dtype:
         reasons.append(f"cost and v dtypes differ ({cost.dtype}, {v.dtype})")

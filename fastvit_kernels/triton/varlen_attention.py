@@ -31,6 +31,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
+
 from fastvit_kernels.reference.ggem_pool import new_output
 
 # ---------------------------------------------------------------------------------------------
@@ -38,15 +40,6 @@ from fastvit_kernels.reference.ggem_pool import new_output
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    # IEEE: fp32 products with fp32 operands (the GPU's default would be TF32). Set for fp32
-    # inputs (the casts are no-ops) and for bf16 under the interpreter.
-    if IEEE:
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b)
-    return c
 
 
 @triton.jit
@@ -91,7 +84,7 @@ def _fwd_kernel(
         n_mask = offs_n < L
         kt = tl.load(k_base + offs_n[None, :] * s_kt + offs_d[:, None] * s_kd,
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = _dot(q, kt, IEEE) * qk_scale
+        s = dot(q, kt, IEEE) * qk_scale
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a real key
         alpha = tl.exp2(m_i - m_new)
@@ -99,7 +92,7 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n[:, None] * s_vt + offs_d[None, :] * s_vd,
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
 
     o = acc / l_i[:, None]
@@ -180,12 +173,12 @@ def _bwd_dkdv_kernel(
                      mask=md_mask, other=0.0).to(q.dtype)
         lse = tl.load(LSE + stat_base + offs_m * H, mask=m_mask, other=0.0) * log2e
         delta = tl.load(DELTA + stat_base + offs_m * H, mask=m_mask, other=0.0)
-        st = _dot(k, tl.trans(q), IEEE) * qk_scale
+        st = dot(k, tl.trans(q), IEEE) * qk_scale
         pt = tl.where(n_mask[:, None] & m_mask[None, :], tl.exp2(st - lse[None, :]), 0.0)
-        dv += _dot(pt.to(q.dtype), do, IEEE)
-        dpt = _dot(v, tl.trans(do), IEEE)
+        dv += dot(pt.to(q.dtype), do, IEEE)
+        dpt = dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(q.dtype), q, IEEE)
+        dk += dot(dst.to(q.dtype), q, IEEE)
 
     dk = dk * scale
     out_off = (rows_n[:, None] * H + h) * D + offs_d[None, :]
@@ -240,10 +233,10 @@ def _bwd_dq_kernel(
                     mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * s_vt + offs_d[:, None] * s_vd,
                      mask=n_mask[None, :] & d_mask[:, None], other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        s = dot(q, tl.trans(k), IEEE) * qk_scale
         p = tl.where(m_mask[:, None] & n_mask[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        ds = p * (_dot(do, vt, IEEE) - delta[:, None])
-        dq += _dot(ds.to(q.dtype), k, IEEE)
+        ds = p * (dot(do, vt, IEEE) - delta[:, None])
+        dq += dot(ds.to(q.dtype), k, IEEE)
 
     dq = dq * scale
     tl.store(DQ + (rows[:, None] * H + h) * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_mask)
@@ -253,14 +246,9 @@ def _bwd_dq_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_HEAD_DIM = 256
 
 
-def _pow2(n: int, cap: int = 0) -> int:
-    """Power of two >= max(n, 16) (the GPU's minimum dot size), capped at cap (>= 16) if given."""
-    p = max(16, triton.next_power_of_2(max(int(n), 1)))
-    return min(p, cap) if cap else p
 
 
 def _config(kernel: str, max_seqlen: int, bd: int, dtype: torch.dtype) -> dict:
@@ -286,7 +274,7 @@ def _config(kernel: str, max_seqlen: int, bd: int, dtype: torch.dtype) -> dict:
         bm, bn, warps = 32, 64, 4 if bd < 128 else 8
     else:
         bm, bn, warps = 64, 32, 4 if bd < 128 else 8
-    bm, bn = _pow2(max_seqlen, bm), _pow2(max_seqlen, bn)
+    bm, bn = pow2(max_seqlen, bm), pow2(max_seqlen, bn)
     if dtype == torch.float32:
         stages = 2
     else:
@@ -295,9 +283,6 @@ def _config(kernel: str, max_seqlen: int, bd: int, dtype: torch.dtype) -> dict:
     return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
 
 
-def _fp32_dots(dtype: torch.dtype) -> bool:
-    """Whether the kernels' dots take fp32 operands (see _dot)."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreted())
 
 
 def _prep_cu(cu_seqlens: Tensor, device: torch.device) -> Tensor:
@@ -313,14 +298,14 @@ def forward(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
     if T * H == 0 or num_seg <= 0 or max_seqlen <= 0:
         return out, lse
     cu = _prep_cu(cu_seqlens, q.device)
-    bd = _pow2(D)
+    bd = pow2(D)
     cfg = _config("fwd", max_seqlen, bd, q.dtype)
     num_m = triton.cdiv(max_seqlen, cfg["BM"])
     _fwd_kernel[(num_m * H * num_seg,)](
         q, k, v, cu, out, lse,
         *q.stride(), *k.stride(), *v.stride(),
         H, D, num_m, float(scale),
-        IEEE=_fp32_dots(q.dtype), BD=bd, **cfg,
+        IEEE=fp32_dots(q.dtype), BD=bd, **cfg,
     )
     return out, lse
 
@@ -337,8 +322,8 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     out = out.contiguous()
     lse = lse.to(torch.float32).contiguous()
     cu = _prep_cu(cu_seqlens, q.device)
-    bd = _pow2(D)
-    ieee = _fp32_dots(q.dtype)
+    bd = pow2(D)
+    ieee = fp32_dots(q.dtype)
 
     # 1. δ = rowsum(dO · O).
     delta = torch.empty((T, H), dtype=torch.float32, device=q.device)
@@ -376,9 +361,6 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 # ---------------------------------------------------------------------------------------------
 
 
-def _interpreted() -> bool:
-    # TRITON_INTERPRET is read when @triton.jit runs (at this module's import), not per call.
-    return type(_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def why_not(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int,
@@ -386,22 +368,11 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
     """Reasons these Triton kernels cannot run the inputs ([] when they can)."""
     reasons: List[str] = []
     tensors = [("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)]
-    devices = {t.device for _, t in tensors}
-    if len(devices) > 1:
-        reasons.append(f"tensors on different devices {sorted(str(d) for d in devices)}")
-    device = q.device
-    if device.type == "cuda":
-        if not _interpreted() and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) < (8, 0):
-            reasons.append("bfloat16 dots need a GPU of compute capability >= 8.0")
-    elif not _interpreted():
-        reasons.append(
-            f"tensors on {device.type}: Triton runs on CUDA GPUs (or on CPU with TRITON_INTERPRET=1 "
-            "set before fastvit_kernels.triton.varlen_attention is imported)"
-        )
+    reasons += device_reasons("varlen_attention", tensors, q.dtype)
     if any(t.dim() != 3 for _, t in tensors[:3]):
         reasons.append("q, k, v must be 3-D [T, H, D]")
         return reasons
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
