@@ -9,104 +9,41 @@
 // Backward: delta_i = dO_i . O_i, dP = dO v^T, dS = P * (dP - delta),
 //   dq = dS k * scale, dk = dS^T q * scale, dv = P^T dO.
 //
-// Every product goes through one register-blocked micro-kernel, gemm(): C = A * B (+ C0) with A
-// read element-wise through two strides (so A^T costs nothing) and B / C as rows of whole vectors
-// (the same micro-kernel as bias_attention_kernel.h). Operands are packed into fp32 scratch first,
-// which converts bf16 / fp16 once and makes any input strides free; k / v are repacked only when a
-// thread moves to another (segment, head). Key columns past the segment's end (vector padding)
-// are masked with -inf before the softmax. Each query row's result depends only on its own data,
-// never on how rows are grouped into tasks, so any thread count gives the same bits.
+// Every product goes through the shared micro-kernel gemm() of attention_gemm.h, on operands
+// packed into fp32 scratch; k / v are repacked only when a thread moves to another (segment,
+// head). Key columns past the segment's end (vector padding) are masked with -inf before the
+// softmax. Each query row's result depends only on its own data, never on how rows are grouped
+// into tasks, so any thread count gives the same bits.
 
-#include "kernel_common.h"  // round_up, Carver, Elem, store_row
-
-static_assert(kMaxMR <= 8 && kMaxNV <= 4, "gemm_tile dispatch covers MR <= 8, NV <= 4");
+#include "attention_gemm.h"  // gemm, epilogues, packers, AlignedBuffer; kernel_common.h
 
 // ---------------------------------------------------------------------------------------------
-// Scratch memory and element access
+// Operand layout: x[t, h, :] of packed [T, H, D] tensors, through the shared packers
 // ---------------------------------------------------------------------------------------------
-
-// One 64-byte aligned fp32 allocation per kernel call (per thread).
-class AlignedBuffer {
- public:
-  explicit AlignedBuffer(int64_t floats) {
-    const int64_t n = round_up(std::max<int64_t>(floats, 16), 16);  // aligned_alloc: size % 64 == 0
-    data_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(n) * sizeof(float)));
-    if (data_ == nullptr) throw std::bad_alloc();
-  }
-  ~AlignedBuffer() { std::free(data_); }
-  AlignedBuffer(const AlignedBuffer&) = delete;
-  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
-  float* data() const { return data_; }
-
- private:
-  float* data_ = nullptr;
-};
-
-// dst[d] = mul * src[off + d * stride] for d < n, converted to fp32.
-// (GCC 12 inlines it where it cannot bound n and warns that a huge iteration count would overflow
-// d * stride: n is a head width <= kVarlenMaxHeadDim.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Waggressive-loop-optimizations"
-template <ElemType T>
-inline void load_row(const void* src, int64_t off, int64_t stride, int64_t n, float mul,
-                     float* dst) {
-  using E = Elem<T>;
-  const typename E::type* s = static_cast<const typename E::type*>(src) + off;
-  int64_t d = 0;
-  if (stride == 1) {
-    const vf m = vset1(mul);
-    for (; d + kW <= n; d += kW) vstore(dst + d, vmul(m, E::load(s + d)));
-  }
-  for (; d < n; ++d) dst[d] = mul * E::to_f32(s[d * stride]);
-}
-#pragma GCC diagnostic pop
 
 inline int64_t offset3(const int64_t* s, int64_t t, int64_t h) { return t * s[0] + h * s[1]; }
 
-// dst[j * ld + d] = mul * x[t0 + j, h, d] for j < N, d < D; columns [D, ld) zeroed.
+// Rows t0 + j of head h.
+inline auto seg_rows(const int64_t* s, int64_t t0, int64_t h) {
+  return [s, t0, h](int64_t j) { return offset3(s, t0 + j, h); };
+}
+
 template <ElemType T>
 inline void pack_rows(const void* x, const int64_t* s, int64_t t0, int64_t h, int64_t N,
                       int64_t D, int64_t ld, float mul, float* dst) {
-  for (int64_t j = 0; j < N; ++j) {
-    float* row = dst + j * ld;
-    load_row<T>(x, offset3(s, t0 + j, h), s[2], D, mul, row);
-    for (int64_t d = D; d < ld; ++d) row[d] = 0.0f;
-  }
+  pack_rows_by<T>(x, seg_rows(s, t0, h), s[2], N, N, D, ld, mul, dst);
 }
 
-// dst[d * ld + j] = x[t0 + j, h, d] for j < N, d < D, zero for j in [N, ld) and for the padding
-// rows d in [D, round_up(D, kW)) that dst must also hold. Rows go kW at a time through `blk`
-// (kW * round_up(D, kW) floats) and are transposed in registers.
 template <ElemType T>
 inline void pack_transposed(const void* x, const int64_t* s, int64_t t0, int64_t h, int64_t N,
                             int64_t D, int64_t ld, float* blk, float* dst) {
-  const int64_t Dp = round_up(D, kW);
-  for (int64_t j0 = 0; j0 < ld; j0 += kW) {
-    for (int64_t r = 0; r < kW; ++r) {
-      float* row = blk + r * Dp;
-      int64_t d = 0;
-      if (j0 + r < N) {
-        load_row<T>(x, offset3(s, t0 + j0 + r, h), s[2], D, 1.0f, row);
-        d = D;
-      }
-      for (; d < Dp; ++d) row[d] = 0.0f;
-    }
-    for (int64_t d0 = 0; d0 < Dp; d0 += kW) transpose_block(blk + d0, Dp, dst + d0 * ld + j0, ld);
-  }
+  pack_transposed_by<T>(x, seg_rows(s, t0, h), s[2], N, D, ld, blk, dst);
 }
 
-// Prefetch rows [t0, t0 + N) of x[:, h, 0:D] for the next (segment, head), so its packing finds
-// them in cache: per-head rows of a fused qkv buffer are scattered and the hardware prefetchers
-// miss them.
 template <ElemType T>
 inline void prefetch_rows(const void* x, const int64_t* s, int64_t t0, int64_t h, int64_t N,
                           int64_t D) {
-  const int64_t esize = sizeof(typename Elem<T>::type);
-  const char* base = static_cast<const char*>(x);
-  for (int64_t r = 0; r < N; ++r) {
-    const char* row = base + offset3(s, t0 + r, h) * esize;
-    for (int64_t d = 0; d < D; d += 64 / esize) prefetch(row + d * s[2] * esize);
-  }
+  prefetch_rows_by<T>(x, seg_rows(s, t0, h), s[2], N, D);
 }
 
 // Key mask of a segment of n keys: mask[j] = 0 for j < n, -inf for j in [n, round_up(n, kW)).
@@ -122,124 +59,6 @@ inline void mask_scores(float* s, int64_t rows, int64_t ld, int64_t n, const flo
   const vf m = vload(mask + c);
   for (int64_t r = 0; r < rows; ++r) vstore(s + r * ld + c, vadd(vload(s + r * ld + c), m));
 }
-
-// ---------------------------------------------------------------------------------------------
-// The GEMM micro-kernel
-// ---------------------------------------------------------------------------------------------
-
-// C[i, :] = sum_k A[i * ars + k * acs] * B[k * ldb + :] (+ C0[i * ldc0 + :]) for a tile of MR
-// rows and NV vectors; the epilogue functor receives each finished accumulator.
-struct TileArgs {
-  int64_t K;
-  const float* A; int64_t ars, acs;
-  const float* B; int64_t ldb;
-  const float* C0; int64_t ldc0;
-  int64_t i0, jv0;  // tile origin, handed to the epilogue (row, vector column)
-};
-
-template <int MR, int NV, class Epi>
-inline void gemm_tile(const TileArgs& t, Epi& epi) {
-  vf acc[MR][NV];
-  if (t.C0 != nullptr) {
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = vload(t.C0 + r * t.ldc0 + c * kW);
-  } else {
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = vzero();
-  }
-  const float* a = t.A;
-  const float* b = t.B;
-  for (int64_t k = 0; k < t.K; ++k, a += t.acs, b += t.ldb) {
-    vf bv[NV];
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) bv[c] = vload(b + c * kW);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const vf av = vset1(a[r * t.ars]);
-#pragma GCC unroll 4
-      for (int c = 0; c < NV; ++c) acc[r][c] = vfma(av, bv[c], acc[r][c]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int c = 0; c < NV; ++c) epi(t.i0 + r, t.jv0 + c, acc[r][c]);
-}
-
-template <int MR, class Epi>
-inline void gemm_tile_nv(int nv, const TileArgs& t, Epi& epi) {
-  switch (nv) {
-    case 1: if constexpr (MR * 1 <= kMaxAcc) gemm_tile<MR, 1>(t, epi); break;
-    case 2: if constexpr (MR * 2 <= kMaxAcc && kMaxNV >= 2) gemm_tile<MR, 2>(t, epi); break;
-    case 3: if constexpr (MR * 3 <= kMaxAcc && kMaxNV >= 3) gemm_tile<MR, 3>(t, epi); break;
-    case 4: if constexpr (MR * 4 <= kMaxAcc && kMaxNV >= 4) gemm_tile<MR, 4>(t, epi); break;
-  }
-}
-
-template <class Epi>
-inline void gemm_tile_dispatch(int mr, int nv, const TileArgs& t, Epi& epi) {
-  switch (mr) {
-    case 1: gemm_tile_nv<1>(nv, t, epi); break;
-    case 2: if constexpr (kMaxMR >= 2) gemm_tile_nv<2>(nv, t, epi); break;
-    case 3: if constexpr (kMaxMR >= 3) gemm_tile_nv<3>(nv, t, epi); break;
-    case 4: if constexpr (kMaxMR >= 4) gemm_tile_nv<4>(nv, t, epi); break;
-    case 5: if constexpr (kMaxMR >= 5) gemm_tile_nv<5>(nv, t, epi); break;
-    case 6: if constexpr (kMaxMR >= 6) gemm_tile_nv<6>(nv, t, epi); break;
-    case 7: if constexpr (kMaxMR >= 7) gemm_tile_nv<7>(nv, t, epi); break;
-    case 8: if constexpr (kMaxMR >= 8) gemm_tile_nv<8>(nv, t, epi); break;
-  }
-}
-
-// Split n into the fewest parts of at most `most`, as even as possible; part p has size
-// part_size(n, parts, p).
-inline int64_t num_parts(int64_t n, int64_t most) { return (n + most - 1) / most; }
-inline int64_t part_size(int64_t n, int64_t parts, int64_t p) {
-  return n / parts + (p < n % parts ? 1 : 0);
-}
-
-// C (M rows x NVt vectors) = A (M x K, strides ars / acs) * B (K rows of ldb floats) (+ C0).
-// Column tiles outermost so that a K x NV block of B stays in L1 across the row tiles.
-template <class Epi>
-inline void gemm(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t ars, int64_t acs,
-                 const float* B, int64_t ldb, const float* C0, int64_t ldc0, Epi& epi) {
-  const int64_t col_tiles = num_parts(NVt, kMaxNV);
-  for (int64_t ct = 0, jv = 0; ct < col_tiles; ++ct) {
-    const int nv = static_cast<int>(part_size(NVt, col_tiles, ct));
-    const int64_t row_tiles = num_parts(M, std::min(kMaxMR, kMaxAcc / nv));
-    for (int64_t rt = 0, i = 0; rt < row_tiles; ++rt) {
-      const int mr = static_cast<int>(part_size(M, row_tiles, rt));
-      const TileArgs t{K, A + i * ars, ars, acs, B + jv * kW, ldb,
-                       C0 != nullptr ? C0 + i * ldc0 + jv * kW : nullptr, ldc0, i, jv};
-      gemm_tile_dispatch(mr, nv, t, epi);
-      i += mr;
-    }
-    jv += nv;
-  }
-}
-
-// Epilogues.
-struct StoreEpi {  // C = acc
-  float* c; int64_t ldc;
-  void operator()(int64_t i, int64_t jv, vf x) { vstore(c + i * ldc + jv * kW, x); }
-};
-struct RowScaleEpi {  // C = acc * row_mul[i]
-  float* c; int64_t ldc; const float* row_mul;
-  void operator()(int64_t i, int64_t jv, vf x) {
-    vstore(c + i * ldc + jv * kW, vmul(x, vset1(row_mul[i])));
-  }
-};
-struct SoftmaxGradEpi {  // acc = dP; P <- dS = P * (dP - delta[i]), in place
-  float* p; int64_t ldp; const float* delta;
-  void operator()(int64_t i, int64_t jv, vf x) {
-    float* ptr = p + i * ldp + jv * kW;
-    vstore(ptr, vmul(vload(ptr), vsub(x, vset1(delta[i]))));
-  }
-};
-
 
 // ---------------------------------------------------------------------------------------------
 // Forward
@@ -294,28 +113,8 @@ inline void forward_rows(const VarlenAttentionFwdArgs& a, int64_t start, int64_t
   gemm(rows, Np / kW, D, w.qs, D, 1, w.kt, Np, nullptr, 0, s_epi);
   mask_scores(w.s, rows, Np, n, w.mask);
 
-  // Softmax numerators in place, then lse = max + log(sum) and 1 / sum, a vector of rows at once.
-  for (int64_t r = 0; r < rows; ++r) {
-    float* sr = w.s + r * Np;
-    vf mx = vload(sr);
-    for (int64_t c = kW; c < Np; c += kW) mx = vmax(mx, vload(sr + c));
-    const float m = vhmax(mx);
-    const vf mv = vset1(m);
-    vf sum = vzero();
-    for (int64_t c = 0; c < Np; c += kW) {
-      const vf e = vexp(vsub(vload(sr + c), mv));
-      vstore(sr + c, e);
-      sum = vadd(sum, e);
-    }
-    w.lse[r] = m;
-    w.row_sum[r] = vhsum(sum);
-  }
-  for (int64_t r = rows; r < kRowGroup; ++r) w.lse[r] = w.row_sum[r] = 1.0f;
-  for (int64_t r = 0; r < kRowGroup; r += kW) {
-    const vf l = vload(w.row_sum + r);
-    vstore(w.lse + r, vadd(vload(w.lse + r), vlog(l)));
-    vstore(w.row_sum + r, vdiv(vset1(1.0f), l));
-  }
+  // Softmax numerators in place; lse and 1 / sum per row.
+  softmax_rows(w.s, rows, Np, kRowGroup, w.lse, w.row_sum);
   for (int64_t r = 0; r < rows; ++r) a.lse[(start + i0 + r) * H + h] = w.lse[r];
 
   // O = P v / sum, stored in the output dtype.
