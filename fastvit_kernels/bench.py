@@ -8,7 +8,10 @@ On the device present (cuda if available, else cpu; `--device` to choose):
      benchmarks/bench_bias_attention.py);
   5. the qna_attention microbenchmark at the QnA-ViT tiny stage-0 shape (k=3) and QnA-ViT tiny
      inference images/s against plain PyTorch (benchmarks/bench_qna.py, bench_qna_vit.py);
-  6. the performance targets (benchmarks/README.md) met or not, and the JSON file.
+  6. DynamicViT: policy_attention fwd+bwd at keep 0.7 / 0.343 against DynamicViT's eager formula
+     and SDPA, varlen_attention against padded SDPA, and DynamicViT-S against DeiT-S images/s at
+     batch 1 and 64 (benchmarks/bench_dynamicvit.py);
+  7. the performance targets (benchmarks/README.md) met or not, and the JSON file.
 
     python -m fastvit_kernels.bench --quick          # a few minutes on a 2-core CPU
     python -m fastvit_kernels.bench --out results.json
@@ -54,6 +57,13 @@ TARGETS = (
     ("qna_attention fwd, s0.qna.k3 B=32: op >= 1.5x its torch.compile", "qna", "s0.qna.k3", "fwd", 32, "vs_compiled", 1.5),
     ("qna_attention fwd+bwd, s0.qna.k3 B=32: op >= 2x the fastest PyTorch formulation", "qna", "s0.qna.k3", "fwd+bwd", 32, "vs_eager", 2.0),
     ("qna_attention fwd+bwd, s0.qna.k3 B=32: peak memory <= 0.5x unfold's", "qna", "s0.qna.k3", "fwd+bwd", 32, "mem_vs_unfold", -0.5),
+    # DynamicViT (issue 4), DeiT-S shapes (N=197, H=6, D=64). Section "dyvit" reads the attention
+    # rows (peer's time / op's time); "dyvit_keep" the op's time at keep 0.7 / its time at the
+    # case's keep; "dyvit_model" DynamicViT-S images/s / DeiT-S images/s.
+    ("policy_attention fwd+bwd, keep 0.7 B=64: op >= 3x DynamicViT's eager formula", "dyvit", "policy.keep0.7", "fwd+bwd", 64, "eager", 3.0),
+    ("policy_attention fwd+bwd, keep 0.343 B=64: faster than at keep 0.7", "dyvit_keep", "policy.keep0.343", "fwd+bwd", 64, "op", 1.0),
+    ("DynamicViT-S inference batch 64: >= 1.3x DeiT-S images/s", "dyvit_model", "B64", "infer", 64, "dyvit.topk", 1.3),
+    ("DynamicViT-S inference batch 1: not slower than DeiT-S", "dyvit_model", "B1", "infer", 1, "dyvit.topk", 1.0),
 )
 
 
@@ -308,12 +318,26 @@ class Stages:
         U.log(f"=== stage {self.n}/{self.total}: {title} (elapsed {time.perf_counter() - self.t0:.0f} s)")
 
 
-def check_targets(levit_rows: List[Dict], kernel_rows: List[Dict], qna_summary: List[Dict], env: Dict) -> List[Dict]:
+def _find(rows: List[Dict], case: str, pass_: str, impl: str) -> Optional[Dict]:
+    return next((r for r in rows if (r.get("case"), r.get("pass"), r.get("impl")) == (case, pass_, impl)), None)
+
+
+def check_targets(levit_rows: List[Dict], kernel_rows: List[Dict], qna_summary: List[Dict], env: Dict,
+                  dyvit_rows: Sequence[Dict] = (), dyvit_model_rows: Sequence[Dict] = ()) -> List[Dict]:
     results = []
     for text, section, case, pass_, batch, peer, bound in TARGETS:
         if section == "qna":
             row = next((r for r in qna_summary if (r["level"], r["case"], r["pass"]) == ("op", case, pass_)), None)
             measured = row.get(peer) if row else None
+        elif section == "dyvit":
+            row = _find(list(dyvit_rows), case, pass_, peer)
+            measured = row.get("ref_speedup") if row else None
+        elif section == "dyvit_keep":
+            row, at_07 = _find(list(dyvit_rows), case, pass_, peer), _find(list(dyvit_rows), "policy.keep0.7", pass_, peer)
+            measured = at_07["ms"] / row["ms"] if row and at_07 and row.get("ms") and at_07.get("ms") else None
+        elif section == "dyvit_model":
+            row = _find(list(dyvit_model_rows), case, pass_, peer)
+            measured = row.get("vs_deit") if row else None
         else:
             row = next((r for r in (levit_rows if section == "levit" else kernel_rows)
                         if (r.get("case"), r.get("pass"), r.get("impl")) == (case, pass_, peer)), None)
@@ -341,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/ of the checkout, if any)")
     args = parser.parse_args(argv)
 
-    stages = Stages(6)
+    stages = Stages(7)
     device = U.resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     batch = args.batch or (256 if device.type == "cuda" else 32)
@@ -417,8 +441,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(qna_vit_bench.table(vit_rows), flush=True)
         qna_rows += vit_rows
 
+    stages.next("DynamicViT: policy_attention / varlen_attention and DynamicViT-S vs DeiT-S images/s")
+    dyvit_rows: List[Dict] = []
+    dyvit_model_rows: List[Dict] = []
+    if not args.no_kernels:
+        from fastvit_kernels import _bench_dynamic_vit as dyvit_bench
+        from fastvit_kernels import _bench_dynamic_vit_attention as dyvit_attention
+
+        pimpls = [i for i in dyvit_attention.POLICY_IMPLS if not (args.no_compile and i == "compile")]
+        dyvit_rows = dyvit_attention.run(batch=256 if device.type == "cuda" else 64, dtype=dtype, device=device,
+                                         env=env, quick=args.quick, keeps=(0.7, 0.343), policy_impls=pimpls,
+                                         passes=("fwd+bwd",))
+        print(dyvit_attention.table(dyvit_rows), flush=True)
+        mimpls = [i for i in dyvit_bench.INFER_IMPLS if not (args.no_compile and i.endswith("compile"))]
+        dyvit_model_rows = dyvit_bench.run(batches=(1, 64), dtype=dtype, device=device, env=env, quick=args.quick,
+                                           passes=("infer",), infer_impls=mimpls)
+        print(dyvit_bench.table(dyvit_model_rows), flush=True)
+
     stages.next("targets and results")
-    targets = check_targets(levit_rows, kernel_rows, qna_summary, env)
+    targets = check_targets(levit_rows, kernel_rows, qna_summary, env, dyvit_rows, dyvit_model_rows)
     for t in targets:
         measured = "-" if t["measured"] is None else f"{t['measured']:.2f}x"
         print(f"  [{t['verdict']}] {t['target']}: measured {measured}")
@@ -426,7 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if out is None and (U.REPO_ROOT / "benchmarks").is_dir():
         out = U.default_out_path("fastvit_bench", env)
     if out is not None:
-        path = U.write_json(out, env, levit_rows + kernel_rows + qna_rows, check=check, targets=targets,
+        path = U.write_json(out, env, levit_rows + kernel_rows + qna_rows + dyvit_rows + dyvit_model_rows, check=check, targets=targets,
                             qna_summary=qna_summary)
         print(f"wrote {path}")
     U.log(f"done in {time.perf_counter() - stages.t0:.0f} s")

@@ -1,0 +1,255 @@
+"""End-to-end DynamicViT-S against DeiT-S: images/s for inference and a training step.
+
+Lives in the package so that `python -m fastvit_kernels.bench` can run it from an installed
+package; `benchmarks/bench_dynamicvit.py --level model` is its command line.
+
+One randomly initialised DeiT-S (timm `deit_small_patch16_224`) and a DynamicViT-S with the same
+backbone weights (`load_backbone`). The score predictors are random; their last layer is drawn
+4x wider than the default init so that keep probabilities spread out as a trained predictor's do
+(the default init gives every token ~0.5, and a threshold then keeps all or nothing). Variants:
+
+  deit_s             timm's DeiT-S (F.scaled_dot_product_attention)
+  deit_s.compile     torch.compile of it
+  dyvit.topk         DynamicViT-S as shipped, the paper's inference: the same number of tokens
+                     per image (197 -> 138 -> 97 -> 68), dense batches
+  dyvit.threshold    DynamicViT-S keeping each image's tokens whose keep probability passes a
+                     threshold: packed tokens through varlen_attention (token counts differ per
+                     image). With random predictors the threshold is calibrated first so that
+                     the images keep 68 tokens on average after the last stage, as top-k does.
+  dyvit.plain        (training) DynamicViT-S with the attention in plain PyTorch: DynamicViT's
+                     own softmax_with_policy formula (MaskedTokenAttention.fused = False)
+  dyvit.fused        (training) DynamicViT-S as shipped: policy_attention
+
+Inference runs in eval mode under torch.inference_mode; a training step is forward, cross-entropy
+on the logits (plus DynamicViT's keep-ratio loss for DynamicViT), backward. Rows carry images/s
+and `x deit_s` = this variant's images/s / DeiT-S's at the same batch and pass.
+
+    python benchmarks/bench_dynamicvit.py --level model --quick
+"""
+
+from typing import Dict, List, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastvit_kernels import _bench_utils as common
+
+INFER_IMPLS = ("deit_s", "deit_s.compile", "dyvit.topk", "dyvit.threshold")
+TRAIN_IMPLS = ("deit_s", "dyvit.plain", "dyvit.fused")
+PASSES = ("infer", "train")
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def build_models(device: torch.device, dtype: torch.dtype, seed: int = 0):
+    import timm
+
+    from fastvit_kernels.models.dynamic_vit import dynamicvit_deit_small
+
+    torch.manual_seed(seed)
+    deit = timm.create_model("deit_small_patch16_224").to(device, dtype)
+    dyvit = dynamicvit_deit_small().to(device, dtype)
+    dyvit.load_backbone(deit.state_dict())
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for predictor in dyvit.score_predictor:
+            last = predictor.out_conv[-2]  # Linear(C/4 -> 2), before the LogSoftmax
+            last.weight.copy_(torch.randn(last.weight.shape, generator=g) * 4 / last.weight.shape[1] ** 0.5)
+    return deit, dyvit
+
+
+def set_fused(model: torch.nn.Module, fused: bool) -> None:
+    from fastvit_kernels.modules import MaskedTokenAttention
+
+    for m in model.modules():
+        if isinstance(m, MaskedTokenAttention):
+            m.fused = fused
+
+
+def keep_ratio_loss(decisions: Sequence[torch.Tensor], ratios: Sequence[float]) -> torch.Tensor:
+    """DynamicViT's ratio loss: the mean kept fraction of each stage pulled to its target."""
+    loss = 0.0
+    for decision, ratio in zip(decisions, ratios):
+        loss = loss + ((decision.mean(dim=1) - ratio) ** 2).mean()
+    return loss / len(decisions)
+
+
+def mean_last_stage_tokens(dyvit, images: torch.Tensor, threshold: float) -> float:
+    dyvit.eval().set_keep_mode("threshold", threshold)
+    with torch.inference_mode():
+        _, cu = dyvit.forward_features(images)
+    return float((cu[1:] - cu[:-1]).float().mean())
+
+
+def calibrate_threshold(dyvit, images: torch.Tensor, target: float, steps: int = 12) -> float:
+    """The keep-probability threshold at which `images` keep `target` tokens on average after the
+    last stage (bisection; the count falls as the threshold rises)."""
+    low, high = 0.0, 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        if mean_last_stage_tokens(dyvit, images, mid) > target:
+            low = mid
+        else:
+            high = mid
+    return (low + high) / 2
+
+
+def _infer_callable(impl: str, deit, dyvit, images, threshold: float = 0.5):
+    if impl.startswith("deit_s"):
+        model = deit.eval()
+        if impl.endswith(".compile"):
+            model = torch.compile(model, dynamic=False)
+    else:
+        model = dyvit.eval()
+        set_fused(dyvit, True)
+        dyvit.set_keep_mode("threshold" if impl == "dyvit.threshold" else "topk", threshold)
+
+    def run():
+        with torch.inference_mode():
+            return model(images)
+
+    return run
+
+
+def _train_callable(impl: str, deit, dyvit, images, labels):
+    if impl == "deit_s":
+        deit.train()
+
+        def run():
+            deit.zero_grad(set_to_none=True)
+            F.cross_entropy(deit(images), labels).backward()
+
+        return run
+    dyvit.train()
+    set_fused(dyvit, impl == "dyvit.fused")
+    ratios = list(dyvit.token_ratio)
+    generator = torch.Generator(device=images.device)
+
+    def run():
+        generator.manual_seed(0)  # the same Gumbel noise for every variant and call
+        dyvit.zero_grad(set_to_none=True)
+        logits, decisions = dyvit(images, gumbel_noise=generator)
+        (F.cross_entropy(logits, labels) + 2.0 * keep_ratio_loss(decisions, ratios)).backward()
+
+    return run
+
+
+def run(*, batches: Sequence[int], dtype: torch.dtype, device: torch.device, env: Dict, quick: bool = False,
+        passes: Sequence[str] = PASSES, infer_impls: Sequence[str] = INFER_IMPLS,
+        train_impls: Sequence[str] = TRAIN_IMPLS, train_batch: int = 64) -> List[Dict]:
+    deit, dyvit = build_models(device, dtype)
+    common.log(f"DynamicViT-S tokens per stage (topk): {dyvit.token_counts()}")
+    rows = []
+    g = torch.Generator().manual_seed(1)
+    threshold = 0.5
+    if "dyvit.threshold" in infer_impls and "infer" in passes:
+        calibration = torch.randn(8, 3, 224, 224, generator=g).to(device, dtype)
+        threshold = calibrate_threshold(dyvit, calibration, target=dyvit.token_counts()[-1])
+        common.log(f"threshold {threshold:.4f} keeps {dyvit.token_counts()[-1]} tokens per image on average")
+    for pass_ in passes:
+        pass_batches = list(batches) if pass_ == "infer" else [train_batch]
+        impls = infer_impls if pass_ == "infer" else train_impls
+        for batch in pass_batches:
+            images = torch.randn(batch, 3, 224, 224, generator=g).to(device, dtype)
+            labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
+            for impl in impls:
+                row = common.make_row(env, case=f"B{batch}", B=batch, dtype=str(dtype).replace("torch.", ""),
+                                      **{"pass": pass_}, impl=impl)
+                common.log(f"{pass_} B={batch} {impl} ...")
+                try:
+                    make = _infer_callable if pass_ == "infer" else _train_callable
+                    fn = (make(impl, deit, dyvit, images, threshold) if pass_ == "infer"
+                          else make(impl, deit, dyvit, images, labels))
+                    row["first_call_s"] = round(common.time_call(fn, device), 3)
+                    timing = common.benchmark_ms(fn, device, quick=quick, min_run_time=0.5 if quick else 3.0)
+                    row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"],
+                               img_per_s=batch / (timing["ms"] / 1e3))
+                    if impl == "dyvit.threshold":
+                        row["threshold"] = threshold
+                        row["mean_tokens_last_stage"] = round(mean_last_stage_tokens(dyvit, images, threshold), 1)
+                except Exception as error:  # record and go on
+                    row["error"] = common.short_error(error, limit=2000)
+                    common.log(f"    failed: {common.short_error(error)}")
+                rows.append(row)
+                if row["ms"] is not None:
+                    common.log(f"    {row['ms']:.2f} ms, {row['img_per_s']:.1f} img/s")
+    _add_deit_ratios(rows)
+    return rows
+
+
+def _add_deit_ratios(rows: List[Dict]) -> None:
+    base = {(r["pass"], r["B"]): r["img_per_s"] for r in rows if r["impl"] == "deit_s" and r.get("img_per_s")}
+    for r in rows:
+        ref = base.get((r["pass"], r["B"]))
+        r["vs_deit"] = r["img_per_s"] / ref if ref and r.get("img_per_s") else None
+
+
+COLUMNS = [
+    common.Column("pass", "pass", left=True),
+    common.Column("B", "batch"),
+    common.Column("impl", "impl", left=True),
+    common.Column("ms", "ms", "{:.2f}"),
+    common.Column("img_per_s", "img/s", "{:.1f}"),
+    common.Column("vs_deit", "x deit_s", "{:.2f}"),
+    common.Column("note", "note", left=True),
+]
+
+
+def table(rows: List[Dict]) -> str:
+    for row in rows:
+        notes = []
+        if row.get("mean_tokens_last_stage") is not None:
+            notes.append(f"mean tokens after the last stage {row['mean_tokens_last_stage']}")
+        if row.get("error"):
+            notes.append(f"n/a: {row['error'][:160]}")
+        row["note"] = "; ".join(notes)
+    return common.format_table(rows, COLUMNS)
+
+
+def main(argv=None) -> None:
+    import argparse
+    import sys
+    from pathlib import Path
+
+    from fastvit_kernels import _bench_dynamic_vit_attention as attention
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    parser = argparse.ArgumentParser(description="DynamicViT benchmarks: the attention ops at DeiT-S shapes "
+                                                 "and DynamicViT-S vs DeiT-S images/s")
+    parser.add_argument("--level", choices=("ops", "model", "all"), default="all")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(dtypes), help="default: float32 on CPU, float16 on CUDA")
+    parser.add_argument("--batch", type=int, help="images per batch of the op benchmarks (default 64; 256 on CUDA)")
+    parser.add_argument("--model-batches", type=int, nargs="+", default=[1, 64], help="inference batches (default 1 64)")
+    parser.add_argument("--train-batch", type=int, default=64, help="training-step batch (default 64)")
+    parser.add_argument("--keeps", type=float, nargs="+", default=list(attention.KEEP_RATIOS))
+    parser.add_argument("--passes", nargs="+", choices=attention.PASSES, default=list(attention.PASSES),
+                        help="policy_attention passes")
+    parser.add_argument("--model-passes", nargs="+", choices=PASSES, default=list(PASSES))
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    parser.add_argument("--quick", action="store_true", help="short timings")
+    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json)")
+    args = parser.parse_args(argv)
+
+    device = common.resolve_device(args.device)
+    dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    env = common.environment(device)
+    print(common.describe_env(env), file=sys.stderr)
+    rows = []
+    if args.level in ("ops", "all"):
+        impls = [i for i in attention.POLICY_IMPLS if not (args.no_compile and i == "compile")]
+        op_rows = attention.run(batch=args.batch or (256 if device.type == "cuda" else 64), dtype=dtype,
+                                device=device, env=env, quick=args.quick, keeps=args.keeps,
+                                policy_impls=impls, passes=args.passes, varlen_passes=("fwd", "fwd+bwd"))
+        rows += op_rows
+    if args.level in ("model", "all"):
+        impls = [i for i in INFER_IMPLS if not (args.no_compile and i.endswith("compile"))]
+        model_rows = run(batches=args.model_batches, dtype=dtype, device=device, env=env, quick=args.quick,
+                         passes=args.model_passes, infer_impls=impls, train_batch=args.train_batch)
+        rows += model_rows
+    print(common.describe_env(env))
+    if args.level in ("ops", "all"):
+        print(attention.table(op_rows))
+    if args.level in ("model", "all"):
+        print(table(model_rows))
+    path = common.write_json(args.out or common.default_out_path("bench_dynamicvit", env), env, rows)
+    print(f"wrote {path}")
