@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit_kernels.modules.masked_token_attention import MaskedTokenAttention
+from fastvit_kernels.models._timm import attach_cfg, pop_timm_kwargs, register_with_timm
 
 try:
     from timm.layers import trunc_normal_
@@ -500,11 +501,7 @@ _VARIANTS = {
 
 
 def _create(name: str, pretrained: bool, kwargs: dict) -> DynamicViT:
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)
-    if kwargs.pop("features_only", False):
-        raise ValueError(f"{name}: features_only is not supported (use forward_features)")
+    pretrained_cfg, overlay = pop_timm_kwargs(name, kwargs)
     if pretrained:
         backbone = name.replace("dynamicvit_", "") + "_patch16_224"
         raise RuntimeError(
@@ -513,14 +510,7 @@ def _create(name: str, pretrained: bool, kwargs: dict) -> DynamicViT:
             f"model.load_backbone(timm.create_model('{backbone}', pretrained=True).state_dict()) "
             "(then train the score predictors), or load a DynamicViT checkpoint with load_state_dict.")
     model = DynamicViT(**{**_VARIANTS[name], **kwargs})
-    cfg = dict(default_cfgs[name])
-    if pretrained_cfg is not None and not isinstance(pretrained_cfg, str):
-        cfg.update(pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else dict(pretrained_cfg))
-    cfg.update(overlay or {})
-    cfg["architecture"] = name
-    cfg["num_classes"] = model.num_classes
-    model.pretrained_cfg = model.default_cfg = cfg
-    return model
+    return attach_cfg(model, name, default_cfgs[name], pretrained_cfg, overlay)
 
 
 def dynamicvit_deit_small(pretrained: bool = False, **kwargs) -> DynamicViT:
@@ -533,15 +523,4 @@ def dynamicvit_deit_base(pretrained: bool = False, **kwargs) -> DynamicViT:
     return _create("dynamicvit_deit_base", pretrained, kwargs)
 
 
-def _register_with_timm() -> bool:
-    """Register the variants with timm's model registry if timm imports."""
-    try:
-        from timm.models import register_model
-    except Exception:
-        return False
-    for fn in (dynamicvit_deit_small, dynamicvit_deit_base):
-        register_model(fn)
-    return True
-
-
-TIMM_REGISTERED = _register_with_timm()
+TIMM_REGISTERED = register_with_timm((dynamicvit_deit_small, dynamicvit_deit_base))

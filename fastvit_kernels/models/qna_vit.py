@@ -52,7 +52,6 @@ kernels [kh, kw, in, out] are permuted to [out, in, kh, kw]):
 No pretrained weights are provided (the original's checkpoints are JAX; `pretrained=True` raises).
 """
 
-import math
 from functools import partial
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -63,6 +62,7 @@ from torch import Tensor
 
 from fastvit_kernels.modules.qna import QnA, lecun_normal_
 from fastvit_kernels.ops import bias_attention
+from fastvit_kernels.models._timm import attach_cfg, pop_timm_kwargs, register_with_timm
 
 __all__ = [
     "QnAViT",
@@ -500,11 +500,7 @@ _VARIANTS = {
 
 
 def _create(name: str, pretrained: bool, kwargs: dict) -> QnAViT:
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
-    overlay = kwargs.pop("pretrained_cfg_overlay", None)
-    kwargs.pop("cache_dir", None)  # timm passes it for downloads; there are none
-    if kwargs.pop("features_only", False):
-        raise ValueError(f"{name}: features_only is not supported (use forward_features)")
+    pretrained_cfg, overlay = pop_timm_kwargs(name, kwargs)
     if pretrained:
         raise RuntimeError(
             f"{name}: no pretrained weights are available for QnA-ViT in fastvit_kernels (the "
@@ -512,14 +508,7 @@ def _create(name: str, pretrained: bool, kwargs: dict) -> QnAViT:
             "fastvit_kernels/models/qna_vit.py and load the state_dict). Use pretrained=False."
         )
     model = QnAViT(**{**_VARIANTS[name], **kwargs})
-    cfg = dict(default_cfgs[name])
-    if pretrained_cfg is not None and not isinstance(pretrained_cfg, str):  # a str names a tag: none exist
-        cfg.update(pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else dict(pretrained_cfg))
-    cfg.update(overlay or {})
-    cfg["architecture"] = name
-    cfg["num_classes"] = model.num_classes
-    model.pretrained_cfg = model.default_cfg = cfg
-    return model
+    return attach_cfg(model, name, default_cfgs[name], pretrained_cfg, overlay)
 
 
 def qna_vit_tiny(pretrained: bool = False, **kwargs) -> QnAViT:
@@ -542,15 +531,4 @@ def qna_vit_base(pretrained: bool = False, **kwargs) -> QnAViT:
     return _create("qna_vit_base", pretrained, kwargs)
 
 
-def _register_with_timm() -> bool:
-    """Register the variants with timm's model registry if timm imports (it is optional)."""
-    try:
-        from timm.models import register_model
-    except Exception:  # timm missing or broken: the models still work without it
-        return False
-    for fn in (qna_vit_tiny, qna_vit_tiny_7x7, qna_vit_small, qna_vit_base):
-        register_model(fn)
-    return True
-
-
-TIMM_REGISTERED = _register_with_timm()
+TIMM_REGISTERED = register_with_timm((qna_vit_tiny, qna_vit_tiny_7x7, qna_vit_small, qna_vit_base))
