@@ -37,28 +37,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit_kernels.ops import policy_attention, varlen_attention
+from fastvit_kernels.ops.varlen_attention import check_cu_seqlens
+from fastvit_kernels.reference.policy_attention import softmax_with_policy
 
-__all__ = ["MaskedTokenAttention", "softmax_with_policy_eager"]
+__all__ = ["MaskedTokenAttention"]
 
 POLICY_EPS = 1e-6  # DynamicViT's softmax_with_policy eps
 
 
 def _fail(argument: str, expected: str, given) -> None:
     raise ValueError(f"MaskedTokenAttention: {argument} must be {expected}, got {given}")
-
-
-def softmax_with_policy_eager(attn: Tensor, policy: Tensor, eps: float = POLICY_EPS) -> Tensor:
-    """DynamicViT's `Attention.softmax_with_policy` (float32 statistics): attn [B, H, N, N]
-    scores, policy [B, N] or [B, N, 1]. Returns the normalised [B, H, N, N] matrix in attn's dtype."""
-    B, H, N, _ = attn.shape
-    keep = policy.reshape(B, 1, 1, N)
-    eye = torch.eye(N, dtype=keep.dtype, device=keep.device).view(1, 1, N, N)
-    keep = keep + (1.0 - keep) * eye
-    attn = attn - attn.max(dim=-1, keepdim=True)[0]
-    stat = torch.float64 if attn.dtype == torch.float64 else torch.float32
-    out = attn.to(stat).exp() * keep.to(stat)
-    out = (out + eps / N) / (out.sum(dim=-1, keepdim=True) + eps)
-    return out.to(attn.dtype)
 
 
 class MaskedTokenAttention(nn.Module):
@@ -229,7 +217,7 @@ class MaskedTokenAttention(nn.Module):
         if policy is not None:
             self._check_policy(policy, B, N, x)
             if not self.fused or (self.training and self.attn_drop.p > 0):
-                attn = softmax_with_policy_eager((q @ k.transpose(-2, -1)) * self.scale, policy)
+                attn = softmax_with_policy((q @ k.transpose(-2, -1)) * self.scale, policy, POLICY_EPS)
                 out = self.attn_drop(attn) @ v
             else:
                 out = policy_attention(q, k, v, policy, scale=self.scale, eps=POLICY_EPS)
@@ -284,9 +272,8 @@ class MaskedTokenAttention(nn.Module):
         q, k, v = qkv.unbind(1)
         q, k = self.q_norm(q), self.k_norm(k)
         if not self.fused or (self.training and self.attn_drop.p > 0):
+            check_cu_seqlens(cu_seqlens, T, max_seqlen)  # the op's own value checks
             bounds = cu_seqlens.tolist()
-            if bounds[0] != 0 or bounds[-1] != T or any(e <= s for s, e in zip(bounds[:-1], bounds[1:])):
-                _fail("cu_seqlens", f"0, strictly increasing, ending at T = {T}", bounds)
             pieces = []
             for s, e in zip(bounds[:-1], bounds[1:]):
                 qs, ks, vs = (t[s:e].transpose(0, 1).unsqueeze(0) for t in (q, k, v))

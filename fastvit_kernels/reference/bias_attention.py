@@ -23,29 +23,17 @@ Backend contract (shared by the reference, the C++ and the Triton backends):
        o_pre is the forward's output before the activation (the forward's `out` when no activation).
 """
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastvit_kernels.reference._outputs import empty_bhnd
+
 ACTIVATIONS = (None, "hardswish")
 
 
-POISON_ENV_VAR = "FASTVIT_KERNELS_POISON"
-
-
-def empty_bhnd(batch: int, heads: int, tokens: int, width: int, like: Tensor, dtype=None) -> Tensor:
-    """A [B, H, N, D] tensor whose memory is [B, N, H, D] (what LeViT's proj consumes).
-
-    With FASTVIT_KERNELS_POISON=1 (the tests set it) it is filled with NaN, so an element a
-    kernel forgets to write cannot pass for a right answer left over in recycled memory.
-    """
-    out = torch.empty(batch, tokens, heads, width, dtype=dtype or like.dtype, device=like.device)
-    if os.environ.get(POISON_ENV_VAR) == "1":
-        out.fill_(float("nan"))
-    return out.transpose(1, 2)
 
 
 def gather_bias(table: Tensor, index: Tensor) -> Tensor:

@@ -40,23 +40,14 @@ Backend contract (shared by the reference, the C++ and the Triton backends):
 """
 
 import math
-import os
 from typing import Tuple
 
 import torch
 from torch import Tensor
 
+from fastvit_kernels.reference._outputs import new_output
+
 LAYOUTS = ("contiguous", "interleaved")
-POISON_ENV_VAR = "FASTVIT_KERNELS_POISON"
-
-
-def new_output(shape, like: Tensor, dtype=None) -> Tensor:
-    """An uninitialised contiguous output; NaN-filled with FASTVIT_KERNELS_POISON=1 (the tests),
-    so an element a kernel forgets to write cannot pass for a right answer."""
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if os.environ.get(POISON_ENV_VAR) == "1":
-        out.fill_(float("nan"))
-    return out
 
 
 def channel_group(channels: int, groups: int, interleaved: bool, device=None) -> Tensor:

@@ -53,23 +53,29 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from fastvit_kernels.reference.ggem_pool import new_output
+from fastvit_kernels.reference._outputs import empty_bhnd, new_output
+
+
+def softmax_with_policy(attn: Tensor, policy: Tensor, eps: float = 1e-6) -> Tensor:
+    """DynamicViT's `Attention.softmax_with_policy`: attn [B, H, N, N] scores, policy [B, N] or
+    [B, N, 1]; float32 statistics (float64 for float64 scores). Returns the normalised
+    [B, H, N, N] matrix in attn's dtype (MaskedTokenAttention applies its dropout to it)."""
+    B, H, N, _ = attn.shape
+    keep = policy.reshape(B, 1, 1, N)
+    eye = torch.eye(N, dtype=keep.dtype, device=keep.device).view(1, 1, N, N)
+    keep = keep + (1.0 - keep) * eye
+    attn = attn - attn.max(dim=-1, keepdim=True)[0]
+    stat = torch.float64 if attn.dtype == torch.float64 else torch.float32
+    out = attn.to(stat).exp() * keep.to(stat)
+    out = (out + eps / N) / (out.sum(dim=-1, keepdim=True) + eps)
+    return out.to(attn.dtype)
 
 
 def policy_attention_eager(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float,
                            eps: float = 1e-6) -> Tensor:
     """DynamicViT's own formulation (materialised N x N matrix, autograd through every step):
     the test oracle in float64 and the eager baseline of the benchmarks. Returns [B, H, N, D]."""
-    B, H, N, _ = q.shape
-    attn = (q @ k.transpose(-2, -1)) * scale
-    keep = policy.reshape(B, 1, 1, N).to(attn.dtype)
-    eye = torch.eye(N, dtype=attn.dtype, device=attn.device).view(1, 1, N, N)
-    keep = keep + (1.0 - keep) * eye
-    attn = attn - attn.max(dim=-1, keepdim=True)[0]
-    stat_dtype = torch.float64 if attn.dtype == torch.float64 else torch.float32
-    attn = attn.to(stat_dtype).exp() * keep.to(stat_dtype)
-    attn = (attn + eps / N) / (attn.sum(dim=-1, keepdim=True) + eps)
-    return attn.to(q.dtype) @ v
+    return softmax_with_policy((q @ k.transpose(-2, -1)) * scale, policy, eps) @ v
 
 
 def _stat_dtype(t: Tensor) -> torch.dtype:
@@ -93,7 +99,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float,
     denom = a.sum(dim=-1) + eps
     vf = v.to(acc)
     o = (a @ vf + (eps / N) * vf.sum(dim=2, keepdim=True)) / denom[..., None]
-    out = new_output((B, N, H, D), q).transpose(1, 2)
+    out = empty_bhnd(B, H, N, D, q)
     out.copy_(o)
     return out, row_max.contiguous(), denom.contiguous(), row_argmax.to(torch.int32).contiguous()
 

@@ -33,29 +33,18 @@ Backend contract (shared by the reference, the C++ and the Triton backends):
         dv[p, h, :]        = sum over the same (o, t) of sum_q w * attn_scale * g
 """
 
-import os
 from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-POISON_ENV_VAR = "FASTVIT_KERNELS_POISON"
 
 
 def output_size(size: int, kernel_size: int, stride: int) -> int:
     """Ho (or Wo) for an input of `size` pixels: (size + 2 * pad - k) // stride + 1."""
     pad = (kernel_size - 1) // 2
     return (size + 2 * pad - kernel_size) // stride + 1
-
-
-def new_output(shape, like: Tensor, dtype=None) -> Tensor:
-    """An uninitialised contiguous output; NaN-filled with FASTVIT_KERNELS_POISON=1 (the tests),
-    so an element a kernel forgets to write cannot pass for a right answer."""
-    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
-    if os.environ.get(POISON_ENV_VAR) == "1":
-        out.fill_(float("nan"))
-    return out
 
 
 def _windows(x: Tensor, kernel_size: int, stride: int, fill: float) -> Tensor:

@@ -31,7 +31,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from fastvit_kernels.reference.ggem_pool import new_output
+from fastvit_kernels.reference._outputs import new_output
 
 
 def _segments(cu_seqlens: Tensor) -> List[Tuple[int, int]]:

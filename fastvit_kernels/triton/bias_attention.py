@@ -28,7 +28,7 @@ from torch import Tensor
 
 from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
 
-from fastvit_kernels.reference.bias_attention import empty_bhnd
+from fastvit_kernels.reference._outputs import empty_bhnd
 
 # ---------------------------------------------------------------------------------------------
 # Kernels

@@ -31,7 +31,8 @@ from torch import Tensor
 
 from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons
 
-from fastvit_kernels.reference.ggem_pool import channel_group, new_output
+from fastvit_kernels.reference._outputs import new_output
+from fastvit_kernels.reference.ggem_pool import channel_group
 
 # ---------------------------------------------------------------------------------------------
 # Kernels

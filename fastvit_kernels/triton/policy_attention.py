@@ -44,7 +44,7 @@ from torch import Tensor
 
 from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
 
-from fastvit_kernels.reference.ggem_pool import new_output
+from fastvit_kernels.reference._outputs import empty_bhnd, new_output
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
@@ -367,7 +367,7 @@ def _v_sum(v: Tensor) -> Tensor:
 def forward(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float,
             eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, N, D = q.shape
-    out = new_output((B, N, H, D), q).transpose(1, 2)
+    out = empty_bhnd(B, H, N, D, q)
     row_max = new_output((B, H, N), q, dtype=torch.float32)
     denom = new_output((B, H, N), q, dtype=torch.float32)
     row_argmax = torch.empty((B, H, N), dtype=torch.int32, device=q.device)

@@ -54,7 +54,8 @@ from torch import Tensor
 
 from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons
 
-from fastvit_kernels.reference.qna_attention import new_output, output_size
+from fastvit_kernels.reference._outputs import new_output
+from fastvit_kernels.reference.qna_attention import output_size
 
 # ---------------------------------------------------------------------------------------------
 # Kernels

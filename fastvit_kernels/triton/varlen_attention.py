@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
 
-from fastvit_kernels.reference.ggem_pool import new_output
+from fastvit_kernels.reference._outputs import new_output
 
 # ---------------------------------------------------------------------------------------------
 # Kernels
