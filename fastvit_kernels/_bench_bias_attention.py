@@ -212,27 +212,16 @@ def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dic
                 **{"pass": pass_}, impl=impl,
             )
             common.log(f"{s.name} {pass_:7s} {impl:8s} ...")
-            try:
+
+            def prepare(impl=impl, row=row, pass_=pass_):
                 if impl == "op":
                     q, k, v = case.views(case.buffers)
                     row["backend"] = select_backend(q, k, v, case.table, case.index).name
-                run, outputs = _make_callable(impl, case, pass_)
-                # The first call compiles (compile, flex) and is reported, not timed.
-                first = {}
-                row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), case.device), 3)
-                row["max_rel_err"] = common.max_rel_err(outputs(first.pop("r")), want)
-                timing = common.benchmark_ms(run, case.device, quick=quick)
-                row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
-                if bandwidth:
-                    floor_ms = case.floor_bytes(pass_) / bandwidth * 1e3
-                    row["floor_ms"] = floor_ms
-                    row["bw_fraction"] = floor_ms / row["ms"]
-            except Exception as error:  # record and go on (e.g. FlexAttention has no CPU backward)
-                row["error"] = common.short_error(error, limit=2000)
-                common.log(f"    failed: {common.short_error(error)}")
-            rows.append(row)
-            if row["ms"] is not None:
-                common.log(f"    {row['ms']:.3f} ms (first call {row['first_call_s']:.2f} s, rel err {row['max_rel_err']:.1e})")
+                return _make_callable(impl, case, pass_)
+
+            # (FlexAttention has no CPU backward: measure records the error and goes on.)
+            rows.append(common.measure(row, prepare, want, case.device, quick=quick,
+                                       floor_bytes=case.floor_bytes(pass_), bandwidth=bandwidth))
     return rows
 
 

@@ -124,22 +124,14 @@ def bench_policy(batch: int, keeps: Sequence[float], impls: Sequence[str], passe
                                       N=TOKENS, D=HEAD_DIM, dtype=str(dtype).replace("torch.", ""),
                                       **{"pass": pass_}, impl=impl)
                 common.log(f"{name} {pass_:7s} {impl:8s} ...")
-                try:
+
+                def prepare(impl=impl, row=row, pass_=pass_, case=case):
                     if impl == "op":
                         row["backend"] = select_policy_backend(case.q, case.k, case.v, case.policy, case.scale, EPS).name
-                    run = _policy_callable(impl, case, pass_)
-                    first = {}
-                    row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), device), 3)
-                    got = first.pop("r")
-                    row["max_rel_err"] = common.max_rel_err(got, want[:len(got)])
-                    timing = common.benchmark_ms(run, device, quick=quick)
-                    row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
-                except Exception as error:  # record and go on
-                    row["error"] = common.short_error(error, limit=2000)
-                    common.log(f"    failed: {common.short_error(error)}")
-                rows.append(row)
-                if row["ms"] is not None:
-                    common.log(f"    {row['ms']:.3f} ms (rel err {row['max_rel_err']:.1e})")
+                    return _policy_callable(impl, case, pass_), list
+
+                # (sdpa has no policy gradient: it is compared on the q, k, v gradients.)
+                rows.append(common.measure(row, prepare, want, device, quick=quick))
         del case
     return rows
 
@@ -238,21 +230,14 @@ def bench_varlen(batch: int, impls: Sequence[str], passes: Sequence[str], dtype:
                                       max_len=case.max_len, H=HEADS, D=HEAD_DIM,
                                       dtype=str(dtype).replace("torch.", ""), **{"pass": pass_}, impl=impl)
                 common.log(f"{name} {pass_:7s} {impl:8s} ...")
-                try:
+
+                def prepare(impl=impl, row=row, pass_=pass_, case=case):
                     if impl == "op":
-                        row["backend"] = select_varlen_backend(case.q, case.k, case.v, case.cu, case.max_len, case.scale).name
-                    run = _varlen_callable(impl, case, pass_)
-                    first = {}
-                    row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), device), 3)
-                    row["max_rel_err"] = common.max_rel_err(first.pop("r"), want)
-                    timing = common.benchmark_ms(run, device, quick=quick)
-                    row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
-                except Exception as error:  # record and go on
-                    row["error"] = common.short_error(error, limit=2000)
-                    common.log(f"    failed: {common.short_error(error)}")
-                rows.append(row)
-                if row["ms"] is not None:
-                    common.log(f"    {row['ms']:.3f} ms (rel err {row['max_rel_err']:.1e})")
+                        row["backend"] = select_varlen_backend(case.q, case.k, case.v, case.cu, case.max_len,
+                                                               case.scale).name
+                    return _varlen_callable(impl, case, pass_), list
+
+                rows.append(common.measure(row, prepare, want, device, quick=quick))
         del case
     return rows
 

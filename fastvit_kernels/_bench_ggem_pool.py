@@ -175,24 +175,14 @@ def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dic
                 groups=s.heads, dtype=str(case.dtype).replace("torch.", ""), **{"pass": pass_}, impl=impl,
             )
             common.log(f"{s.name} {pass_:7s} {impl:8s} ...")
-            try:
+
+            def prepare(impl=impl, row=row, pass_=pass_):
                 if impl == "op":
                     row["backend"] = select_backend(case.x, case.p).name
-                run = _make_callable(impl, case, pass_)
-                first = {}
-                row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), case.device), 3)
-                row["max_rel_err"] = common.max_rel_err(first.pop("r"), want)
-                timing = common.benchmark_ms(run, case.device, quick=quick)
-                row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
-                if bandwidth:
-                    row["floor_ms"] = case.floor_bytes(pass_) / bandwidth * 1e3
-                    row["bw_fraction"] = row["floor_ms"] / row["ms"]
-            except Exception as error:  # record and go on
-                row["error"] = common.short_error(error, limit=2000)
-                common.log(f"    failed: {common.short_error(error)}")
-            rows.append(row)
-            if row["ms"] is not None:
-                common.log(f"    {row['ms']:.3f} ms (first call {row['first_call_s']:.2f} s, rel err {row['max_rel_err']:.1e})")
+                return _make_callable(impl, case, pass_), list
+
+            rows.append(common.measure(row, prepare, want, case.device, quick=quick,
+                                       floor_bytes=case.floor_bytes(pass_), bandwidth=bandwidth))
     return rows
 
 

@@ -406,6 +406,36 @@ def max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> fl
     return max((rel_err(a, b) for a, b in zip(got, want)), default=0.0)
 
 
+def measure(row: Dict[str, object], prepare: Callable[[], Tuple[Callable[[], object], Callable]],
+            want: Sequence[torch.Tensor], device: torch.device, *, quick: bool,
+            floor_bytes: Optional[int] = None, bandwidth: Optional[float] = None) -> Dict[str, object]:
+    """Times one implementation of a kernel benchmark into its row.
+
+    prepare() -> (run, outputs): run() is one timed call, outputs(run's result) the tensors to
+    compare with `want` (the first len(outputs) oracle tensors). The first call (which compiles,
+    for compiled peers) is reported as first_call_s and checked (max_rel_err), not timed. With a
+    bandwidth (bytes/s), floor_ms and bw_fraction say how close the time is to moving
+    floor_bytes. An exception (e.g. a peer without a backward) is recorded in row['error'].
+    """
+    try:
+        run, outputs = prepare()
+        first = {}
+        row["first_call_s"] = round(time_call(lambda: first.setdefault("r", run()), device), 3)
+        got = list(outputs(first.pop("r")))
+        row["max_rel_err"] = max_rel_err(got, want[:len(got)])
+        timing = benchmark_ms(run, device, quick=quick)
+        row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
+        if bandwidth and floor_bytes is not None:
+            row["floor_ms"] = floor_bytes / bandwidth * 1e3
+            row["bw_fraction"] = row["floor_ms"] / row["ms"]
+    except Exception as error:  # record and go on
+        row["error"] = short_error(error, limit=2000)
+        log(f"    failed: {short_error(error)}")
+    if row["ms"] is not None:
+        log(f"    {row['ms']:.3f} ms (first call {row['first_call_s']:.2f} s, rel err {row['max_rel_err']:.1e})")
+    return row
+
+
 def short_error(error: BaseException, limit: int = 300) -> str:
     """The first line of an exception, for a table cell and a JSON field (full text in 'error')."""
     text = f"{type(error).__name__}: {error}".strip()
