@@ -81,13 +81,6 @@ void check_scale(const char* fn, double scale) {
 // Layouts and the dense bias
 // ---------------------------------------------------------------------------------------------
 
-// A [B, H, N, D] tensor whose memory is [B, N, H, D] (what LeViT's proj consumes).
-at::Tensor empty_bhnd(int64_t B, int64_t H, int64_t N, int64_t D, const at::TensorOptions& opt) {
-  return poisoned(at::empty({B, N, H, D}, opt)).transpose(1, 2);
-}
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // The bias as fp32 rows for the kernels (see bias_attention_args.h): row (h, i) holds
 // table[h, index[i, j]] for j < Nk, then -inf up to a whole number of kBiasRowAlign floats.
 // Also returns the validated index as dense int32 [Nq, Nk] (for dtable in backward).
@@ -218,18 +211,6 @@ BwdKernel backward_kernel(CpuIsa isa) {
   }
 }
 
-// Forward tasks are (b, h, block of query rows). Split the rows only as far as needed for about
-// 8 tasks per thread (load balance, and B = 1 still uses every core): each split repacks k / v.
-constexpr int64_t kMinQueryBlock = 16;
-constexpr int64_t kTasksPerThread = 8;
-
-int64_t forward_query_block(int64_t BH, int64_t Nq) {
-  const int64_t want_tasks = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
-  const int64_t blocks = std::max<int64_t>(1, (want_tasks + BH - 1) / BH);
-  const int64_t block = round_up((Nq + blocks - 1) / blocks, kMinQueryBlock);
-  return std::max(kMinQueryBlock, std::min(block, round_up(Nq, kMinQueryBlock)));
-}
-
 // Backward tasks are (chunk of batches, h): dk / dv rows have one owner, and dS is summed over the
 // chunk before its scatter into dtable (a scalar loop, the cost that chunks amortise). Chunks
 // aim at kBackwardTasks tasks and depend only on the shapes, never on the thread count, so
@@ -277,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
     a.o_pre = o_pre.data_ptr(); copy_strides(o_pre, a.o_pre_stride);
   }
   a.lse = lse.data_ptr<float>(); copy_strides(lse, a.lse_stride);
-  a.q_block = forward_query_block(B * H, Nq);
+  a.q_block = attention_query_block(B * H, Nq);
   a.q_blocks = (Nq + a.q_block - 1) / a.q_block;
 
   at::parallel_for(0, B * H * a.q_blocks, 1,

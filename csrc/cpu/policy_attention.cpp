@@ -93,20 +93,6 @@ void check_stat(const char* fn, const char* name, const at::Tensor& t, at::Scala
 // Layouts and the column order
 // ---------------------------------------------------------------------------------------------
 
-// A [B, H, N, D] tensor whose memory is [B, N, H, D] (the caller's reshape to [B, N, H*D] is free).
-at::Tensor empty_bhnd(int64_t B, int64_t H, int64_t N, int64_t D, const at::TensorOptions& opt) {
-  return poisoned(at::empty({B, N, H, D}, opt)).transpose(1, 2);
-}
-
-// int32 outputs cannot hold NaN: poison them with -1 instead (same switch as poisoned()).
-at::Tensor poisoned_index(at::Tensor t) {
-  const char* env = std::getenv("FASTVIT_KERNELS_POISON");
-  if (env != nullptr && env[0] == '1' && env[1] == '\0') t.fill_(-1);
-  return t;
-}
-
-int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // Per batch: the keys with policy != 0 (kept) in ascending order, then the others (see
 // PolicyAttentionInputs).
 struct ColumnOrder {
@@ -202,18 +188,6 @@ BwdKernel backward_kernel(CpuIsa isa) {
   }
 }
 
-// Forward tasks are (b, h, block of query rows). Split the rows only as far as needed for about
-// 8 tasks per thread (load balance, and B = 1 still uses every core): each split repacks k / v.
-constexpr int64_t kMinQueryBlock = 16;
-constexpr int64_t kTasksPerThread = 8;
-
-int64_t forward_query_block(int64_t BH, int64_t N) {
-  const int64_t want_tasks = kTasksPerThread * std::max<int64_t>(1, at::get_num_threads());
-  const int64_t blocks = std::max<int64_t>(1, (want_tasks + BH - 1) / BH);
-  const int64_t block = round_up((N + blocks - 1) / blocks, kMinQueryBlock);
-  return std::max(kMinQueryBlock, std::min(block, round_up(N, kMinQueryBlock)));
-}
-
 // Backward tasks are (b, h), so dk / dv rows have one owner and no atomics are needed; queries go
 // in blocks of kBackwardQueryBlock rows so that E / A / dA for a block stay in L1 / L2.
 constexpr int64_t kBackwardQueryBlock = 32;
@@ -248,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_attention_forw
   a.row_max = row_max.data_ptr<float>(); copy_strides(row_max, a.row_max_stride);
   a.denom = denom.data_ptr<float>(); copy_strides(denom, a.denom_stride);
   a.row_argmax = row_argmax.data_ptr<int32_t>(); copy_strides(row_argmax, a.row_argmax_stride);
-  a.q_block = forward_query_block(B * H, N);
+  a.q_block = attention_query_block(B * H, N);
   a.q_blocks = (N + a.q_block - 1) / a.q_block;
   at::parallel_for(0, B * H * a.q_blocks, 1,
                    [&](int64_t begin, int64_t end) { kernel(a, begin, end); });
