@@ -59,3 +59,25 @@ def device_reasons(module: str, tensors: Sequence[Tuple[str, Tensor]], dtype: to
             f"set before fastvit_kernels.triton.{module} is imported)"
         )
     return reasons
+
+
+def qkv_reasons(q: Tensor, k: Tensor, v: Tensor, layout: str, max_head_dim: int,
+                same_shape: bool = True) -> Tuple[List[str], bool]:
+    """why_not's checks of an attention's q, k, v: their rank (that of `layout`, e.g.
+    "[B, H, N, D]"), one supported float dtype, equal shapes (unless same_shape is False) and
+    head widths (the last dimension of q and v) up to max_head_dim. Returns (reasons, whether the
+    ranks are right: the caller's further shape checks need them)."""
+    rank = layout.count(",") + 1
+    if any(t.dim() != rank for t in (q, k, v)):
+        return [f"q, k, v must be {rank}-D {layout}"], False
+    reasons = []
+    if q.dtype not in FLOAT_DTYPES:
+        reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    if same_shape and not (q.shape == k.shape == v.shape):
+        reasons.append(f"q, k, v shapes differ ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})")
+    width = max(q.shape[-1], v.shape[-1])
+    if width > max_head_dim:
+        reasons.append(f"head width {width} > {max_head_dim}")
+    return reasons, True

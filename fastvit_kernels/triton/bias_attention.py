@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
+from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2, qkv_reasons
 
 from fastvit_kernels.reference._outputs import empty_bhnd
 
@@ -549,16 +549,10 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Opt
     if index is not None:
         tensors.append(("bias_index", index))
     reasons += device_reasons("bias_attention", tensors, q.dtype)
-    if any(t.dim() != 4 for _, t in tensors[:3]):
-        reasons.append("q, k, v must be 4-D [B, H, N, D]")
+    qkv, ranks_ok = qkv_reasons(q, k, v, "[B, H, N, D]", _MAX_HEAD_DIM, same_shape=False)
+    reasons += qkv
+    if not ranks_ok:
         return reasons
-    if q.dtype not in FLOAT_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    Dk, Dv = q.shape[3], v.shape[3]
-    if max(Dk, Dv) > _MAX_HEAD_DIM:
-        reasons.append(f"head width {max(Dk, Dv)} > {_MAX_HEAD_DIM}")
     if k.shape[2] == 0:
         reasons.append("no keys (Nk == 0)")
     if (table is None) != (index is None):

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
+from fastvit_kernels.triton._common import device_reasons, dot, fp32_dots, pow2, qkv_reasons
 
 from fastvit_kernels.reference._outputs import empty_bhnd, new_output
 
@@ -456,17 +456,10 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float, eps: 
     reasons: List[str] = []
     tensors = [("q", q), ("k", k), ("v", v), ("policy", policy)]
     reasons += device_reasons("policy_attention", tensors, q.dtype)
-    if any(t.dim() != 4 for _, t in tensors[:3]):
-        reasons.append("q, k, v must be 4-D [B, H, N, D]")
+    qkv, ranks_ok = qkv_reasons(q, k, v, "[B, H, N, D]", _MAX_HEAD_DIM)
+    reasons += qkv
+    if not ranks_ok:
         return reasons
-    if q.dtype not in FLOAT_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not (q.shape == k.shape == v.shape):
-        reasons.append(f"q, k, v shapes differ ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})")
-    if q.shape[3] > _MAX_HEAD_DIM:
-        reasons.append(f"head width {q.shape[3]} > {_MAX_HEAD_DIM}")
     if policy.dim() != 2 or tuple(policy.shape) != (q.shape[0], q.shape[2]):
         reasons.append(f"policy shape {tuple(policy.shape)} (expected [B, N] = {(q.shape[0], q.shape[2])})")
     if not policy.dtype.is_floating_point:

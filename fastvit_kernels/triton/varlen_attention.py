@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2
+from fastvit_kernels.triton._common import device_reasons, dot, fp32_dots, pow2, qkv_reasons
 
 from fastvit_kernels.reference._outputs import new_output
 
@@ -369,17 +369,10 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
     reasons: List[str] = []
     tensors = [("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)]
     reasons += device_reasons("varlen_attention", tensors, q.dtype)
-    if any(t.dim() != 3 for _, t in tensors[:3]):
-        reasons.append("q, k, v must be 3-D [T, H, D]")
+    qkv, ranks_ok = qkv_reasons(q, k, v, "[T, H, D]", _MAX_HEAD_DIM)
+    reasons += qkv
+    if not ranks_ok:
         return reasons
-    if q.dtype not in FLOAT_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if not (q.shape == k.shape == v.shape):
-        reasons.append(f"q, k, v shapes differ ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})")
-    if q.shape[2] > _MAX_HEAD_DIM:
-        reasons.append(f"head width {q.shape[2]} > {_MAX_HEAD_DIM}")
     if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
         reasons.append(f"cu_seqlens must be a 1-D int32/int64 tensor (got {cu_seqlens.dtype}, "
                        f"{cu_seqlens.dim()}-D)")
