@@ -244,29 +244,8 @@ def run(shapes: Sequence[common.AttentionShape], *, batch: int, dtype: torch.dty
     return rows
 
 
-COLUMNS = [
-    common.Column("case", "case", left=True),
-    common.Column("pass", "pass", left=True),
-    common.Column("impl", "impl", left=True),
-    common.Column("ms", "ms", "{:.3f}"),
-    common.Column("ref_speedup", "op x", "{:.2f}"),
-    common.Column("max_rel_err", "rel err", "{:.1e}"),
-    common.Column("first_call_s", "1st s", "{:.1f}"),
-    common.Column("bw_fraction", "bw floor", "{:.1%}"),
-    common.Column("note", "note", left=True),
-]
-
-
 def table(rows: List[Dict]) -> str:
-    for row in rows:
-        notes = []
-        if row.get("backend"):
-            notes.append(f"backend={row['backend']}")
-        if row.get("error"):
-            notes.append(f"n/a: {row['error'][:160]}")
-        row["note"] = "; ".join(notes)
-    cols = COLUMNS if any(r.get("bw_fraction") is not None for r in rows) else [c for c in COLUMNS if c.key != "bw_fraction"]
-    return common.format_table(rows, cols)
+    return common.kernel_table(rows)
 
 
 def main(argv=None) -> None:

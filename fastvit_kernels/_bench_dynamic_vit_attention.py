@@ -252,25 +252,6 @@ def run(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quic
     return rows
 
 
-COLUMNS = [
-    common.Column("case", "case", left=True),
-    common.Column("pass", "pass", left=True),
-    common.Column("impl", "impl", left=True),
-    common.Column("ms", "ms", "{:.3f}"),
-    common.Column("ref_speedup", "op x", "{:.2f}"),
-    common.Column("max_rel_err", "rel err", "{:.1e}"),
-    common.Column("note", "note", left=True),
-]
-
-
 def table(rows: List[Dict]) -> str:
-    for row in rows:
-        notes = []
-        if row.get("backend"):
-            notes.append(f"backend={row['backend']}")
-        if row.get("impl") == "sdpa":
-            notes.append("different function; no policy grad")
-        if row.get("error"):
-            notes.append(f"n/a: {row['error'][:160]}")
-        row["note"] = "; ".join(notes)
-    return common.format_table(rows, COLUMNS)
+    return common.kernel_table(
+        rows, lambda row: ["different function; no policy grad"] if row.get("impl") == "sdpa" else [])

@@ -394,6 +394,33 @@ def format_table(rows: Iterable[Dict[str, object]], columns: Sequence[Column]) -
     return "\n".join(out)
 
 
+# The kernel microbenchmarks' table (bias, ggem, policy / varlen attention): one row per
+# (case, pass, impl), the op's speed-up over each peer, and notes (backend, failures, extra).
+KERNEL_COLUMNS = [
+    Column("case", "case", left=True),
+    Column("pass", "pass", left=True),
+    Column("impl", "impl", left=True),
+    Column("ms", "ms", "{:.3f}"),
+    Column("ref_speedup", "op x", "{:.2f}"),
+    Column("max_rel_err", "rel err", "{:.1e}"),
+    Column("first_call_s", "1st s", "{:.1f}"),
+    Column("bw_fraction", "bw floor", "{:.1%}"),
+    Column("note", "note", left=True),
+]
+
+
+def kernel_table(rows: List[Dict[str, object]], extra_notes: Callable[[Dict], List[str]] = lambda row: []) -> str:
+    """KERNEL_COLUMNS of the rows (the bandwidth column only when some row has it)."""
+    for row in rows:
+        notes = [f"backend={row['backend']}"] if row.get("backend") else []
+        notes += extra_notes(row)
+        if row.get("error"):
+            notes.append(f"n/a: {row['error'][:160]}")
+        row["note"] = "; ".join(notes)
+    has_floor = any(r.get("bw_fraction") is not None for r in rows)
+    return format_table(rows, [c for c in KERNEL_COLUMNS if has_floor or c.key != "bw_fraction"])
+
+
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max|got - want| / max|want| (relative to the tensor's scale, so tiny entries don't dominate)."""
     want = want.detach().double()
