@@ -14,7 +14,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 import fastvit_kernels  # noqa: E402
 from fastvit_kernels import GGeM, patch_timm, unpatch_timm  # noqa: E402
-from fastvit_kernels.patch.timm import install_ggem_pool  # noqa: E402
+from fastvit_kernels.patch.ggem import install_ggem_pool  # noqa: E402
 from fastvit_kernels.reference import ggem_pool as reference  # noqa: E402
 from helpers import assert_matches  # noqa: E402
 

@@ -320,7 +320,7 @@ def test_fold_batchnorm_keeps_outputs(name):
         assert_close("folded", plain_folded(x), expected, 1e-5)
     # The stem's convolutions + Hardswish became fused oneDNN convolutions (taken under no_grad);
     # with autograd on they fall back to Conv2d + Hardswish: same outputs either way.
-    from fastvit_kernels.patch.timm import ConvHardswish
+    from fastvit_kernels.modules.conv_hardswish import ConvHardswish
 
     stem_convs = [m for m in folded.stem.modules() if isinstance(m, ConvHardswish)]
     assert len(stem_convs) == 4 and [m.hardswish for m in stem_convs] == [True, True, True, False]

@@ -17,14 +17,15 @@ loads strictly into the patched model, and the patched model's state_dict loads 
 Supported classes live in one registry (`registry`, below): one line per timm class.
 A replacement class must provide `from_timm(module)` (a classmethod) and `to_timm()`.
 
-Pooling (`pool="ggem"`, or `install_ggem_pool`) is not a class swap: it sets the `attn_pool` of
-every timm VisionTransformer in the model to a new GGeM module (new parameters `attn_pool.p`, one
-exponent per group), which timm's `pool()` calls on the patch tokens; `unpatch_timm` puts back
-what was there before (usually None, i.e. the model's `global_pool`).
+Pooling (`pool="ggem"`, or `install_ggem_pool`; patch/ggem.py) is not a class swap: it sets the
+`attn_pool` of every timm VisionTransformer in the model to a new GGeM module (new parameters
+`attn_pool.p`, one exponent per group), which timm's `pool()` calls on the patch tokens;
+`unpatch_timm` puts back what was there before (usually None, i.e. the model's `global_pool`).
 
-BatchNorm folding is inference-only and cannot be undone: `unpatch_timm` on a folded model
-restores timm's attention classes but warns (FoldedBatchNormWarning) that the BatchNorms stay
-folded (the state_dict then has `qkv.weight`/`qkv.bias` instead of `qkv.linear.*`/`qkv.bn.*`).
+BatchNorm folding (`fold_bn=True`, or `fold_batchnorm`; patch/batchnorm.py) is inference-only and
+cannot be undone: `unpatch_timm` on a folded model restores timm's attention classes but warns
+(FoldedBatchNormWarning) that the BatchNorms stay folded (the state_dict then has
+`qkv.weight`/`qkv.bias` instead of `qkv.linear.*`/`qkv.bn.*`).
 """
 
 import importlib
@@ -33,23 +34,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from fastvit_kernels.modules import BiasAttention, GGeM, ShrinkAttention
-from fastvit_kernels.modules import bias_attention as _levit_modules
+from fastvit_kernels.patch._tree import check_module, replace_children
+from fastvit_kernels.patch.batchnorm import FOLDED_ATTR, FoldedBatchNormWarning, check_foldable, fold
+from fastvit_kernels.patch.ggem import install_ggem_pool, pool_targets, uninstall_pools
 
-__all__ = [
-    "patch_timm",
-    "unpatch_timm",
-    "fold_batchnorm",
-    "install_ggem_pool",
-    "POOLS",
-    "supported_timm_models",
-    "registry",
-    "PatchReport",
-    "FoldedBatchNormWarning",
-]
+__all__ = ["patch_timm", "unpatch_timm", "supported_timm_models", "registry", "PatchReport"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,40 +182,6 @@ class PatchReport:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_module(model, fn: str) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fastvit_kernels.{fn} expects a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}")
-
-
-def _replace_children(model: nn.Module, convert) -> None:
-    """Replace, recursively, every submodule for which convert(module) returns a new module.
-    A module reachable under several names is converted once and the result used everywhere;
-    the children of a new module are visited too (except the module it replaced, if it wraps it)."""
-    done: Dict[int, nn.Module] = {}
-    visited = set()
-
-    def visit(parent: nn.Module) -> None:
-        if id(parent) in visited:
-            return
-        visited.add(id(parent))
-        for name, child in list(parent._modules.items()):
-            if child is None:
-                continue
-            if id(child) in done:
-                if done[id(child)] is not parent:  # a replacement may wrap the module it replaces
-                    parent._modules[name] = done[id(child)]
-                continue
-            new = convert(child)
-            if new is not None:
-                done[id(child)] = new
-                parent._modules[name] = new
-                visit(new)
-            else:
-                visit(child)
-
-    visit(model)
-
-
 def patch_timm(
     model: nn.Module, *, pool: Optional[str] = None, fold_bn: bool = False, verbose: bool = False
 ) -> nn.Module:
@@ -239,10 +197,10 @@ def patch_timm(
     replacement with e.g. `BiasAttention.from_timm(model)`. Raises TypeError if `model` is not
     an nn.Module.
     """
-    _check_module(model, "patch_timm")
+    check_module(model, "patch_timm")
     if fold_bn:
-        _check_foldable(model)  # fail before changing anything
-    vits = _pool_targets(model, pool) if pool is not None else []  # fails before any change too
+        check_foldable(model)  # fail before changing anything
+    vits = pool_targets(model, pool) if pool is not None else []  # fails before any change too
     mapping = registry.mapping()
     patched_classes = set(mapping.values())
     replaced: Counter = Counter()
@@ -259,7 +217,7 @@ def patch_timm(
         replaced[f"{_class_name(type(module))} -> {cls.__name__}"] += 1
         return cls.from_timm(module)
 
-    _replace_children(model, convert)
+    replace_children(model, convert)
     for vit in vits:
         if type(vit.attn_pool) is GGeM:
             already += 1
@@ -268,7 +226,7 @@ def patch_timm(
         replaced[f"{_class_name(type(vit))}.attn_pool -> GGeM"] += 1
     report = PatchReport(model=type(model).__name__, replaced=dict(replaced), already_patched=already)
     if fold_bn:
-        report.folded_batchnorms = _fold(model)
+        report.folded_batchnorms = fold(model)
     model.fastvit_kernels_report = report
     if verbose:
         print(report)
@@ -283,7 +241,7 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
     BatchNorm folding cannot be undone: if the model was folded, the timm classes are restored
     but the BatchNorms stay folded, and a FoldedBatchNormWarning says so.
     """
-    _check_module(model, "unpatch_timm")
+    check_module(model, "unpatch_timm")
     reverse = {cls: timm_cls for timm_cls, cls in registry.items()}
 
     def convert(module: nn.Module) -> Optional[nn.Module]:
@@ -293,9 +251,9 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
         assert type(restored) is reverse[type(module)]
         return restored
 
-    _replace_children(model, convert)
-    _uninstall_pools(model)
-    if any(getattr(m, _FOLDED_ATTR, 0) for m in model.modules()):
+    replace_children(model, convert)
+    uninstall_pools(model)
+    if any(getattr(m, FOLDED_ATTR, 0) for m in model.modules()):
         warnings.warn(
             "fastvit_kernels.unpatch_timm: this model's BatchNorms were folded into their "
             "Linear/Conv layers (fold_batchnorm / patch_timm(fold_bn=True)), which cannot be undone: "
@@ -307,328 +265,4 @@ def unpatch_timm(model: nn.Module) -> nn.Module:
         )
     if hasattr(model, "fastvit_kernels_report"):
         del model.fastvit_kernels_report
-    return model
-
-
-# ---------------------------------------------------------------------------------------------
-# Pooling: GGeM in a timm VisionTransformer's attn_pool slot
-# ---------------------------------------------------------------------------------------------
-
-POOLS = ("ggem",)
-# The attn_pool replaced by install_ggem_pool, kept (inside a tuple, so that it is not registered
-# as a submodule and stays out of state_dict) for unpatch_timm.
-_PREVIOUS_POOL_ATTR = "_fastvit_kernels_previous_attn_pool"
-
-
-def _vision_transformer_class() -> type:
-    try:
-        from timm.models.vision_transformer import VisionTransformer
-    except ImportError as error:
-        raise ImportError(f"fastvit_kernels.patch: cannot import timm's VisionTransformer ({error}); is timm installed?") from error
-    if not hasattr(VisionTransformer, "pool"):
-        raise ImportError(
-            "fastvit_kernels.patch: this timm's VisionTransformer has no pool() method (timm >= 1.0.20 "
-            "has it): its attn_pool would receive the prefix tokens too"
-        )
-    return VisionTransformer
-
-
-def _uses_timm_pooling(module: nn.Module, vit_class: type) -> bool:
-    """A VisionTransformer (or a subclass) whose head still pools through timm's pool()/attn_pool
-    (e.g. not DeiT's distilled model, whose forward_head reads the cls and dist tokens)."""
-    cls = type(module)
-    return (
-        isinstance(module, vit_class)
-        and cls.pool is vit_class.pool
-        and cls.forward_head is vit_class.forward_head
-    )
-
-
-def _pool_targets(model: nn.Module, pool: str) -> List[nn.Module]:
-    if pool not in POOLS:
-        raise ValueError(f"fastvit_kernels.patch_timm: pool must be None or one of {POOLS}, got {pool!r}")
-    vit_class = _vision_transformer_class()
-    targets = [m for m in model.modules() if _uses_timm_pooling(m, vit_class)]
-    if not targets:
-        raise ValueError(
-            f"fastvit_kernels.patch_timm(pool={pool!r}): {type(model).__name__} contains no timm "
-            "VisionTransformer whose head pools through attn_pool; nothing to install the pooling in"
-        )
-    return targets
-
-
-def _num_heads(vit: nn.Module) -> Optional[int]:
-    for block in getattr(vit, "blocks", ()):
-        heads = getattr(getattr(block, "attn", None), "num_heads", None)
-        if isinstance(heads, int):
-            return heads
-    return None
-
-
-def install_ggem_pool(
-    vit: nn.Module,
-    *,
-    groups: Optional[int] = None,
-    p: float = 3.0,
-    eps: float = 1e-6,
-    layout: str = "contiguous",
-    learnable: bool = True,
-) -> GGeM:
-    """Make GGeM the pooling of a timm VisionTransformer, in place, and return the new module.
-
-    The module goes into `vit.attn_pool`, which timm's `pool()` calls on the tokens after the final
-    norm, with the prefix (cls / register) tokens removed by a slice (no copy); if the model pools
-    with `pool_include_prefix=True`, GGeM skips them itself. `fc_norm`, dropout and the head follow
-    as usual. groups defaults to the number of attention heads (the paper's choice); p, eps,
-    layout and learnable are GGeM's arguments. The exponents are a new float32 Parameter
-    `attn_pool.p` on the model's device: build the optimizer after installing (or add it).
-    A previous attn_pool (e.g. timm's 'map' attention pooling) is kept aside for unpatch_timm.
-    """
-    _check_module(vit, "install_ggem_pool")
-    vit_class = _vision_transformer_class()
-    if not _uses_timm_pooling(vit, vit_class):
-        raise TypeError(
-            "fastvit_kernels.install_ggem_pool expects a timm VisionTransformer whose head pools "
-            f"through attn_pool, got {type(vit).__module__}.{type(vit).__qualname__}"
-        )
-    if groups is None:
-        groups = _num_heads(vit)
-        if groups is None:
-            raise ValueError("fastvit_kernels.install_ggem_pool: cannot find the number of heads; pass groups=")
-    dim = vit.embed_dim
-    prefix = vit.num_prefix_tokens if vit.pool_include_prefix else 0
-    module = GGeM(dim, groups, p=p, eps=eps, layout=layout, learnable=learnable, num_prefix_tokens=prefix)
-    reference = next(iter(vit.parameters()), None)
-    if reference is not None:
-        module = module.to(reference.device)
-    if not hasattr(vit, _PREVIOUS_POOL_ATTR):
-        object.__setattr__(vit, _PREVIOUS_POOL_ATTR, (vit.attn_pool,))
-    vit.attn_pool = module.train(vit.training)
-    return module
-
-
-def _uninstall_pools(model: nn.Module) -> None:
-    for module in list(model.modules()):
-        previous = module.__dict__.pop(_PREVIOUS_POOL_ATTR, None)
-        if previous is not None:
-            module.attn_pool = previous[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# BatchNorm folding
-# ---------------------------------------------------------------------------------------------
-
-
-class FoldedBatchNormWarning(UserWarning):
-    """unpatch_timm was called on a model whose BatchNorms were folded (which cannot be undone)."""
-
-
-_FOLDED_ATTR = "fastvit_kernels_folded_batchnorms"
-
-
-def _foldable_classes() -> Tuple[Tuple[type, ...], Tuple[type, ...]]:
-    """(norm-after classes: Linear/Conv then BN, norm-before classes: BN then Linear)."""
-    after: List[type] = [_levit_modules.LinearNorm, _levit_modules.ConvNorm]
-    before: List[type] = []
-    try:
-        from timm.models import levit
-    except ImportError:
-        pass
-    else:
-        after += [levit.LinearNorm, levit.ConvNorm]
-        before.append(levit.NormLinear)
-    return tuple(after), tuple(before)
-
-
-def _iter_foldable(model: nn.Module):
-    after, before = _foldable_classes()
-    for name, module in model.named_modules():
-        if type(module) in after or type(module) in before:
-            yield name, module
-
-
-def _check_foldable(model: nn.Module) -> None:
-    if model.training:
-        raise RuntimeError(
-            "fastvit_kernels.fold_batchnorm: BatchNorm folding is inference-only; call model.eval() first "
-            "(in training mode BatchNorm normalises with the batch's statistics, which cannot be folded)"
-        )
-    for name, module in _iter_foldable(model):
-        bn = module.bn
-        if module.training or bn.training:
-            raise RuntimeError(
-                "fastvit_kernels.fold_batchnorm: BatchNorm folding is inference-only; call model.eval() "
-                f"first ('{name or type(model).__name__}' is in training mode, where BatchNorm normalises "
-                "with the batch's statistics, which cannot be folded into a weight)"
-            )
-        if bn.running_mean is None or bn.running_var is None:
-            raise RuntimeError(
-                f"fastvit_kernels.fold_batchnorm: '{name}.bn' tracks no running statistics; cannot fold it"
-            )
-
-
-def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(s, t) in float64 with bn(x) = x·s + t in eval mode."""
-    var = bn.running_var.double()
-    mean = bn.running_mean.double()
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.double()
-    return scale, shift
-
-
-def _new_param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value.to(dtype=like.dtype, device=like.device), requires_grad=like.requires_grad)
-
-
-@torch.no_grad()
-def _fold_norm_after(module: nn.Module) -> nn.Module:
-    """Linear/Conv2d (no bias) then BN → one Linear/Conv2d with bias."""
-    layer, bn = module.linear, module.bn
-    scale, shift = _bn_scale_shift(bn)
-    w = layer.weight.double() * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
-    b = shift if layer.bias is None else shift + layer.bias.double() * scale
-    if isinstance(layer, nn.Conv2d):
-        fused = nn.Conv2d(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=True,
-            padding_mode=layer.padding_mode, device="meta",
-        )
-    else:
-        fused = nn.Linear(layer.in_features, layer.out_features, bias=True, device="meta")
-    fused.weight = _new_param(w, layer.weight)
-    fused.bias = _new_param(b, layer.weight)
-    return fused.train(False)
-
-
-@torch.no_grad()
-def _fold_norm_before(module: nn.Module) -> nn.Module:
-    """BN then (dropout, identity in eval) then Linear → one Linear with bias."""
-    bn, layer = module.bn, module.linear
-    scale, shift = _bn_scale_shift(bn)
-    w = layer.weight.double()
-    b = w @ shift
-    if layer.bias is not None:
-        b = b + layer.bias.double()
-    fused = nn.Linear(layer.in_features, layer.out_features, bias=True, device="meta")
-    fused.weight = _new_param(w * scale[None, :], layer.weight)
-    fused.bias = _new_param(b, layer.weight)
-    return fused.train(False)
-
-
-class ConvHardswish(nn.Conv2d):
-    """Inference: a folded Conv2d and the Hardswish after it (or none) as ONE oneDNN convolution
-    with a fused post-op, in channels-last memory. On CPU this runs LeViT's stem about 3x faster
-    than NCHW convolutions plus separate activations (42 -> 14 ms for levit_128s, batch 32, 2
-    cores), and its channels-last output makes the stem's flatten(2).transpose(1, 2) contiguous.
-    Where oneDNN does not apply (GPU, half precision, autograd on) it is Conv2d then Hardswish.
-    Parameter names are Conv2d's (`weight`, `bias`)."""
-
-    def __init__(self, conv: nn.Conv2d, hardswish: bool):
-        super().__init__(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, groups=conv.groups, bias=True,
-            padding_mode=conv.padding_mode, device="meta",
-        )
-        self.weight, self.bias = conv.weight, conv.bias
-        self.hardswish = hardswish
-
-    def _onednn_applies(self, x: torch.Tensor) -> bool:
-        return (
-            x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._onednn_applies(x):
-            return torch.ops.mkldnn._convolution_pointwise(
-                x.contiguous(memory_format=torch.channels_last), self.weight, self.bias, self.padding,
-                self.stride, self.dilation, self.groups, "hardswish" if self.hardswish else "none", [], "",
-            )
-        y = super().forward(x)
-        return nn.functional.hardswish(y) if self.hardswish else y
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", hardswish" if self.hardswish else "")
-
-
-def _stem_classes() -> Tuple[type, ...]:
-    try:
-        from timm.models import levit
-    except ImportError:
-        return ()
-    return tuple(getattr(levit, name) for name in ("Stem16", "Stem8") if hasattr(levit, name))
-
-
-def _fuse_stem_activations(model: nn.Module) -> int:
-    """In LeViT's (sequential) stems, each folded Conv2d [+ Hardswish] → one ConvHardswish."""
-    fused = 0
-    stems = _stem_classes()
-    for stem in [m for m in model.modules() if isinstance(m, stems)]:
-        names = list(stem._modules)
-        for i, name in enumerate(names):
-            conv = stem._modules[name]
-            if type(conv) is not nn.Conv2d or conv.bias is None:
-                continue
-            following = stem._modules[names[i + 1]] if i + 1 < len(names) else None
-            with_act = type(following) is nn.Hardswish
-            stem._modules[name] = ConvHardswish(conv, with_act)
-            if with_act:
-                stem._modules[names[i + 1]] = nn.Identity()
-            fused += 1
-    return fused
-
-
-def _fold(model: nn.Module) -> int:
-    _check_foldable(model)
-    after, before = _foldable_classes()
-    count = 0
-
-    def convert(module: nn.Module) -> Optional[nn.Module]:
-        nonlocal count
-        if type(module) in after:
-            count += 1
-            return _fold_norm_after(module)
-        if type(module) in before:
-            count += 1
-            return _fold_norm_before(module)
-        return None
-
-    _replace_children(model, convert)
-    _fuse_stem_activations(model)
-    if count:
-        setattr(model, _FOLDED_ATTR, getattr(model, _FOLDED_ATTR, 0) + count)
-    return count
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold, in place, each BatchNorm of LeViT's LinearNorm / ConvNorm / NormLinear into its
-    Linear or Conv2d (weight and bias), replacing the pair by one layer. Outputs are unchanged
-    up to float32 rounding (the folding is computed in float64).
-
-    In LeViT's stem each folded convolution and its Hardswish then become one ConvHardswish
-    (a oneDNN convolution with a fused activation, channels-last; plain PyTorch off the CPU or
-    with autograd on).
-
-    Inference only: the model (every module to fold) must be in eval mode, else RuntimeError.
-    The folded layers hold new Parameters (an existing optimizer does not see them) and the
-    state_dict keys change (`qkv.weight`/`qkv.bias` instead of `qkv.linear.*`/`qkv.bn.*`).
-    Works on patched and unpatched timm models. Returns `model`; the number of BatchNorms folded
-    so far is in `model.fastvit_kernels_folded_batchnorms` (and in the patch report when done via
-    patch_timm(fold_bn=True)).
-    """
-    _check_module(model, "fold_batchnorm")
-    count = _fold(model)
-    report = getattr(model, "fastvit_kernels_report", None)
-    if isinstance(report, PatchReport):
-        report.folded_batchnorms += count
     return model
