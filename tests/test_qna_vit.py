@@ -26,7 +26,7 @@ QNA_OP = torch.ops.fastvit_kernels.qna_attention_forward
 BIAS_OP = torch.ops.fastvit_kernels.bias_attention_forward
 
 # name: (paper params (M), paper GFLOPs = GMACs, our params, our MACs at 224x224)
-# Ours count matmuls/convolutions and the fused ops' MACs (fastvit_kernels/flops.py).
+# Ours count matmuls/convolutions and the fused ops' MACs (fastvit_kernels/ops/flops.py).
 SIZES = {
     "qna_vit_tiny": (16, 2.5, 15_715_560, 2_414_366_080),
     "qna_vit_tiny_7x7": (16, 2.6, 15_753_960, 2_463_287_680),

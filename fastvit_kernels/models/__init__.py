@@ -5,10 +5,9 @@
 When timm is installed, importing this package (done by `import fastvit_kernels`) registers
 `qna_vit_tiny`, `qna_vit_tiny_7x7`, `qna_vit_small` and `qna_vit_base`, so
 `timm.create_model("qna_vit_tiny")` works. Without timm the models work the same; only the
-registry is missing. Importing also registers the ops' FLOP formulas (fastvit_kernels/flops.py).
+registry is missing.
 """
 
-from fastvit_kernels import flops  # noqa: F401  (FlopCounterMode formulas for the custom ops)
 from fastvit_kernels.models.qna_vit import (
     QnAViT,
     qna_vit_base,

@@ -15,7 +15,7 @@ Note: the QnA scores (x · W_k q̂) are an ordinary matmul outside the op and ar
 The JAX original computes the value sum as a grouped convolution over Q·F channels, i.e.
 B·Ho·Wo·Q·F·k² MACs, Q times more than the fused op needs.
 
-Importing this module (done by `import fastvit_kernels`) registers the formulas once.
+Importing `fastvit_kernels.ops` imports this module, which registers the formulas once.
 """
 
 from torch.utils import flop_counter
