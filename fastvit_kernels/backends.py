@@ -6,7 +6,7 @@ text when nothing fits, `python -m fastvit_kernels.info` and the tests' parametr
 
 Choosing a backend, strongest first:
   1. `with fastvit_kernels.use_backend("triton"):` (thread- and task-local),
-  2. the environment variable FASTVIT_KERNELS_BACKEND=reference|cpu|triton|cuda,
+  2. the environment variable FASTVIT_KERNELS_BACKEND=reference|cpu|triton,
   3. the default order for the inputs' device.
 A forced backend that cannot run the inputs raises (it never silently falls back); the default
 order takes the first backend that fits.
@@ -24,7 +24,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from fastvit_kernels import _native
 
-BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+BACKEND_NAMES = ("reference", "cpu", "triton")
 ENV_VAR = "FASTVIT_KERNELS_BACKEND"
 
 # Backends that have passed the full test suite on a GPU (device name recorded in the README).
@@ -151,15 +151,13 @@ def standard_backends(
     native_dtypes: Sequence[object],
     native_limits: Callable[..., List[str]] = _NO_LIMITS,
     triton_limits: Optional[Callable[..., List[str]]] = None,
-    cpu_kernels: Optional[object] = None,
 ) -> OpBackends:
-    """The four backends every op declares the same way; `op` names the C++ entry points
+    """The three backends every op declares the same way; `op` names the C++ entry points
     (`_C.<op>_forward`), the Triton module (`fastvit_kernels.triton.<op>`) and the messages.
 
     The why_not functions take the op's dispatch inputs, the first being its main tensor (its
     device decides). native_limits(*inputs) lists what the C++ kernel cannot take (dtype, sizes);
     triton_limits adds to the Triton module's own why_not (default: native_limits).
-    cpu_kernels adapts a C++ signature that differs from the contract (default: NativeKernels).
     """
     triton_limits = native_limits if triton_limits is None else triton_limits
 
@@ -186,13 +184,9 @@ def standard_backends(
             return [f"cannot import the Triton kernels ({type(error).__name__}: {error})"]
         return kernels.why_not(*inputs) + triton_limits(*inputs)
 
-    def cuda_why_not(*inputs) -> List[str]:
-        return ["no CUDA C++ kernel for this op yet (use 'triton')"]
-
     backends = OpBackends(op=op, default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
                           native_dtypes=native_dtypes)
     backends.add(Backend("reference", reference_why_not, lambda: reference))
-    backends.add(Backend("cpu", cpu_why_not, lambda: cpu_kernels or NativeKernels(op)))
+    backends.add(Backend("cpu", cpu_why_not, lambda: NativeKernels(op)))
     backends.add(Backend("triton", triton_why_not, load_triton))
-    backends.add(Backend("cuda", cuda_why_not, lambda: None))
     return backends

@@ -11,7 +11,7 @@ def test_info_reports_every_op_and_backend():
     for op in ("bias_attention", "qna_attention", "ggem_pool", "policy_attention", "varlen_attention"):
         cpu = data["ops"][op]["cpu"]
         assert cpu["backend"] in ("cpu", "reference"), (op, cpu)
-        assert set(cpu["refusals"]) == {"reference", "cpu", "triton", "cuda"}
+        assert set(cpu["refusals"]) == {"reference", "cpu", "triton"}
     result = subprocess.run([sys.executable, "-m", "fastvit_kernels.info"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "bias_attention" in result.stdout and "qna_attention" in result.stdout and "ggem_pool" in result.stdout and "policy_attention" in result.stdout and "varlen_attention" in result.stdout and "cpu   tensors ->" in result.stdout

@@ -15,7 +15,6 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastvit_kernels import _native
 from fastvit_kernels.backends import Backend, standard_backends
 from fastvit_kernels.reference import bias_attention as reference
 
@@ -185,9 +184,7 @@ def bias_attention_forward(
     if table is not None:
         _check_index_values(index, table.shape[1])
     backend = select_backend(q, k, v, table, index)
-    return backend.load().forward(
-        q, k, v, table, index, scale, None if activation == "none" else activation, save_pre_activation
-    )
+    return backend.load().forward(q, k, v, table, index, scale, activation, save_pre_activation)
 
 
 @bias_attention_forward.register_fake
@@ -218,9 +215,7 @@ def bias_attention_backward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dtable or a 0-element tensor)."""
     backend = select_backend(q, k, v, table, index)
-    return backend.load().backward(
-        grad_out, q, k, v, table, index, o_pre, lse, scale, None if activation == "none" else activation
-    )
+    return backend.load().backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation)
 
 
 @bias_attention_backward.register_fake
@@ -284,26 +279,6 @@ torch.library.register_autograd(
 # ---------------------------------------------------------------------------------------------
 
 
-class _CpuKernels:
-    """Adapts the C++ extension (which spells 'no activation' as "none") to the backend contract."""
-
-    @staticmethod
-    def forward(q, k, v, table, index, scale, activation, save_pre_activation):
-        return tuple(
-            _native.native.bias_attention_forward(
-                q, k, v, table, index, scale, activation or "none", save_pre_activation
-            )
-        )
-
-    @staticmethod
-    def backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation):
-        return tuple(
-            _native.native.bias_attention_backward(
-                grad_out, q, k, v, table, index, o_pre, lse, scale, activation or "none"
-            )
-        )
-
-
 def _native_limits(q, k, v, table, index) -> List[str]:
     reasons = []
     if q.dtype not in DTYPES:
@@ -314,8 +289,7 @@ def _native_limits(q, k, v, table, index) -> List[str]:
 
 
 # The Triton module's why_not covers its own dtype and size limits.
-BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits, triton_limits=lambda *inputs: [],
-                             cpu_kernels=_CpuKernels)
+BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits, triton_limits=lambda *inputs: [])
 
 
 def select_backend(q, k, v, table=None, index=None) -> Backend:

@@ -11,11 +11,12 @@ Shapes: q [B, H, Nq, Dk], k [B, H, Nk, Dk], v [B, H, Nk, Dv], table [H, T], inde
     O = P @ v
     out = activation(O)          # activation is None or hardswish
 
-Backend contract (shared by the reference, the C++ and the Triton backends):
+Backend contract (shared by the reference, the C++ and the Triton backends; the arguments are
+the op schema's, passed on unchanged — activation is the string "none" or "hardswish"):
     forward(q, k, v, table, index, scale, activation, save_pre_activation)
         -> out     [B, H, Nq, Dv] in q's dtype, memory laid out [B, Nq, H, Dv]
            o_pre   same layout, the output before the activation; a 0-element tensor unless
-                   activation is set and save_pre_activation is True
+                   activation is "hardswish" and save_pre_activation is True
            lse     [B, H, Nq] float32, log(sum_j exp(S[i, j])): the softmax statistics
     backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation)
         -> dq, dk, dv  shaped like q, k, v, memory laid out [B, N, H, D]
@@ -30,11 +31,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastvit_kernels.reference._outputs import empty_bhnd
-
-ACTIVATIONS = (None, "hardswish")
-
-
-
 
 def gather_bias(table: Tensor, index: Tensor) -> Tensor:
     """table[h, index[i, j]] as a dense [H, Nq, Nk] tensor."""
@@ -74,7 +70,7 @@ def forward(
     table: Optional[Tensor],
     index: Optional[Tensor],
     scale: float,
-    activation: Optional[str],
+    activation: str,
     save_pre_activation: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backend forward: fp32 math for every input dtype (float64 stays float64)."""
@@ -108,7 +104,7 @@ def backward(
     o_pre: Tensor,
     lse: Tensor,
     scale: float,
-    activation: Optional[str],
+    activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backend backward, written out (the kernels implement these same formulas)."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32

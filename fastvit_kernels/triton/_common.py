@@ -1,5 +1,5 @@
 """Pieces every Triton backend shares: the dot with its precision switch, block sizing, whether
-the kernels run in Triton's interpreter, and the device checks of `why_not`."""
+the kernels run in Triton's interpreter, and the device and dtype checks of `why_not`."""
 
 from typing import List, Optional, Sequence, Tuple
 
@@ -61,23 +61,13 @@ def device_reasons(module: str, tensors: Sequence[Tuple[str, Tensor]], dtype: to
     return reasons
 
 
-def qkv_reasons(q: Tensor, k: Tensor, v: Tensor, layout: str, max_head_dim: int,
-                same_shape: bool = True) -> Tuple[List[str], bool]:
-    """why_not's checks of an attention's q, k, v: their rank (that of `layout`, e.g.
-    "[B, H, N, D]"), one supported float dtype, equal shapes (unless same_shape is False) and
-    head widths (the last dimension of q and v) up to max_head_dim. Returns (reasons, whether the
-    ranks are right: the caller's further shape checks need them)."""
-    rank = layout.count(",") + 1
-    if any(t.dim() != rank for t in (q, k, v)):
-        return [f"q, k, v must be {rank}-D {layout}"], False
+def dtype_reasons(dtype: torch.dtype, head_width: Optional[int] = None, max_head_dim: int = 0) -> List[str]:
+    """why_not's kernel limits: a supported float dtype and, for attention, a head width (the
+    widest of q's and v's last dimensions) up to max_head_dim. Shapes, ranks and matching dtypes
+    are the op's own input checks (ops/<op>.py), which run before any backend is chosen."""
     reasons = []
-    if q.dtype not in FLOAT_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float32, bfloat16, float16)")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        reasons.append(f"q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    if same_shape and not (q.shape == k.shape == v.shape):
-        reasons.append(f"q, k, v shapes differ ({tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)})")
-    width = max(q.shape[-1], v.shape[-1])
-    if width > max_head_dim:
-        reasons.append(f"head width {width} > {max_head_dim}")
-    return reasons, True
+    if dtype not in FLOAT_DTYPES:
+        reasons.append(f"dtype {dtype} (supported: float32, bfloat16, float16)")
+    if head_width is not None and head_width > max_head_dim:
+        reasons.append(f"head width {head_width} > {max_head_dim}")
+    return reasons

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons, dot, fp32_dots, pow2, qkv_reasons
+from fastvit_kernels.triton._common import device_reasons, dot, dtype_reasons, fp32_dots, pow2
 
 from fastvit_kernels.reference._outputs import empty_bhnd
 
@@ -350,7 +350,6 @@ def _bwd_dq_kernel(
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-_INDEX_DTYPES = (torch.int32, torch.int64)
 _MAX_HEAD_DIM = 256
 
 
@@ -397,10 +396,10 @@ def forward(
     table: Optional[Tensor],
     index: Optional[Tensor],
     scale: float,
-    activation: Optional[str],
+    activation: str,
     save_pre_activation: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    if activation not in (None, "hardswish"):
+    if activation not in ("none", "hardswish"):
         raise ValueError(f"bias_attention (triton): unknown activation {activation!r}")
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
@@ -454,9 +453,9 @@ def backward(
     o_pre: Tensor,
     lse: Tensor,
     scale: float,
-    activation: Optional[str],
+    activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    if activation not in (None, "hardswish"):
+    if activation not in ("none", "hardswish"):
         raise ValueError(f"bias_attention (triton): unknown activation {activation!r}")
     act = activation == "hardswish"
     B, H, Nq, Dk = q.shape
@@ -549,16 +548,5 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Opt
     if index is not None:
         tensors.append(("bias_index", index))
     reasons += device_reasons("bias_attention", tensors, q.dtype)
-    qkv, ranks_ok = qkv_reasons(q, k, v, "[B, H, N, D]", _MAX_HEAD_DIM, same_shape=False)
-    reasons += qkv
-    if not ranks_ok:
-        return reasons
-    if k.shape[2] == 0:
-        reasons.append("no keys (Nk == 0)")
-    if (table is None) != (index is None):
-        reasons.append("bias_table and bias_index must be both given or both None")
-    if table is not None and table.dtype not in FLOAT_DTYPES:
-        reasons.append(f"bias_table dtype {table.dtype} (supported: float32, bfloat16, float16)")
-    if index is not None and index.dtype not in _INDEX_DTYPES:
-        reasons.append(f"bias_index dtype {index.dtype} (supported: int32, int64)")
+    reasons += dtype_reasons(q.dtype, max(q.shape[-1], v.shape[-1]), _MAX_HEAD_DIM)
     return reasons

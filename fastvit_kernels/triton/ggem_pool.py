@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons
+from fastvit_kernels.triton._common import device_reasons, dtype_reasons
 
 from fastvit_kernels.reference._outputs import new_output
 from fastvit_kernels.reference.ggem_pool import channel_group
@@ -202,8 +202,5 @@ def why_not(x: Tensor, p: Tensor) -> List[str]:
     """Reasons these Triton kernels cannot run the inputs ([] when they can)."""
     reasons: List[str] = []
     reasons += device_reasons("ggem_pool", [("x", x), ("p", p)], x.dtype)
-    if x.dim() != 3:
-        reasons.append("x must be 3-D [B, N, C]")
-    if x.dtype not in FLOAT_DTYPES:
-        reasons.append(f"dtype {x.dtype} (supported: float32, bfloat16, float16)")
+    reasons += dtype_reasons(x.dtype)
     return reasons

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import device_reasons, dot, fp32_dots, pow2, qkv_reasons
+from fastvit_kernels.triton._common import device_reasons, dot, dtype_reasons, fp32_dots, pow2
 
 from fastvit_kernels.reference._outputs import empty_bhnd, new_output
 
@@ -456,12 +456,5 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float, eps: 
     reasons: List[str] = []
     tensors = [("q", q), ("k", k), ("v", v), ("policy", policy)]
     reasons += device_reasons("policy_attention", tensors, q.dtype)
-    qkv, ranks_ok = qkv_reasons(q, k, v, "[B, H, N, D]", _MAX_HEAD_DIM)
-    reasons += qkv
-    if not ranks_ok:
-        return reasons
-    if policy.dim() != 2 or tuple(policy.shape) != (q.shape[0], q.shape[2]):
-        reasons.append(f"policy shape {tuple(policy.shape)} (expected [B, N] = {(q.shape[0], q.shape[2])})")
-    if not policy.dtype.is_floating_point:
-        reasons.append(f"policy dtype {policy.dtype} (must be floating point)")
+    reasons += dtype_reasons(q.dtype, q.shape[-1], _MAX_HEAD_DIM)
     return reasons

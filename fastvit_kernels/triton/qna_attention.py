@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import FLOAT_DTYPES, device_reasons
+from fastvit_kernels.triton._common import device_reasons, dtype_reasons
 
 from fastvit_kernels.reference._outputs import new_output
 from fastvit_kernels.reference.qna_attention import output_size
@@ -487,15 +487,5 @@ def why_not(
     # No GPU-generation limit: there are no dots, and bf16 is only converted to and from fp32
     # (the kernels compile for sm_70, sm_75, sm_80 and sm_90 in every dtype).
     reasons += device_reasons("qna_attention", tensors, cost.dtype, bf16_needs_sm80=False)
-    if cost.dtype not in FLOAT_DTYPES:
-        reasons.append(f"dtype {cost.dtype} (supported: float32, bfloat16, float16)")
-    if v.dtype != cost.dtype:
-        reasons.append(f"cost and v dtypes differ ({cost.dtype}, {v.dtype})")
-    for name, t in tensors[2:]:
-        if t.dtype not in (cost.dtype, torch.float32):
-            reasons.append(f"{name} dtype {t.dtype} (must be cost's dtype or float32)")
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        reasons.append(f"kernel_size {kernel_size} (must be odd and >= 1)")
-    if stride < 1:
-        reasons.append(f"stride {stride} (must be >= 1)")
+    reasons += dtype_reasons(cost.dtype)
     return reasons

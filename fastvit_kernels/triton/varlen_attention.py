@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import device_reasons, dot, fp32_dots, pow2, qkv_reasons
+from fastvit_kernels.triton._common import device_reasons, dot, dtype_reasons, fp32_dots, pow2
 
 from fastvit_kernels.reference._outputs import new_output
 
@@ -369,13 +369,7 @@ def why_not(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int
     reasons: List[str] = []
     tensors = [("q", q), ("k", k), ("v", v), ("cu_seqlens", cu_seqlens)]
     reasons += device_reasons("varlen_attention", tensors, q.dtype)
-    qkv, ranks_ok = qkv_reasons(q, k, v, "[T, H, D]", _MAX_HEAD_DIM)
-    reasons += qkv
-    if not ranks_ok:
-        return reasons
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        reasons.append(f"cu_seqlens must be a 1-D int32/int64 tensor (got {cu_seqlens.dtype}, "
-                       f"{cu_seqlens.dim()}-D)")
+    reasons += dtype_reasons(q.dtype, q.shape[-1], _MAX_HEAD_DIM)
     if int(max_seqlen) > 2 ** 31 - 1:
         reasons.append(f"max_seqlen {max_seqlen} >= 2**31")
     return reasons
