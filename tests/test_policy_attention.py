@@ -130,7 +130,7 @@ def test_reference_backend_formulas_match_autograd(N, keep):
 
 
 def test_differs_from_a_masked_softmax():
-    """The eps terms make it a different function from a −inf-masked softmax (SPEC.md §4)."""
+    """The eps terms make it a different function from a −inf-masked softmax (docs/policy_attention.md, "Notes")."""
     q, k, v, policy = make_inputs(1, 2, 17, 8, dtype=torch.float64, keep=0.3)
     ours = policy_attention(q, k, v, policy)
     mask = (policy.bool()[:, None, None, :] | torch.eye(17, dtype=torch.bool)).expand(1, 2, 17, 17)

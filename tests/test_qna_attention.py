@@ -13,7 +13,7 @@ BACKENDS = backend_params()
 
 
 def explicit_loop(cost, v, rpe, attn_scale, k, stride):
-    """The formula of SPEC.md §3 written as loops over output pixels, queries and heads: an
+    """The formula (docs/qna_attention.md, "Definition") written as loops over output pixels, queries and heads: an
     oracle for the vectorised reference that shares none of its code."""
     B, Hi, Wi, Q, H = cost.shape
     pad = (k - 1) // 2

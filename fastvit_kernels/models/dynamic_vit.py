@@ -1,4 +1,4 @@
-"""DynamicViT on timm DeiT / ViT backbones (Rao et al., NeurIPS 2021; SPEC.md §4).
+"""DynamicViT on timm DeiT / ViT backbones (Rao et al., NeurIPS 2021; docs/policy_attention.md and docs/varlen_attention.md, "Shapes in real models").
 
 A re-implementation of raoyongming/DynamicViT `VisionTransformerDiffPruning` on top of timm's
 `VisionTransformer`: every block is a `DynamicBlock` (a timm `Block` whose forward also takes

@@ -1,4 +1,4 @@
-"""QnA-ViT ("Learned Queries for Efficient Local Attention", Arar et al., CVPR 2022; SPEC.md §3).
+"""QnA-ViT ("Learned Queries for Efficient Local Attention", Arar et al., CVPR 2022; docs/qna_attention.md, "Shapes in real models").
 
 A PyTorch version of the JAX original (moabarar/qna, `models/qna_vit.py`) on the fused ops:
 the QnA layers run `fastvit_kernels.ops.qna_attention`, the self-attention layers run

@@ -1,4 +1,4 @@
-"""LeViT attention modules on the fused `bias_attention` op (SPEC.md §1-2).
+"""LeViT attention modules on the fused `bias_attention` op (docs/bias_attention.md, "Definition").
 
 `BiasAttention` replaces timm's `levit.Attention` and `ShrinkAttention` replaces timm's
 `levit.AttentionDownsample`. Both take the same constructor arguments, have the same submodules,

@@ -1,4 +1,4 @@
-"""GGeM: group generalized-mean pooling of tokens (Ko et al., 2022; SPEC.md §5).
+"""GGeM: group generalized-mean pooling of tokens (Ko et al., 2022; docs/ggem_pool.md, "Definition").
 
 `GGeM` pools [B, N, C] tokens into [B, C] with one learnable exponent per channel group:
 

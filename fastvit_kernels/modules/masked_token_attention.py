@@ -1,4 +1,4 @@
-"""MaskedTokenAttention: timm's ViT `Attention` with DynamicViT's two token-dropping paths (SPEC.md §4).
+"""MaskedTokenAttention: timm's ViT `Attention` with DynamicViT's two token-dropping paths (docs/policy_attention.md and docs/varlen_attention.md, "Definition").
 
 A drop-in for `timm.models.vision_transformer.Attention`: the same constructor arguments, the same
 submodule names and state_dict keys (qkv, q_norm, k_norm, norm, gate, proj), and the same result

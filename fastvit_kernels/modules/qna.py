@@ -1,4 +1,4 @@
-"""The QnA layer ("Learned Queries for Efficient Local Attention", CVPR 2022; SPEC.md §3).
+"""The QnA layer ("Learned Queries for Efficient Local Attention", CVPR 2022; docs/qna_attention.md, "Definition").
 
 `QnA` is the full layer of the paper on channels-last images: [B, H, W, in_dim] -> [B, Ho, Wo, dim].
 A few learned queries, shared by every window, attend over the k x k window around each (strided)

@@ -1,4 +1,4 @@
-"""GGeM: group generalized-mean pooling over tokens (SPEC.md §5).
+"""GGeM: group generalized-mean pooling over tokens (docs/ggem_pool.md, "Definition").
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,

@@ -1,4 +1,4 @@
-"""DynamicViT masked (keep-policy) attention, fused (SPEC.md §4).
+"""DynamicViT masked (keep-policy) attention, fused (docs/policy_attention.md, "Definition").
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,

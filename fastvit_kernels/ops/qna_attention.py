@@ -1,4 +1,4 @@
-"""QnA learned-query local attention (SPEC.md §3).
+"""QnA learned-query local attention (docs/qna_attention.md, "Definition").
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,

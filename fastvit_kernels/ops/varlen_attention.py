@@ -1,4 +1,4 @@
-"""Packed variable-length attention for token-dropping inference (SPEC.md §4).
+"""Packed variable-length attention for token-dropping inference (docs/varlen_attention.md, "Definition").
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,

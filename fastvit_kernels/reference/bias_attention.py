@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference for attention with a learned relative-position bias (SPEC.md §1-2).
+"""Plain-PyTorch reference for attention with a learned relative-position bias (docs/bias_attention.md, "Definition").
 
 This file is the specification of the op: the test oracle (run it in float64), the fallback
 backend when no native kernel fits, and the path that exports (ONNX, TorchScript) because it is

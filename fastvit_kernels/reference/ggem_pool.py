@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference for GGeM, group generalized-mean pooling (SPEC.md §5).
+"""Plain-PyTorch reference for GGeM, group generalized-mean pooling (docs/ggem_pool.md, "Definition").
 
 This file is the specification of the op: the test oracle (run `ggem_pool` in float64), the
 fallback backend when no native kernel fits, and the path that exports (ONNX, TorchScript)

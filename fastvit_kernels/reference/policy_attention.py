@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference for DynamicViT's masked (keep-policy) attention (SPEC.md §4).
+"""Plain-PyTorch reference for DynamicViT's masked (keep-policy) attention (docs/policy_attention.md, "Definition").
 
 This file is the specification of the op: the test oracle (run it in float64), the fallback
 backend when no native kernel fits, and the path that exports because it is ordinary tensor code.

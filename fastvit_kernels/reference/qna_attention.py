@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference for QnA learned-query local attention (SPEC.md §3).
+"""Plain-PyTorch reference for QnA learned-query local attention (docs/qna_attention.md, "Definition").
 
 This file is the specification of the op: the test oracle (run it in float64), the fallback
 backend when no native kernel fits, and the path that exports because it is ordinary tensor code.

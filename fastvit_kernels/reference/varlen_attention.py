@@ -1,4 +1,4 @@
-"""Plain-PyTorch reference for packed variable-length attention (SPEC.md §4, token dropping).
+"""Plain-PyTorch reference for packed variable-length attention (token dropping; docs/varlen_attention.md, "Definition").
 
 This file is the specification of the op: the test oracle (run it in float64) and the fallback
 backend when no native kernel fits.

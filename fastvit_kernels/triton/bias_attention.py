@@ -1,4 +1,4 @@
-"""Triton kernels for attention with a learned relative-position bias (LeViT, SPEC.md §1-2).
+"""Triton kernels for attention with a learned relative-position bias (LeViT; docs/bias_attention.md, "Definition").
 
 Math and backend contract: `fastvit_kernels/reference/bias_attention.py`. In short, per (b, h):
     S = q kᵀ · scale + table[h, index],  P = softmax(S),  O = P v,  out = activation(O).

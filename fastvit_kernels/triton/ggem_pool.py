@@ -1,4 +1,4 @@
-"""Triton kernels for GGeM, group generalized-mean pooling (SPEC.md §5).
+"""Triton kernels for GGeM, group generalized-mean pooling (docs/ggem_pool.md, "Definition").
 
 Math and backend contract: `fastvit_kernels/reference/ggem_pool.py`. In short, with x̂ = max(x, eps)
 and M pooled tokens (the prefix tokens are skipped by offsetting the token index, no copy):

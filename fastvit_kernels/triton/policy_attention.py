@@ -1,4 +1,4 @@
-"""Triton kernels for DynamicViT's masked keep-policy attention (SPEC.md §4).
+"""Triton kernels for DynamicViT's masked keep-policy attention (docs/policy_attention.md, "Definition").
 
 Math and backend contract: `fastvit_kernels/reference/policy_attention.py`. In short, per (b, h),
 with S = q kᵀ · scale and G[i, j] = p[j] off the diagonal, 1 on it:

@@ -1,4 +1,4 @@
-"""Triton kernels for QnA learned-query local attention (SPEC.md §3).
+"""Triton kernels for QnA learned-query local attention (docs/qna_attention.md, "Definition").
 
 Math and backend contract: `fastvit_kernels/reference/qna_attention.py`. In short, for output
 pixel o with window pixels p_t = o * stride - pad + t (in-bounds ones only):

@@ -1,4 +1,4 @@
-"""Triton kernels for packed variable-length attention (SPEC.md §4, token dropping).
+"""Triton kernels for packed variable-length attention (token dropping; docs/varlen_attention.md, "Definition").
 
 Math and backend contract: `fastvit_kernels/reference/varlen_attention.py`. In short, q, k, v
 [T, H, D] hold the images back to back (image b in rows [cu_seqlens[b], cu_seqlens[b + 1])) and
