@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (puts the checkout's package on sys.path)
 
-from fastvit_kernels._bench_dynamic_vit import main  # noqa: E402
+from fastvit_kernels.bench.dynamic_vit import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

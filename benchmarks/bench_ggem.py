@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (puts the checkout's package on sys.path)
 
-from fastvit_kernels._bench_ggem_pool import main  # noqa: E402
+from fastvit_kernels.bench.ggem_pool import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

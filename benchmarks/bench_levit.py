@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the checkout's package on sys.path)
 
-from fastvit_kernels import bench  # noqa: E402  (the end-to-end helpers live in the package)
+from fastvit_kernels.bench import __main__ as bench  # noqa: E402  (the end-to-end helpers live in the package)
 
 PASSES = ("infer", "train")
 

@@ -12,4 +12,4 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:  # run as a script from a checkout: import the package beside us
     sys.path.insert(0, str(_ROOT))
 
-from fastvit_kernels._bench_utils import *  # noqa: E402,F401,F403
+from fastvit_kernels.bench.common import *  # noqa: E402,F401,F403

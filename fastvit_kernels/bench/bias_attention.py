@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as common
+from fastvit_kernels.bench import common
 from fastvit_kernels.ops import bias_attention
 from fastvit_kernels.ops.bias_attention import select_backend
 from fastvit_kernels.reference import bias_attention as reference

@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 SCHEMA_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout root when run from one
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout root when run from one
 
 # ---------------------------------------------------------------------------------------------
 # Progress

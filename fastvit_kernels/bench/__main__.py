@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as U
+from fastvit_kernels.bench import common as U
 
 INFER_IMPLS = ("eager", "patched", "patched+folded", "compile", "patched+compile")
 TRAIN_IMPLS = ("eager", "patched", "compile")
@@ -412,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kernel_rows: List[Dict] = []
     kbatch = 256 if device.type == "cuda" else 64
     if not args.no_kernels:
-        from fastvit_kernels import _bench_bias_attention as kernels
+        from fastvit_kernels.bench import bias_attention as kernels
 
         shapes = U.select_shapes(["128s.attn14"] if args.quick else kernels.QUICK_SHAPES + ("256.attn14",))
         kimpls = [i for i in kernels.IMPLS if not (args.no_compile and i in ("compile", "flex"))]
@@ -424,8 +424,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     qna_rows: List[Dict] = []
     qna_summary: List[Dict] = []
     if not args.no_kernels:
-        from fastvit_kernels import _bench_qna_attention as qna_bench
-        from fastvit_kernels import _bench_qna_vit as qna_vit_bench
+        from fastvit_kernels.bench import qna_attention as qna_bench
+        from fastvit_kernels.bench import qna_vit as qna_vit_bench
 
         qimpls = [i for i in qna_bench.IMPLS if not (args.no_compile and i.startswith("compile-"))]
         qna_rows = qna_bench.run(qna_bench.select_shapes(qna_bench.QUICK_SHAPES), kernel_sizes=(3,),
@@ -445,8 +445,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dyvit_rows: List[Dict] = []
     dyvit_model_rows: List[Dict] = []
     if not args.no_kernels:
-        from fastvit_kernels import _bench_dynamic_vit as dyvit_bench
-        from fastvit_kernels import _bench_dynamic_vit_attention as dyvit_attention
+        from fastvit_kernels.bench import dynamic_vit as dyvit_bench
+        from fastvit_kernels.bench import dynamic_vit_attention as dyvit_attention
 
         pimpls = [i for i in dyvit_attention.POLICY_IMPLS if not (args.no_compile and i == "compile")]
         dyvit_rows = dyvit_attention.run(batch=256 if device.type == "cuda" else 64, dtype=dtype, device=device,

@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as common
+from fastvit_kernels.bench import common
 from fastvit_kernels.ops import qna_attention
 from fastvit_kernels.ops.qna_attention import select_backend
 from fastvit_kernels.reference import qna_attention as reference

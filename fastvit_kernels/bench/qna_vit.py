@@ -31,8 +31,8 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as common
-from fastvit_kernels._bench_qna_attention import qna_attention_swapped
+from fastvit_kernels.bench import common
+from fastvit_kernels.bench.qna_attention import qna_attention_swapped
 from fastvit_kernels.reference import bias_attention as bias_reference
 
 IMPLS = ("fused", "unfold", "conv", "compile-unfold", "compile-conv", "compile-fused")

@@ -29,7 +29,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as common
+from fastvit_kernels.bench import common
 from fastvit_kernels.ops import policy_attention, varlen_attention
 from fastvit_kernels.ops.policy_attention import select_backend as select_policy_backend
 from fastvit_kernels.ops.varlen_attention import select_backend as select_varlen_backend

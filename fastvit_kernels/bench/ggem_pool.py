@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from fastvit_kernels import _bench_utils as common
+from fastvit_kernels.bench import common
 from fastvit_kernels.ops import ggem_pool
 from fastvit_kernels.ops.ggem_pool import select_backend
 from fastvit_kernels.reference import ggem_pool as reference

@@ -32,7 +32,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as common
+from fastvit_kernels.bench import common
 
 INFER_IMPLS = ("deit_s", "deit_s.compile", "dyvit.topk", "dyvit.threshold")
 TRAIN_IMPLS = ("deit_s", "dyvit.plain", "dyvit.fused")
@@ -210,7 +210,7 @@ def main(argv=None) -> None:
     import sys
     from pathlib import Path
 
-    from fastvit_kernels import _bench_dynamic_vit_attention as attention
+    from fastvit_kernels.bench import dynamic_vit_attention as attention
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     parser = argparse.ArgumentParser(description="DynamicViT benchmarks: the attention ops at DeiT-S shapes "
@@ -253,3 +253,7 @@ def main(argv=None) -> None:
         print(table(model_rows))
     path = common.write_json(args.out or common.default_out_path("bench_dynamicvit", env), env, rows)
     print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
