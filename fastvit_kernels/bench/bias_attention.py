@@ -1,8 +1,5 @@
 """Microbenchmark of `fastvit_kernels.ops.bias_attention` at every LeViT attention shape.
 
-Lives in the package so that `python -m fastvit_kernels.bench` runs it from an installed package
-too; `benchmarks/bench_bias_attention.py` is its command line.
-
 For each shape (block attention and shrink attention of levit_128s and levit_256 at 224x224) and
 each pass (forward; forward+backward), all implementations are timed in the same run:
 
@@ -21,14 +18,13 @@ Forward: no autograd; eager/sdpa/compile read a pre-gathered bias [H, Nq, Nk] as
 cache does. Forward+backward: the gather is inside the timed region (the table gets a gradient),
 gradients are taken for the fused buffer(s) and the table with torch.autograd.grad.
 
-    python benchmarks/bench_bias_attention.py --quick
-    python benchmarks/bench_bias_attention.py --shapes 128s.attn14 256.attn14 --passes fwd
+    python -m fastvit_kernels.bench.bias_attention --quick
+    python -m fastvit_kernels.bench.bias_attention --shapes 128s.attn14 256.attn14 --passes fwd
 """
 
-import argparse
 import sys
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +37,6 @@ from fastvit_kernels.reference import bias_attention as reference
 IMPLS = ("op", "eager", "sdpa", "compile", "flex")
 PASSES = ("fwd", "fwd+bwd")
 QUICK_SHAPES = ("128s.attn14", "128s.shrink14-7")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Each case compiles new graphs for `compile` and `flex` (20 shapes x passes in a full run): raise
 # dynamo's recompile limit so none silently falls back to eager, and never use dynamic shapes.
@@ -49,58 +44,107 @@ torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs
+# LeViT attention shapes (docs/bias_attention.md, "Shapes in real models"; 224x224 input)
 # ---------------------------------------------------------------------------------------------
 
 
-class Case:
-    """Inputs for one shape: fused projection buffers, bias table and index, an output gradient."""
+@dataclass(frozen=True)
+class AttentionShape:
+    """One distinct attention call of a LeViT model (B is chosen by the benchmark)."""
 
-    def __init__(self, shape: common.AttentionShape, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
-        self.shape, self.batch, self.dtype, self.device = shape, batch, dtype, device
-        s = shape
-        g = torch.Generator(device="cpu").manual_seed(seed)
+    name: str  # e.g. "128s.attn14" (block attention on the 14x14 grid), "128s.shrink14-7"
+    model: str  # timm model name
+    kind: str  # "block" (Attention) or "shrink" (AttentionDownsample)
+    heads: int
+    resolution: int  # the key grid side R (keys are R x R tokens)
+    key_dim: int
+    val_dim: int
+    count: int  # how many modules of the model have this shape
 
-        def randn(*size):
-            return torch.randn(*size, generator=g).to(device=device, dtype=dtype)
+    @property
+    def stride(self) -> int:
+        return 1 if self.kind == "block" else 2
 
-        if s.kind == "block":
-            self.buffers = [randn(batch, s.nk, s.heads, 2 * s.key_dim + s.val_dim)]  # fused qkv
-        else:
-            self.buffers = [
-                randn(batch, s.nq, s.heads * s.key_dim),  # q projection of the subsampled grid
-                randn(batch, s.nk, s.heads, s.key_dim + s.val_dim),  # fused kv
-            ]
-        self.table = randn(s.heads, s.table_size)  # std 1: trained LeViT biases are large
-        self.index = common.levit_bias_index(s.resolution, s.stride, device=device)
-        self.grad_out = randn(batch, s.nq, s.heads * s.val_dim)
-        self.scale = s.key_dim**-0.5
+    @property
+    def nk(self) -> int:
+        return self.resolution**2
 
-    def views(self, buffers: Sequence[torch.Tensor]):
-        """q, k, v as [B, H, N, D] strided views of the buffers (no copies), as timm makes them."""
-        s = self.shape
-        if s.kind == "block":
-            q, k, v = buffers[0].split([s.key_dim, s.key_dim, s.val_dim], dim=3)
-        else:
-            q = buffers[0].view(self.batch, s.nq, s.heads, s.key_dim)
-            k, v = buffers[1].split([s.key_dim, s.val_dim], dim=3)
-        return q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+    @property
+    def nq(self) -> int:
+        side = -(-self.resolution // self.stride)
+        return side * side
 
-    def grad_leaves(self):
-        """Copies of the buffers and the table that require grad (for forward+backward)."""
-        return [b.detach().clone().requires_grad_() for b in self.buffers + [self.table]]
+    @property
+    def table_size(self) -> int:
+        return self.resolution**2
 
-    def floor_bytes(self, pass_: str) -> int:
-        """Bytes a pass must move at least: read q, k, v, table, index once, write out once;
-        forward+backward adds reading them again with dout and writing dq, dk, dv, dtable."""
-        inputs = sum(b.numel() * b.element_size() for b in self.buffers)
-        inputs += self.table.numel() * self.table.element_size() + self.index.numel() * self.index.element_size()
-        out = self.grad_out.numel() * self.grad_out.element_size()
-        fwd = inputs + out
-        if pass_ == "fwd":
-            return fwd
-        grads = sum(b.numel() * b.element_size() for b in self.buffers) + self.table.numel() * self.table.element_size()
-        return fwd + inputs + out + grads
+    def describe(self) -> str:
+        return f"H={self.heads} Nq={self.nq} Nk={self.nk} Dk={self.key_dim} Dv={self.val_dim}"
+
+
+def _levit_shapes(model: str, tag: str, heads, shrink_heads, key_dim, depth) -> List[AttentionShape]:
+    grids = (14, 7, 4)
+    shapes = []
+    for stage, (h, r) in enumerate(zip(heads, grids)):
+        if stage > 0:
+            rin = grids[stage - 1]
+            shapes.append(
+                AttentionShape(f"{tag}.shrink{rin}-{r}", model, "shrink", shrink_heads[stage - 1], rin, key_dim, 4 * key_dim, 1)
+            )
+        shapes.append(AttentionShape(f"{tag}.attn{r}", model, "block", h, r, key_dim, 2 * key_dim, depth[stage]))
+    return shapes
+
+
+# From the table in docs/bias_attention.md, "Shapes in real models": heads per stage, Dk, Dv = 2 Dk;
+# shrinks have H = C_in // Dk, Dv = 4 Dk.
+LEVIT_ATTENTION_SHAPES: Tuple[AttentionShape, ...] = tuple(
+    _levit_shapes("levit_128s", "128s", (4, 6, 8), (128 // 16, 256 // 16), 16, (2, 3, 4))
+    + _levit_shapes("levit_256", "256", (4, 6, 8), (256 // 32, 384 // 32), 32, (4, 4, 4))
+)
+
+
+def select_shapes(patterns: Optional[Sequence[str]]) -> List[AttentionShape]:
+    """Shapes whose name contains any of the patterns (all when None/empty); e.g. '128s', 'attn14'."""
+    return common.select_by_name(LEVIT_ATTENTION_SHAPES, patterns)
+
+
+def levit_bias_index(resolution: int, stride: int, device=None) -> torch.Tensor:
+    """The LeViT index of a square `resolution` grid (the modules' own function;
+    docs/bias_attention.md, "Definition")."""
+    from fastvit_kernels.modules.bias_attention import levit_bias_index as index_of_grid
+
+    return index_of_grid((resolution, resolution), stride, device)
+
+
+def verify_levit_shapes(models: Sequence[str]) -> List[str]:
+    """Compares LEVIT_ATTENTION_SHAPES (and levit_bias_index) with timm's modules; returns problems."""
+    import timm
+    from timm.models.levit import Attention, AttentionDownsample
+
+    problems = []
+    for model_name in models:
+        model = timm.create_model(model_name, pretrained=False)
+        found: Dict[Tuple, int] = {}
+        for name, module in model.named_modules():
+            if not isinstance(module, (Attention, AttentionDownsample)):
+                continue
+            kind = "block" if isinstance(module, Attention) else "shrink"
+            r = module.resolution[0] if isinstance(module.resolution, tuple) else module.resolution
+            key = (kind, module.num_heads, r, module.key_dim, module.val_dim)
+            found[key] = found.get(key, 0) + 1
+            idx = levit_bias_index(r, 1 if kind == "block" else module.stride)
+            if not torch.equal(idx, module.attention_bias_idxs.cpu()):
+                problems.append(f"{model_name}.{name}: bias index differs from levit_bias_index")
+        ours = {
+            (s.kind, s.heads, s.resolution, s.key_dim, s.val_dim): s.count
+            for s in LEVIT_ATTENTION_SHAPES
+            if s.model == model_name
+        }
+        if not ours:
+            problems.append(f"{model_name}: no shapes in LEVIT_ATTENTION_SHAPES")
+        elif ours != found:
+            problems.append(f"{model_name}: timm has {found}, the table has {ours}")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,94 +195,122 @@ def make_flex(table: torch.Tensor, index: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------------
+# Inputs (a case for common.bench_kernel_case and the pytest-benchmark suite)
+# ---------------------------------------------------------------------------------------------
+
+
+class Case:
+    """Inputs for one shape: fused projection buffers, bias table and index, an output gradient."""
+
+    def __init__(self, shape: AttentionShape, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        self.shape, self.batch, self.dtype, self.device = shape, batch, dtype, device
+        self.name = shape.name
+        s = shape
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def randn(*size):
+            return torch.randn(*size, generator=g).to(device=device, dtype=dtype)
+
+        if s.kind == "block":
+            self.buffers = [randn(batch, s.nk, s.heads, 2 * s.key_dim + s.val_dim)]  # fused qkv
+        else:
+            self.buffers = [
+                randn(batch, s.nq, s.heads * s.key_dim),  # q projection of the subsampled grid
+                randn(batch, s.nk, s.heads, s.key_dim + s.val_dim),  # fused kv
+            ]
+        self.table = randn(s.heads, s.table_size)  # std 1: trained LeViT biases are large
+        self.index = levit_bias_index(s.resolution, s.stride, device=device)
+        self.grad_out = randn(batch, s.nq, s.heads * s.val_dim)
+        self.scale = s.key_dim**-0.5
+
+    def row_fields(self) -> Dict[str, object]:
+        s = self.shape
+        return dict(case=s.name, model=s.model, kind=s.kind, B=self.batch, H=s.heads, Nq=s.nq, Nk=s.nk,
+                    Dk=s.key_dim, Dv=s.val_dim, dtype=common.dtype_name(self.dtype))
+
+    def views(self, buffers: Sequence[torch.Tensor]):
+        """q, k, v as [B, H, N, D] strided views of the buffers (no copies), as timm makes them."""
+        s = self.shape
+        if s.kind == "block":
+            q, k, v = buffers[0].split([s.key_dim, s.key_dim, s.val_dim], dim=3)
+        else:
+            q = buffers[0].view(self.batch, s.nq, s.heads, s.key_dim)
+            k, v = buffers[1].split([s.key_dim, s.val_dim], dim=3)
+        return q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+
+    def backend(self) -> str:
+        q, k, v = self.views(self.buffers)
+        return select_backend(q, k, v, self.table, self.index).name
+
+    def floor_bytes(self, pass_: str) -> int:
+        """Bytes a pass must move at least: read q, k, v, table, index once, write out once;
+        forward+backward adds reading them again with dout and writing dq, dk, dv, dtable."""
+        inputs = sum(b.numel() * b.element_size() for b in self.buffers)
+        inputs += self.table.numel() * self.table.element_size() + self.index.numel() * self.index.element_size()
+        out = self.grad_out.numel() * self.grad_out.element_size()
+        fwd = inputs + out
+        if pass_ == "fwd":
+            return fwd
+        grads = sum(b.numel() * b.element_size() for b in self.buffers) + self.table.numel() * self.table.element_size()
+        return fwd + inputs + out + grads
+
+    def oracle(self, need_grads: bool) -> List[torch.Tensor]:
+        """float64 reference: [output], or the gradients of the buffers and the table for grad_out."""
+        leaves = [t.detach().double().requires_grad_(need_grads) for t in self.buffers + [self.table]]
+        with torch.set_grad_enabled(need_grads):
+            q, k, v = self.views(leaves[:-1])
+            out = _merge_heads(reference.bias_attention(q, k, v, leaves[-1], self.index, self.scale, "hardswish"))
+            if not need_grads:
+                return [out.detach()]
+            return list(torch.autograd.grad(out, leaves, self.grad_out.double()))
+
+    def make_callable(self, impl: str, pass_: str):
+        """One iteration of `impl` for the pass, returning what `oracle` returns."""
+        if pass_ == "fwd":
+            table, buffers = self.table, self.buffers
+            bias = self.table[:, self.index]  # timm's eval-mode cache, gathered outside the timing
+        else:
+            leaves = [b.detach().clone().requires_grad_() for b in self.buffers + [self.table]]
+            table, buffers, bias = leaves[-1], leaves[:-1], None
+        if impl == "compile":
+            f = make_compiled_eager()
+        elif impl == "flex":
+            f = make_flex(table, self.index)
+        else:
+            f = {"op": impl_op, "eager": impl_eager, "sdpa": impl_sdpa}[impl]
+
+        if pass_ == "fwd":
+
+            def run():
+                with torch.no_grad():
+                    q, k, v = self.views(buffers)
+                    return [f(q, k, v, table, self.index, self.scale, bias)]
+
+            return run
+
+        def run():
+            q, k, v = self.views(buffers)
+            out = f(q, k, v, table, self.index, self.scale, None)
+            return list(torch.autograd.grad(out, buffers + [table], self.grad_out))
+
+        return run
+
+
+# ---------------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------------
 
 
-def _oracle(case: Case, need_grads: bool):
-    """float64 reference output (and gradients of buffers and table for grad_out)."""
-    leaves = [t.detach().double().requires_grad_(need_grads) for t in case.buffers + [case.table]]
-    with torch.set_grad_enabled(need_grads):
-        q, k, v = case.views(leaves[:-1])
-        out = _merge_heads(reference.bias_attention(q, k, v, leaves[-1], case.index, case.scale, "hardswish"))
-        grads = torch.autograd.grad(out, leaves, case.grad_out.double()) if need_grads else None
-    return out.detach(), grads
-
-
-def _make_callable(impl: str, case: Case, pass_: str):
-    """A zero-argument function running one iteration, and the function used to check it."""
-    fns: Dict[str, Callable] = {"op": impl_op, "eager": impl_eager, "sdpa": impl_sdpa}
-    if pass_ == "fwd":
-        table, buffers = case.table, case.buffers
-        bias = case.table[:, case.index]  # timm's eval-mode cache, gathered outside the timing
-    else:
-        leaves = case.grad_leaves()
-        table, buffers, bias = leaves[-1], leaves[:-1], None
-    if impl == "compile":
-        f = make_compiled_eager()
-    elif impl == "flex":
-        f = make_flex(table, case.index)
-    else:
-        f = fns[impl]
-
-    if pass_ == "fwd":
-
-        def run():
-            with torch.no_grad():
-                q, k, v = case.views(buffers)
-                return f(q, k, v, table, case.index, case.scale, bias)
-
-        return run, lambda result: [result]
-
-    def run():
-        q, k, v = case.views(buffers)
-        out = f(q, k, v, table, case.index, case.scale, None)
-        return torch.autograd.grad(out, buffers + [table], case.grad_out)
-
-    return run, lambda result: list(result)
-
-
-def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dict, quick: bool,
-               bandwidth: Optional[float]) -> List[Dict]:
-    s = case.shape
-    rows = []
-    for pass_ in passes:
-        want_out, want_grads = _oracle(case, need_grads=(pass_ != "fwd"))
-        want = [want_out] if pass_ == "fwd" else list(want_grads)
-        for impl in impls:
-            row = common.make_row(
-                env, case=s.name, model=s.model, kind=s.kind, B=case.batch, H=s.heads, Nq=s.nq, Nk=s.nk,
-                Dk=s.key_dim, Dv=s.val_dim, dtype=str(case.dtype).replace("torch.", ""),
-                **{"pass": pass_}, impl=impl,
-            )
-            common.log(f"{s.name} {pass_:7s} {impl:8s} ...")
-
-            def prepare(impl=impl, row=row, pass_=pass_):
-                if impl == "op":
-                    q, k, v = case.views(case.buffers)
-                    row["backend"] = select_backend(q, k, v, case.table, case.index).name
-                return _make_callable(impl, case, pass_)
-
-            # (FlexAttention has no CPU backward: measure records the error and goes on.)
-            rows.append(common.measure(row, prepare, want, case.device, quick=quick,
-                                       floor_bytes=case.floor_bytes(pass_), bandwidth=bandwidth))
-    return rows
-
-
-def run(shapes: Sequence[common.AttentionShape], *, batch: int, dtype: torch.dtype, device: torch.device,
+def run(shapes: Sequence[AttentionShape], *, batch: int, dtype: torch.dtype, device: torch.device,
         env: Dict, quick: bool = False, impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES) -> List[Dict]:
-    """Benchmarks every shape; returns rows with `ref_speedup` = this impl's time / the op's time."""
-    bandwidth = None
-    if device.type == "cuda":
-        common.log("measuring device-to-device copy bandwidth ...")
-        bandwidth = common.measure_copy_bandwidth(device)
-        env["copy_bandwidth_gbs"] = round(bandwidth / 1e9, 1)
-        common.log(f"    {bandwidth / 1e9:.0f} GB/s")
+    """Benchmarks every shape; returns rows with `ref_speedup` = this impl's time / the op's time.
+    (FlexAttention has no CPU backward: its fwd+bwd rows record the error.)"""
+    bandwidth = common.copy_bandwidth(device, env) if device.type == "cuda" else None
     rows = []
     for shape in shapes:
-        common.log(f"case {shape.name}: B={batch} {shape.describe()} {str(dtype).replace('torch.', '')}")
+        common.log(f"case {shape.name}: B={batch} {shape.describe()} {common.dtype_name(dtype)}")
         case = Case(shape, batch, dtype, device)
-        rows += bench_case(case, impls, passes, env, quick, bandwidth)
+        rows += common.bench_kernel_case(case, impls, passes, env, quick=quick, bandwidth=bandwidth)
         del case
     common.add_ratios(rows, "op")
     return rows
@@ -248,38 +320,39 @@ def table(rows: List[Dict]) -> str:
     return common.kernel_table(rows)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, float16 on CUDA")
-    parser.add_argument("--batch", type=int, help="default: 64 on CPU, 256 on CUDA")
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_options(parser) -> None:
     parser.add_argument("--shapes", nargs="+", help="names or substrings, e.g. 128s attn14 256.shrink14-7 "
-                        f"(all: {' '.join(s.name for s in common.LEVIT_ATTENTION_SHAPES)})")
+                        f"(all: {' '.join(s.name for s in LEVIT_ATTENTION_SHAPES)})")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--quick", action="store_true", help=f"shapes {' '.join(QUICK_SHAPES)}, short timings")
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json)")
     parser.add_argument("--no-verify", action="store_true", help="skip checking the shape table against timm")
-    args = parser.parse_args(argv)
 
-    device = common.resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    batch = args.batch or (256 if device.type == "cuda" else 64)
-    shapes = common.select_shapes(args.shapes or (QUICK_SHAPES if args.quick else None))
-    env = common.environment(device)
-    print(common.describe_env(env), file=sys.stderr)
+
+def run_from_args(ctx: common.Context) -> List[Dict]:
+    args = ctx.args
+    shapes = select_shapes(args.shapes or (QUICK_SHAPES if args.quick else None))
     if not args.no_verify:
-        problems = common.verify_levit_shapes(sorted({s.model for s in shapes}))
+        problems = verify_levit_shapes(sorted({s.model for s in shapes}))
         if problems:
             raise SystemExit("the LeViT shape table disagrees with timm:\n" + "\n".join(problems))
-
-    rows = run(shapes, batch=batch, dtype=dtype, device=device, env=env, quick=args.quick,
+    return run(shapes, batch=ctx.batch, dtype=ctx.dtype, device=ctx.device, env=ctx.env, quick=ctx.quick,
                impls=args.impls, passes=args.passes)
-    print(common.describe_env(env))
-    print(table(rows))
-    path = common.write_json(args.out or common.default_out_path("bench_bias_attention", env), env, rows)
-    print(f"wrote {path}")
+
+
+def report(rows: List[Dict], ctx: common.Context) -> str:
+    return table(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return common.main(argv, __doc__, name="bench_bias_attention", batch=(64, 256), add_options=add_options,
+                       run=run_from_args, report=report,
+                       quick_help=f"shapes {' '.join(QUICK_SHAPES)}, short timings")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

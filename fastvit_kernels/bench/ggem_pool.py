@@ -1,11 +1,9 @@
 """Microbenchmark of `fastvit_kernels.ops.ggem_pool` at ViT-S/B/L pooling shapes.
 
-Lives in the package so that it runs from an installed package too; `benchmarks/bench_ggem.py`
-is its command line.
-
 For each shape (the final tokens of ViT-S/16, ViT-B/16, ViT-L/16 at 224x224: N = 197 tokens of
-which the cls token is skipped, C = 384 / 768 / 1024 channels, one group per head) and each pass
-(forward; forward+backward), all implementations are timed in the same run:
+which the cls token is skipped, C = 384 / 768 / 1024 channels, one group per head; see
+docs/ggem_pool.md, "Shapes in real models") and each pass (forward; forward+backward), all
+implementations are timed in the same run:
 
   op       fastvit_kernels.ops.ggem_pool(x, p, groups=heads, num_prefix_tokens=1), default backend
   eager    GGeM as it is usually written: p repeated per channel, x[:, 1:].clamp(min=eps),
@@ -19,15 +17,13 @@ one read of x (and a write of y) forward; forward+backward adds one read of x an
 write of dx. The bandwidth is that of a large device-to-device copy (on CPU: a copy of a buffer
 larger than the last-level cache, by PyTorch's threads), measured in the same run.
 
-    python benchmarks/bench_ggem.py --quick
-    python benchmarks/bench_ggem.py --shapes vit_b --batch 256 --passes fwd fwd+bwd
+    python -m fastvit_kernels.bench.ggem_pool --quick
+    python -m fastvit_kernels.bench.ggem_pool --shapes vit_b --batch 256 --passes fwd fwd+bwd
 """
 
-import argparse
 import sys
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -38,7 +34,6 @@ from fastvit_kernels.reference import ggem_pool as reference
 
 IMPLS = ("op", "eager", "compile")
 PASSES = ("fwd", "fwd+bwd")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 EPS = 1e-6
 P_INIT = 3.0
 
@@ -67,12 +62,7 @@ QUICK_SHAPES = ("vit_b",)
 
 
 def select_shapes(names: Optional[Sequence[str]]) -> List[PoolShape]:
-    if not names:
-        return list(SHAPES)
-    chosen = [s for s in SHAPES if any(n in s.name for n in names)]
-    if not chosen:
-        raise SystemExit(f"no shape matches {list(names)}; shapes are: {', '.join(s.name for s in SHAPES)}")
-    return chosen
+    return common.select_by_name(SHAPES, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,18 +84,27 @@ def make_compiled_eager():
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs, oracle, floor
+# Inputs (a case for common.bench_kernel_case and the pytest-benchmark suite)
 # ---------------------------------------------------------------------------------------------
 
 
 class Case:
     def __init__(self, shape: PoolShape, batch: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
         self.shape, self.batch, self.dtype, self.device = shape, batch, dtype, device
+        self.name = shape.name
         g = torch.Generator(device="cpu").manual_seed(seed)
         # Final-norm outputs are roughly unit normal; about half fall below eps and are clamped.
         self.x = torch.randn(batch, shape.tokens, shape.channels, generator=g).to(device=device, dtype=dtype)
         self.p = torch.full((shape.heads,), P_INIT, device=device)  # float32, as GGeM keeps it
         self.grad_y = torch.randn(batch, shape.channels, generator=g).to(device=device, dtype=dtype)
+
+    def row_fields(self) -> Dict[str, object]:
+        s = self.shape
+        return dict(case=s.name, model=s.model, B=self.batch, N=s.tokens, prefix=s.prefix, C=s.channels,
+                    groups=s.heads, dtype=common.dtype_name(self.dtype))
+
+    def backend(self) -> str:
+        return select_backend(self.x, self.p).name
 
     def floor_bytes(self, pass_: str) -> int:
         es = self.x.element_size()
@@ -117,7 +116,7 @@ class Case:
         dx = self.x.numel() * es
         return fwd + pooled + y + dx  # read x and grad_y again, write dx
 
-    def oracle(self, need_grads: bool):
+    def oracle(self, need_grads: bool) -> List[torch.Tensor]:
         x = self.x.detach().double().requires_grad_(need_grads)
         p = self.p.detach().double().requires_grad_(need_grads)
         with torch.set_grad_enabled(need_grads):
@@ -126,14 +125,24 @@ class Case:
                 return [y.detach()]
             return list(torch.autograd.grad(y, (x, p), self.grad_y.double()))
 
+    def make_callable(self, impl: str, pass_: str):
+        """One iteration of `impl` for the pass, returning what `oracle` returns."""
+        f = make_compiled_eager() if impl == "compile" else {"op": impl_op, "eager": impl_eager}[impl]
+        if pass_ == "fwd":
 
-def measure_cpu_copy_bandwidth(nbytes: int = 512 << 20) -> float:
-    """CPU memory bandwidth in bytes/s: a copy between two buffers larger than the last-level
-    cache, by PyTorch's intra-op threads (counts the read and the write)."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.zeros_like(src)
-    ms = common.benchmark_ms(lambda: dst.copy_(src), torch.device("cpu"))["ms"]
-    return 2 * nbytes / (ms / 1e3)
+            def run():
+                with torch.no_grad():
+                    return [f(self.x, self.p, self.shape)]
+
+            return run
+        x_leaf = self.x.detach().requires_grad_()
+        p_leaf = self.p.detach().requires_grad_()
+
+        def run():
+            y = f(x_leaf, p_leaf, self.shape)
+            return list(torch.autograd.grad(y, (x_leaf, p_leaf), self.grad_y))
+
+        return run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,66 +150,16 @@ def measure_cpu_copy_bandwidth(nbytes: int = 512 << 20) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_callable(impl: str, case: Case, pass_: str) -> Callable[[], object]:
-    if impl == "compile":
-        f = make_compiled_eager()
-    else:
-        f = {"op": impl_op, "eager": impl_eager}[impl]
-    if pass_ == "fwd":
-
-        def run():
-            with torch.no_grad():
-                return [f(case.x, case.p, case.shape)]
-
-        return run
-    x_leaf = case.x.detach().requires_grad_()
-    p_leaf = case.p.detach().requires_grad_()
-
-    def run():
-        y = f(x_leaf, p_leaf, case.shape)
-        return list(torch.autograd.grad(y, (x_leaf, p_leaf), case.grad_y))
-
-    return run
-
-
-def bench_case(case: Case, impls: Sequence[str], passes: Sequence[str], env: Dict, quick: bool,
-               bandwidth: Optional[float]) -> List[Dict]:
-    s = case.shape
-    rows = []
-    for pass_ in passes:
-        want = case.oracle(need_grads=pass_ != "fwd")
-        for impl in impls:
-            row = common.make_row(
-                env, case=s.name, model=s.model, B=case.batch, N=s.tokens, prefix=s.prefix, C=s.channels,
-                groups=s.heads, dtype=str(case.dtype).replace("torch.", ""), **{"pass": pass_}, impl=impl,
-            )
-            common.log(f"{s.name} {pass_:7s} {impl:8s} ...")
-
-            def prepare(impl=impl, row=row, pass_=pass_):
-                if impl == "op":
-                    row["backend"] = select_backend(case.x, case.p).name
-                return _make_callable(impl, case, pass_), list
-
-            rows.append(common.measure(row, prepare, want, case.device, quick=quick,
-                                       floor_bytes=case.floor_bytes(pass_), bandwidth=bandwidth))
-    return rows
-
-
 def run(shapes: Sequence[PoolShape], *, batch: int, dtype: torch.dtype, device: torch.device, env: Dict,
         quick: bool = False, impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES,
         bandwidth: bool = True) -> List[Dict]:
     """Benchmarks every shape; returns rows with `ref_speedup` = this impl's time / the op's time."""
-    measured = None
-    if bandwidth:
-        common.log(f"measuring {device.type} copy bandwidth ...")
-        measured = common.measure_copy_bandwidth(device) if device.type == "cuda" else measure_cpu_copy_bandwidth()
-        env["copy_bandwidth_gbs"] = round(measured / 1e9, 1)
-        common.log(f"    {measured / 1e9:.1f} GB/s")
+    measured = common.copy_bandwidth(device, env) if bandwidth else None
     rows = []
     for shape in shapes:
-        common.log(f"case {shape.name}: B={batch} {shape.describe()} {str(dtype).replace('torch.', '')}")
+        common.log(f"case {shape.name}: B={batch} {shape.describe()} {common.dtype_name(dtype)}")
         case = Case(shape, batch, dtype, device)
-        rows += bench_case(case, impls, passes, env, quick, measured)
+        rows += common.bench_kernel_case(case, impls, passes, env, quick=quick, bandwidth=measured)
         del case
     common.add_ratios(rows, "op")
     return rows
@@ -210,33 +169,35 @@ def table(rows: List[Dict]) -> str:
     return common.kernel_table(rows)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, float16 on CUDA")
-    parser.add_argument("--batch", type=int, default=256, help="images per batch (default 256)")
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_options(parser) -> None:
     parser.add_argument("--shapes", nargs="+", help=f"names or substrings (all: {' '.join(s.name for s in SHAPES)})")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--quick", action="store_true", help=f"shapes {' '.join(QUICK_SHAPES)}, short timings")
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the copy-bandwidth measurement")
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json)")
-    args = parser.parse_args(argv)
 
-    device = common.resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    shapes = select_shapes(args.shapes or (QUICK_SHAPES if args.quick else None))
-    env = common.environment(device)
-    print(common.describe_env(env), file=sys.stderr)
-    rows = run(shapes, batch=args.batch, dtype=dtype, device=device, env=env, quick=args.quick,
-               impls=args.impls, passes=args.passes, bandwidth=not args.no_bandwidth)
-    print(common.describe_env(env))
-    if env.get("copy_bandwidth_gbs"):
-        print(f"copy bandwidth {env['copy_bandwidth_gbs']} GB/s")
-    print(table(rows))
-    path = common.write_json(args.out or common.default_out_path("bench_ggem", env), env, rows)
-    print(f"wrote {path}")
+
+def run_from_args(ctx: common.Context) -> List[Dict]:
+    args = ctx.args
+    return run(select_shapes(args.shapes or (QUICK_SHAPES if args.quick else None)), batch=ctx.batch,
+               dtype=ctx.dtype, device=ctx.device, env=ctx.env, quick=ctx.quick, impls=args.impls,
+               passes=args.passes, bandwidth=not args.no_bandwidth)
+
+
+def report(rows: List[Dict], ctx: common.Context) -> str:
+    bandwidth = ctx.env.get("copy_bandwidth_gbs")
+    return (f"copy bandwidth {bandwidth} GB/s\n" if bandwidth else "") + table(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return common.main(argv, __doc__, name="bench_ggem", batch=(256, 256), add_options=add_options,
+                       run=run_from_args, report=report,
+                       quick_help=f"shapes {' '.join(QUICK_SHAPES)}, short timings")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
