@@ -195,7 +195,7 @@ def make_flex(table: torch.Tensor, index: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs (a case for common.bench_kernel_case and the pytest-benchmark suite)
+# Inputs (a case for common.bench_kernel_cases and the pytest-benchmark suite)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -222,6 +222,9 @@ class Case:
         self.index = levit_bias_index(s.resolution, s.stride, device=device)
         self.grad_out = randn(batch, s.nq, s.heads * s.val_dim)
         self.scale = s.key_dim**-0.5
+
+    def describe(self) -> str:
+        return f"B={self.batch} {self.shape.describe()} {common.dtype_name(self.dtype)}"
 
     def row_fields(self) -> Dict[str, object]:
         s = self.shape
@@ -306,12 +309,8 @@ def run(shapes: Sequence[AttentionShape], *, batch: int, dtype: torch.dtype, dev
     """Benchmarks every shape; returns rows with `ref_speedup` = this impl's time / the op's time.
     (FlexAttention has no CPU backward: its fwd+bwd rows record the error.)"""
     bandwidth = common.copy_bandwidth(device, env) if device.type == "cuda" else None
-    rows = []
-    for shape in shapes:
-        common.log(f"case {shape.name}: B={batch} {shape.describe()} {common.dtype_name(dtype)}")
-        case = Case(shape, batch, dtype, device)
-        rows += common.bench_kernel_case(case, impls, passes, env, quick=quick, bandwidth=bandwidth)
-        del case
+    cases = (Case(shape, batch, dtype, device) for shape in shapes)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, bandwidth=bandwidth)
     common.add_ratios(rows, "op")
     return rows
 
@@ -328,8 +327,6 @@ def table(rows: List[Dict]) -> str:
 def add_options(parser) -> None:
     parser.add_argument("--shapes", nargs="+", help="names or substrings, e.g. 128s attn14 256.shrink14-7 "
                         f"(all: {' '.join(s.name for s in LEVIT_ATTENTION_SHAPES)})")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument("--no-verify", action="store_true", help="skip checking the shape table against timm")
 
 
@@ -349,8 +346,8 @@ def report(rows: List[Dict], ctx: common.Context) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.main(argv, __doc__, name="bench_bias_attention", batch=(64, 256), add_options=add_options,
-                       run=run_from_args, report=report,
+    return common.main(argv, __doc__, name="bench_bias_attention", batch=(64, 256), impls=IMPLS, passes=PASSES,
+                       add_options=add_options, run=run_from_args, report=report,
                        quick_help=f"shapes {' '.join(QUICK_SHAPES)}, short timings")
 
 

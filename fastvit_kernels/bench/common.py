@@ -7,8 +7,8 @@ git sha, so files from different machines and commits can be concatenated and co
 
 A benchmark module's command line is `common.main(...)`: the module declares its own options
 (`add_options(parser)`), what a run does (`run_from_args(ctx) -> rows`) and what it prints
-(`report(rows, ctx) -> str`); --device, --dtype, --batch, --quick and --out, the environment line,
-the JSON file and its default path are handled here once.
+(`report(rows, ctx) -> str`); --device, --dtype, --batch, --quick, --out (and --impls, --passes),
+the environment line, the JSON file and its default path are handled here once.
 """
 
 import argparse
@@ -433,16 +433,29 @@ KERNEL_COLUMNS = [
 ]
 
 
-def kernel_table(rows: List[Dict[str, object]], extra_notes: Callable[[Dict], List[str]] = lambda row: []) -> str:
-    """KERNEL_COLUMNS of the rows (the bandwidth column only when some row has it)."""
+def noted_table(rows: List[Dict[str, object]], columns: Sequence[Column],
+                notes: Callable[[Dict], List[str]] = lambda row: []) -> str:
+    """format_table after setting each row's "note" column: notes(row), then "n/a: <error>" when
+    the row failed."""
     for row in rows:
-        notes = [f"backend={row['backend']}"] if row.get("backend") else []
-        notes += extra_notes(row)
+        parts = list(notes(row))
         if row.get("error"):
-            notes.append(f"n/a: {row['error'][:160]}")
-        row["note"] = "; ".join(notes)
+            parts.append(f"n/a: {row['error'][:160]}")
+        row["note"] = "; ".join(parts)
+    return format_table(rows, columns)
+
+
+def backend_note(row: Dict[str, object]) -> List[str]:
+    """["backend=<name>"] for an op's row (which backend ran), else []."""
+    return [f"backend={row['backend']}"] if row.get("backend") else []
+
+
+def kernel_table(rows: List[Dict[str, object]], extra_notes: Callable[[Dict], List[str]] = lambda row: []) -> str:
+    """KERNEL_COLUMNS of the rows (the bandwidth column only when some row has it); notes: the
+    op's backend, extra_notes(row), failures."""
     has_floor = any(r.get("bw_fraction") is not None for r in rows)
-    return format_table(rows, [c for c in KERNEL_COLUMNS if has_floor or c.key != "bw_fraction"])
+    return noted_table(rows, [c for c in KERNEL_COLUMNS if has_floor or c.key != "bw_fraction"],
+                       lambda row: backend_note(row) + extra_notes(row))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -509,12 +522,14 @@ def measure(row: Dict[str, object], prepare: Callable[[], Callable[[], List[torc
     return row
 
 
-def bench_kernel_case(case, impls: Sequence[str], passes: Sequence[str], env: Dict[str, object], *,
-                      quick: bool, bandwidth: Optional[float] = None, peak_memory: bool = False) -> List[Dict]:
-    """Checks and times every implementation of one kernel case, for each pass: one row each.
+def bench_kernel_cases(cases: Iterable, impls: Sequence[str], passes: Sequence[str], env: Dict[str, object], *,
+                       quick: bool, bandwidth: Optional[float] = None, peak_memory: bool = False) -> List[Dict]:
+    """Checks and times every implementation of each kernel case, for each pass: one row each.
 
-    `case` is a bench module's case object (its inputs at one shape), which has:
+    `cases` yields a bench module's case objects (its inputs at one shape; a generator, so that one
+    case at a time holds memory), which have:
       name, device                    for the log and the timing
+      describe()                      a line for the log (batch, shape, dtype)
       row_fields()                    its parameters, copied into each row (case, B, shapes, dtype)
       oracle(need_grads)              the float64 reference: [output], or the inputs' gradients
       make_callable(impl, pass_)      one call of `impl` ("fwd" or "fwd+bwd"), returning what
@@ -523,21 +538,53 @@ def bench_kernel_case(case, impls: Sequence[str], passes: Sequence[str], env: Di
       floor_bytes(pass_)              (with a bandwidth) the fewest bytes the pass must move
     """
     rows = []
-    for pass_ in passes:
-        want = case.oracle(need_grads=pass_ != "fwd")
-        for impl in impls:
-            row = make_row(env, **case.row_fields(), **{"pass": pass_}, impl=impl)
-            log(f"{case.name} {pass_:7s} {impl:14s} ...")
+    for case in cases:
+        log(f"case {case.name}: {case.describe()}")
+        for pass_ in passes:
+            want = case.oracle(need_grads=pass_ != "fwd")
+            for impl in impls:
+                row = make_row(env, **case.row_fields(), **{"pass": pass_}, impl=impl)
+                log(f"{case.name} {pass_:7s} {impl:14s} ...")
 
-            def prepare():
-                if impl == "op":
-                    row["backend"] = case.backend()
-                return case.make_callable(impl, pass_)
+                def prepare():
+                    if impl == "op":
+                        row["backend"] = case.backend()
+                    return case.make_callable(impl, pass_)
 
-            floor = case.floor_bytes(pass_) if bandwidth else None
-            rows.append(measure(row, prepare, want, case.device, quick=quick, floor_bytes=floor,
-                                bandwidth=bandwidth, peak_memory=peak_memory))
+                floor = case.floor_bytes(pass_) if bandwidth else None
+                rows.append(measure(row, prepare, want, case.device, quick=quick, floor_bytes=floor,
+                                    bandwidth=bandwidth, peak_memory=peak_memory))
+        case = want = None  # free this case's inputs and oracle before the next is made
     return rows
+
+
+def measure_model(row: Dict[str, object], prepare: Callable[[], Callable[[], object]], device: torch.device, *,
+                  images: int, quick: bool, min_run_time: float,
+                  check: Optional[Callable[[object], None]] = None) -> Dict[str, object]:
+    """Times one end-to-end model variant into its row, as measure() does for a kernel.
+
+    prepare() -> step: step() is one timed call (an inference batch or a training step) returning
+    the model's output. The first call (which compiles, for compiled variants) is reported as
+    first_call_s and handed to check(output), which compares it and records what it finds in the
+    row; then ms, iqr_ms, runs and img_per_s = images per second. An exception (patching
+    unavailable, a compile failure) is recorded in row['error'].
+    """
+    try:
+        step = prepare()
+        first = {}
+        row["first_call_s"] = round(time_call(lambda: first.setdefault("out", step()), device), 3)
+        output = first.pop("out")
+        if check is not None:
+            check(output)
+        del output
+        timing = benchmark_ms(step, device, quick=quick, min_run_time=min_run_time)
+        row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"],
+                   img_per_s=images / (timing["ms"] / 1e3))
+        log(f"    {row['img_per_s']:.1f} img/s ({row['ms']:.1f} ms, first call {row['first_call_s']:.1f} s)")
+    except Exception as error:  # record and go on
+        row["error"] = short_error(error, limit=2000)
+        log(f"    failed: {short_error(error)}")
+    return row
 
 
 T = TypeVar("T")
@@ -566,10 +613,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def make_parser(doc: str, *, prog: Optional[str] = None, batch: Tuple[Optional[int], Optional[int]] = (None, None),
                 batch_help: Optional[str] = None, dtype_help: Optional[str] = None,
-                quick_help: str = "short timings") -> argparse.ArgumentParser:
+                quick_help: str = "short timings", impls: Sequence[str] = (),
+                passes: Sequence[str] = ()) -> argparse.ArgumentParser:
     """An ArgumentParser (described by the first paragraph of `doc`) with the options every
-    benchmark has: --device, --dtype, --batch, --quick, --out. `batch` = (default on CPU, default
-    on CUDA) is only shown here; start() applies it."""
+    benchmark has: --device, --dtype, --batch, --quick, --out; and, when the benchmark names its
+    implementations and passes, --impls and --passes (a subset of those; default all).
+    `batch` = (default on CPU, default on CUDA) is only shown here; start() applies it."""
     if batch_help is None:
         cpu, cuda = batch
         batch_help = f"images per batch (default {cpu})" if cpu == cuda else f"default: {cpu} on CPU, {cuda} on CUDA"
@@ -580,6 +629,10 @@ def make_parser(doc: str, *, prog: Optional[str] = None, batch: Tuple[Optional[i
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--out", type=Path,
                         help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json of the checkout)")
+    if impls:
+        parser.add_argument("--impls", nargs="+", choices=impls, default=list(impls))
+    if passes:
+        parser.add_argument("--passes", nargs="+", choices=passes, default=list(passes))
     return parser
 
 
@@ -623,16 +676,19 @@ def write_results(ctx: Context, name: str, rows: List[Dict[str, object]], **meta
 
 
 def main(argv: Optional[Sequence[str]], doc: str, *, name: str,
-         add_options: Callable[[argparse.ArgumentParser], None],
          run: Callable[[Context], List[Dict[str, object]]],
          report: Callable[[List[Dict[str, object]], Context], str],
+         add_options: Optional[Callable[[argparse.ArgumentParser], None]] = None,
          batch: Tuple[Optional[int], Optional[int]] = (None, None), batch_help: Optional[str] = None,
-         dtype_help: Optional[str] = None, quick_help: str = "short timings") -> int:
-    """The command line of a benchmark module: parse the common options and the module's own
-    (add_options), print the environment, rows = run(ctx), print the environment and
+         dtype_help: Optional[str] = None, quick_help: str = "short timings",
+         impls: Sequence[str] = (), passes: Sequence[str] = ()) -> int:
+    """The command line of a benchmark module: parse the common options (make_parser) and the
+    module's own (add_options), print the environment, rows = run(ctx), print the environment and
     report(rows, ctx) (the tables), write the JSON file (named after `name`, plus ctx.json_extra)."""
-    parser = make_parser(doc, batch=batch, batch_help=batch_help, dtype_help=dtype_help, quick_help=quick_help)
-    add_options(parser)
+    parser = make_parser(doc, batch=batch, batch_help=batch_help, dtype_help=dtype_help, quick_help=quick_help,
+                         impls=impls, passes=passes)
+    if add_options is not None:
+        add_options(parser)
     ctx = start(parser.parse_args(argv), batch)
     print(describe_env(ctx.env), file=sys.stderr)
     rows = run(ctx)

@@ -161,23 +161,19 @@ def run(*, batches: Sequence[int], dtype: torch.dtype, device: torch.device, env
                 row = common.make_row(env, case=f"B{batch}", B=batch, dtype=common.dtype_name(dtype),
                                       **{"pass": pass_}, impl=impl)
                 common.log(f"{pass_} B={batch} {impl} ...")
-                try:
-                    make = _infer_callable if pass_ == "infer" else _train_callable
-                    fn = (make(impl, deit, dyvit, images, threshold) if pass_ == "infer"
-                          else make(impl, deit, dyvit, images, labels))
-                    row["first_call_s"] = round(common.time_call(fn, device), 3)
-                    timing = common.benchmark_ms(fn, device, quick=quick, min_run_time=0.5 if quick else 3.0)
-                    row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"],
-                               img_per_s=batch / (timing["ms"] / 1e3))
+
+                def prepare():
+                    if pass_ == "infer":
+                        return _infer_callable(impl, deit, dyvit, images, threshold)
+                    return _train_callable(impl, deit, dyvit, images, labels)
+
+                def check(out):
                     if impl == "dyvit.threshold":
                         row["threshold"] = threshold
                         row["mean_tokens_last_stage"] = round(mean_last_stage_tokens(dyvit, images, threshold), 1)
-                except Exception as error:  # record and go on
-                    row["error"] = common.short_error(error, limit=2000)
-                    common.log(f"    failed: {common.short_error(error)}")
-                rows.append(row)
-                if row["ms"] is not None:
-                    common.log(f"    {row['ms']:.2f} ms, {row['img_per_s']:.1f} img/s")
+
+                rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
+                                                 min_run_time=0.5 if quick else 3.0, check=check))
     _add_deit_ratios(rows)
     return rows
 
@@ -201,14 +197,9 @@ COLUMNS = [
 
 
 def table(rows: List[Dict]) -> str:
-    for row in rows:
-        notes = []
-        if row.get("mean_tokens_last_stage") is not None:
-            notes.append(f"mean tokens after the last stage {row['mean_tokens_last_stage']}")
-        if row.get("error"):
-            notes.append(f"n/a: {row['error'][:160]}")
-        row["note"] = "; ".join(notes)
-    return common.format_table(rows, COLUMNS)
+    return common.noted_table(rows, COLUMNS, lambda row: (
+        [f"mean tokens after the last stage {row['mean_tokens_last_stage']}"]
+        if row.get("mean_tokens_last_stage") is not None else []))
 
 
 # ---------------------------------------------------------------------------------------------

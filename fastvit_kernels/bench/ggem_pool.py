@@ -84,7 +84,7 @@ def make_compiled_eager():
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs (a case for common.bench_kernel_case and the pytest-benchmark suite)
+# Inputs (a case for common.bench_kernel_cases and the pytest-benchmark suite)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -97,6 +97,9 @@ class Case:
         self.x = torch.randn(batch, shape.tokens, shape.channels, generator=g).to(device=device, dtype=dtype)
         self.p = torch.full((shape.heads,), P_INIT, device=device)  # float32, as GGeM keeps it
         self.grad_y = torch.randn(batch, shape.channels, generator=g).to(device=device, dtype=dtype)
+
+    def describe(self) -> str:
+        return f"B={self.batch} {self.shape.describe()} {common.dtype_name(self.dtype)}"
 
     def row_fields(self) -> Dict[str, object]:
         s = self.shape
@@ -155,12 +158,8 @@ def run(shapes: Sequence[PoolShape], *, batch: int, dtype: torch.dtype, device: 
         bandwidth: bool = True) -> List[Dict]:
     """Benchmarks every shape; returns rows with `ref_speedup` = this impl's time / the op's time."""
     measured = common.copy_bandwidth(device, env) if bandwidth else None
-    rows = []
-    for shape in shapes:
-        common.log(f"case {shape.name}: B={batch} {shape.describe()} {common.dtype_name(dtype)}")
-        case = Case(shape, batch, dtype, device)
-        rows += common.bench_kernel_case(case, impls, passes, env, quick=quick, bandwidth=measured)
-        del case
+    cases = (Case(shape, batch, dtype, device) for shape in shapes)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, bandwidth=measured)
     common.add_ratios(rows, "op")
     return rows
 
@@ -176,8 +175,6 @@ def table(rows: List[Dict]) -> str:
 
 def add_options(parser) -> None:
     parser.add_argument("--shapes", nargs="+", help=f"names or substrings (all: {' '.join(s.name for s in SHAPES)})")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument("--no-bandwidth", action="store_true", help="skip the copy-bandwidth measurement")
 
 
@@ -194,8 +191,8 @@ def report(rows: List[Dict], ctx: common.Context) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.main(argv, __doc__, name="bench_ggem", batch=(256, 256), add_options=add_options,
-                       run=run_from_args, report=report,
+    return common.main(argv, __doc__, name="bench_ggem", batch=(256, 256), impls=IMPLS, passes=PASSES,
+                       add_options=add_options, run=run_from_args, report=report,
                        quick_help=f"shapes {' '.join(QUICK_SHAPES)}, short timings")
 
 

@@ -169,29 +169,27 @@ def bench_inference(base: nn.Module, model_name: str, *, batch: int, dtype: torc
     for impl in impls:
         row = _levit_row(env, model_name, "infer", impl, batch, dtype)
         common.log(f"{model_name} infer {impl} (batch {batch}) ...")
-        try:
+
+        def prepare():
             model = make_variant(base, impl, dtype)
             if impl.startswith("patched"):
                 row["backend_note"] = str(getattr(getattr(model, "_orig_mod", model), "fastvit_kernels_report", ""))
 
-            def run():
+            def step():
                 with torch.inference_mode():
                     return model(x)
 
-            first = {}
-            row["first_call_s"] = round(common.time_call(lambda: first.setdefault("out", run()), device), 3)
-            row["max_rel_err"] = common.rel_err(first.pop("out").float(), want)
+            return step
+
+        def check(out):
+            row["max_rel_err"] = common.rel_err(out.float(), want)
             row["match"] = row["max_rel_err"] < common.REL_TOL[dtype]
             if not row["match"]:
                 common.log(f"    WARNING: {impl} output differs from eager timm (rel err {row['max_rel_err']:.2e})")
-            t = common.benchmark_ms(run, device, quick=quick, min_run_time=1.0 if quick else 4.0)
-            row.update(ms=t["ms"], iqr_ms=t["iqr_ms"], runs=t["runs"], img_per_s=batch / (t["ms"] / 1e3))
-            common.log(f"    {row['img_per_s']:.1f} img/s ({row['ms']:.1f} ms/batch, first call {row['first_call_s']:.1f} s, "
-                  f"rel err {row['max_rel_err']:.1e})")
-        except Exception as error:  # e.g. patching not available, compile failure: record, go on
-            row["error"] = common.short_error(error, limit=2000)
-            common.log(f"    failed: {common.short_error(error)}")
-        rows.append(row)
+
+        # (patching not available, a compile failure: the row records the error)
+        rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
+                                         min_run_time=1.0 if quick else 4.0, check=check))
     _speedups(rows, "patched+folded" if "patched+folded" in impls else "patched")
     return rows
 
@@ -210,7 +208,8 @@ def bench_training(base: nn.Module, model_name: str, *, batch: int, dtype: torch
     for impl in impls:
         row = _levit_row(env, model_name, "train", impl, batch, dtype)
         common.log(f"{model_name} train {impl} (batch {batch}) ...")
-        try:
+
+        def prepare():
             model = make_variant(base, impl, torch.float32, train=True)
             opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
@@ -223,17 +222,14 @@ def bench_training(base: nn.Module, model_name: str, *, batch: int, dtype: torch
                 opt.step()
                 return out
 
-            first = {}  # the first step's output is from the initial weights: comparable with eager
-            row["first_call_s"] = round(common.time_call(lambda: first.setdefault("out", step()), device), 3)
-            row["max_rel_err"] = common.rel_err(first.pop("out").float(), want)
+            return step
+
+        def check(out):  # the first step's output is from the initial weights: comparable with eager
+            row["max_rel_err"] = common.rel_err(out.float(), want)
             row["match"] = row["max_rel_err"] < max(TRAIN_TOL, common.REL_TOL[dtype])
-            t = common.benchmark_ms(step, device, quick=quick, min_run_time=1.0 if quick else 4.0)
-            row.update(ms=t["ms"], iqr_ms=t["iqr_ms"], runs=t["runs"], img_per_s=batch / (t["ms"] / 1e3))
-            common.log(f"    {row['img_per_s']:.1f} img/s ({row['ms']:.1f} ms/step, first call {row['first_call_s']:.1f} s)")
-        except Exception as error:
-            row["error"] = common.short_error(error, limit=2000)
-            common.log(f"    failed: {common.short_error(error)}")
-        rows.append(row)
+
+        rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
+                                         min_run_time=1.0 if quick else 4.0, check=check))
     _speedups(rows, "patched")
     return rows
 
@@ -262,17 +258,13 @@ COLUMNS = [
 ]
 
 
+def _notes(row: Dict) -> List[str]:
+    return (["ref"] if row.get("impl") == row.get("ref_impl") else []) + (
+        ["MISMATCH vs eager"] if row.get("match") is False else [])
+
+
 def table(rows: List[Dict]) -> str:
-    for r in rows:
-        notes = []
-        if r.get("impl") == r.get("ref_impl"):
-            notes.append("ref")
-        if r.get("match") is False:
-            notes.append("MISMATCH vs eager")
-        if r.get("error"):
-            notes.append(f"n/a: {r['error'][:160]}")
-        r["note"] = "; ".join(notes)
-    return common.format_table(rows, COLUMNS)
+    return common.noted_table(rows, COLUMNS, _notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +283,6 @@ def describe_check(name: str, check: Dict[str, object]) -> str:
 def add_options(parser) -> None:
     parser.add_argument("--models", nargs="+", default=["levit_128s", "levit_256"])
     parser.add_argument("--train-batch", type=int, help="training batch (default 32 on CPU, 128 on CUDA)")
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument("--impls", nargs="+", choices=INFER_IMPLS,
                         help="subset of implementations (training runs those in eager/patched/compile)")
 
@@ -331,8 +322,8 @@ def report(rows: List[Dict], ctx: common.Context) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.main(argv, __doc__, name="bench_levit", batch=(32, 256), add_options=add_options,
-                       run=run_from_args, report=report,
+    return common.main(argv, __doc__, name="bench_levit", batch=(32, 256), passes=PASSES,
+                       add_options=add_options, run=run_from_args, report=report,
                        batch_help="inference batch (default 32 on CPU, 256 on CUDA)",
                        dtype_help="default float32 on CPU, float16 on CUDA (training: autocast, float32 weights)")
 

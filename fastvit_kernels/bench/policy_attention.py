@@ -58,7 +58,7 @@ def impl_sdpa(q, k, v, policy, scale):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs (a case for common.bench_kernel_case and the pytest-benchmark suite)
+# Inputs (a case for common.bench_kernel_cases and the pytest-benchmark suite)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -79,6 +79,9 @@ class Case:
         self.policy = policy.to(device)
         self.grad_out = torch.randn(batch, HEADS, TOKENS, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
         self.scale = HEAD_DIM ** -0.5
+
+    def describe(self) -> str:
+        return f"B={self.batch} H={HEADS} N={TOKENS} D={HEAD_DIM} {common.dtype_name(self.dtype)}"
 
     def row_fields(self) -> Dict[str, object]:
         return dict(case=self.name, op="policy_attention", keep=self.keep, B=self.batch, H=HEADS, N=TOKENS,
@@ -129,12 +132,8 @@ def run(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quic
         keeps: Sequence[float] = KEEP_RATIOS, impls: Sequence[str] = IMPLS,
         passes: Sequence[str] = PASSES) -> List[Dict]:
     """Benchmarks every keep ratio; rows get `ref_speedup` = this impl's time / the op's time."""
-    rows = []
-    for keep in keeps:
-        case = Case(batch, keep, dtype, device)
-        common.log(f"case {case.name}: B={batch} H={HEADS} N={TOKENS} D={HEAD_DIM} {common.dtype_name(dtype)}")
-        rows += common.bench_kernel_case(case, impls, passes, env, quick=quick)
-        del case
+    cases = (Case(batch, keep, dtype, device) for keep in keeps)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick)
     common.add_ratios(rows, "op")
     return rows
 
@@ -153,8 +152,6 @@ def table(rows: List[Dict]) -> str:
 
 def add_options(parser) -> None:
     parser.add_argument("--keeps", type=float, nargs="+", default=list(KEEP_RATIOS))
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
 
 
 def run_from_args(ctx: common.Context) -> List[Dict]:
@@ -168,8 +165,8 @@ def report(rows: List[Dict], ctx: common.Context) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.main(argv, __doc__, name="bench_policy_attention", batch=(64, 256), add_options=add_options,
-                       run=run_from_args, report=report)
+    return common.main(argv, __doc__, name="bench_policy_attention", batch=(64, 256), impls=IMPLS, passes=PASSES,
+                       add_options=add_options, run=run_from_args, report=report)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,13 @@ def select_shapes(patterns: Optional[Sequence[str]]) -> List[QnaShape]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs (cases for common.bench_kernel_case; Case also for the pytest-benchmark suite)
+# Inputs (cases for common.bench_kernel_cases; Case also for the pytest-benchmark suite)
 # ---------------------------------------------------------------------------------------------
+
+
+def _describe(case) -> str:
+    return (f"{case.level} level, B={case.batch} {case.shape.describe(case.k)} "
+            f"{common.dtype_name(case.dtype)}")
 
 
 def _row_fields(case) -> Dict[str, object]:
@@ -118,6 +123,9 @@ class Case:
         out_side = reference.output_size(s.side, k, s.stride)
         self.grad_out = randn(batch, out_side, out_side, s.features)
         self.name = f"{s.name}.k{k}"
+
+    def describe(self) -> str:
+        return _describe(self)
 
     def row_fields(self) -> Dict[str, object]:
         return _row_fields(self)
@@ -186,6 +194,9 @@ class LayerCase:
         out_side = reference.output_size(s.side, k, s.stride)
         self.grad_out = torch.randn(batch, out_side, out_side, s.features, device=device, dtype=dtype)
         self.name = f"{s.name}.k{k}"
+
+    def describe(self) -> str:
+        return _describe(self)
 
     def row_fields(self) -> Dict[str, object]:
         return _row_fields(self)
@@ -318,14 +329,9 @@ def run(shapes: Sequence[QnaShape], *, kernel_sizes: Sequence[int], batch: int, 
         device: torch.device, env: Dict, quick: bool = False, impls: Sequence[str] = IMPLS,
         passes: Sequence[str] = PASSES, levels: Sequence[str] = ("op",)) -> List[Dict]:
     """Benchmarks every (level, shape, k); rows get `ref_speedup` = this impl's time / the op's."""
-    rows = []
-    for level in levels:
-        for k in kernel_sizes:
-            for shape in shapes:
-                common.log(f"case {level} {shape.name}.k{k}: B={batch} {shape.describe(k)} {common.dtype_name(dtype)}")
-                case = LEVELS[level](shape, k, batch, dtype, device)
-                rows += common.bench_kernel_case(case, impls, passes, env, quick=quick, peak_memory=True)
-                del case
+    cases = (LEVELS[level](shape, k, batch, dtype, device)
+             for level in levels for k in kernel_sizes for shape in shapes)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, peak_memory=True)
     common.add_ratios(rows, "op", group_keys=GROUP)
     add_memory_ratios(rows)
     return rows
@@ -388,14 +394,7 @@ SUMMARY_COLUMNS = [
 
 
 def table(rows: List[Dict]) -> str:
-    for row in rows:
-        notes = []
-        if row.get("backend"):
-            notes.append(f"backend={row['backend']}")
-        if row.get("error"):
-            notes.append(f"n/a: {row['error'][:160]}")
-        row["note"] = "; ".join(notes)
-    return common.format_table(rows, COLUMNS)
+    return common.noted_table(rows, COLUMNS, common.backend_note)
 
 
 def summary_table(rows: List[Dict]) -> str:
@@ -413,8 +412,6 @@ def add_options(parser) -> None:
     parser.add_argument("--kernel-sizes", nargs="+", type=int, default=list(KERNEL_SIZES))
     parser.add_argument("--level", choices=("op", "layer", "both"), default="both",
                         help="the op alone, the whole QnA layer (projection, attention, to_out), or both")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
 
 
 def run_from_args(ctx: common.Context) -> List[Dict]:
@@ -433,8 +430,8 @@ def report(rows: List[Dict], ctx: common.Context) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.main(argv, __doc__, name="bench_qna", batch=(32, 128), add_options=add_options,
-                       run=run_from_args, report=report,
+    return common.main(argv, __doc__, name="bench_qna", batch=(32, 128), impls=IMPLS, passes=PASSES,
+                       add_options=add_options, run=run_from_args, report=report,
                        quick_help=f"shapes {' '.join(QUICK_SHAPES)}, k=3, short timings")
 
 

@@ -87,7 +87,8 @@ def run(model_name: str, *, batch: int, dtype: torch.dtype, device: torch.device
             common.log(f"{model_name} {pass_} {impl} (batch {batch}) ...")
             compiled = impl.startswith("compile-")
             formulation = impl[len("compile-"):] if compiled else impl
-            try:
+
+            def prepare():
                 model = copy.deepcopy(base).train(pass_ == "train")
                 runnable = torch.compile(model, dynamic=False) if compiled else model
                 if pass_ == "infer":
@@ -95,30 +96,27 @@ def run(model_name: str, *, batch: int, dtype: torch.dtype, device: torch.device
                     def step():
                         with torch.inference_mode(), autocast, plain_pytorch(formulation):
                             return runnable(x)
-                else:
-                    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
-                    def step():
-                        opt.zero_grad(set_to_none=True)
-                        with autocast, plain_pytorch(formulation):
-                            out = runnable(x)
-                            loss = F.cross_entropy(out.float(), labels)
-                        loss.backward()
-                        opt.step()
-                        return out
+                    return step
+                opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
-                first = {}
-                row["first_call_s"] = round(common.time_call(lambda: first.setdefault("out", step()), device), 3)
+                def step():
+                    opt.zero_grad(set_to_none=True)
+                    with autocast, plain_pytorch(formulation):
+                        out = runnable(x)
+                        loss = F.cross_entropy(out.float(), labels)
+                    loss.backward()
+                    opt.step()
+                    return out
+
+                return step
+
+            def check(out):
                 if pass_ == "infer":  # train mode has drop path: outputs are random
-                    row["max_rel_err"] = common.rel_err(first.pop("out").float(), oracle)
-                timing = common.benchmark_ms(step, device, quick=quick, min_run_time=1.0 if quick else 3.0)
-                row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"],
-                           img_per_s=batch / (timing["ms"] / 1e3))
-                common.log(f"    {row['img_per_s']:.1f} img/s ({row['ms']:.1f} ms, first call {row['first_call_s']:.1f} s)")
-            except Exception as error:  # record and go on
-                row["error"] = common.short_error(error, limit=2000)
-                common.log(f"    failed: {common.short_error(error)}")
-            rows.append(row)
+                    row["max_rel_err"] = common.rel_err(out.float(), oracle)
+
+            rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
+                                             min_run_time=1.0 if quick else 3.0, check=check))
     common.add_ratios(rows, "fused")
     return rows
 
@@ -137,9 +135,7 @@ COLUMNS = [
 
 
 def table(rows: List[Dict]) -> str:
-    for row in rows:
-        row["note"] = f"n/a: {row['error'][:160]}" if row.get("error") else ""
-    return common.format_table(rows, COLUMNS)
+    return common.noted_table(rows, COLUMNS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,8 +145,6 @@ def table(rows: List[Dict]) -> str:
 
 def add_options(parser) -> None:
     parser.add_argument("--model", choices=MODELS, default="qna_vit_tiny")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
 
 
 def run_from_args(ctx: common.Context) -> List[Dict]:
@@ -164,8 +158,8 @@ def report(rows: List[Dict], ctx: common.Context) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.main(argv, __doc__, name="bench_qna_vit", batch=(32, 256), add_options=add_options,
-                       run=run_from_args, report=report,
+    return common.main(argv, __doc__, name="bench_qna_vit", batch=(32, 256), impls=IMPLS, passes=PASSES,
+                       add_options=add_options, run=run_from_args, report=report,
                        dtype_help="default: float32 on CPU, float16 (autocast) on CUDA")
 
 

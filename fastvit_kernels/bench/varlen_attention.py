@@ -47,7 +47,7 @@ def case_lengths(batch: int) -> Dict[str, List[int]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs and implementations (a case for common.bench_kernel_case and the pytest-benchmark suite)
+# Inputs and implementations (a case for common.bench_kernel_cases and the pytest-benchmark suite)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -69,6 +69,10 @@ class Case:
         valid = torch.zeros(B * self.max_len, dtype=torch.bool, device=device)
         valid[self.index] = True
         self.key_mask = valid.view(B, 1, 1, self.max_len)
+
+    def describe(self) -> str:
+        return (f"{len(self.lengths)} images, {sum(self.lengths)} tokens (max {self.max_len}), H={HEADS} D={HEAD_DIM} "
+                f"{common.dtype_name(self.dtype)}")
 
     def row_fields(self) -> Dict[str, object]:
         return dict(case=self.name, op="varlen_attention", B=len(self.lengths), tokens=sum(self.lengths),
@@ -136,12 +140,8 @@ class Case:
 def run(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool = False,
         impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES) -> List[Dict]:
     """Benchmarks both cases; rows get `ref_speedup` = this impl's time / the op's time."""
-    rows = []
-    for name, lengths in case_lengths(batch).items():
-        case = Case(name, lengths, dtype, device)
-        common.log(f"case {name}: {batch} images, {sum(lengths)} tokens (max {case.max_len}), H={HEADS} D={HEAD_DIM}")
-        rows += common.bench_kernel_case(case, impls, passes, env, quick=quick)
-        del case
+    cases = (Case(name, lengths, dtype, device) for name, lengths in case_lengths(batch).items())
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick)
     common.add_ratios(rows, "op")
     return rows
 
@@ -155,11 +155,6 @@ def table(rows: List[Dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def add_options(parser) -> None:
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-
-
 def run_from_args(ctx: common.Context) -> List[Dict]:
     return run(batch=ctx.batch, dtype=ctx.dtype, device=ctx.device, env=ctx.env, quick=ctx.quick,
                impls=ctx.args.impls, passes=ctx.args.passes)
@@ -170,7 +165,7 @@ def report(rows: List[Dict], ctx: common.Context) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return common.main(argv, __doc__, name="bench_varlen_attention", batch=(64, 256), add_options=add_options,
+    return common.main(argv, __doc__, name="bench_varlen_attention", batch=(64, 256), impls=IMPLS, passes=PASSES,
                        run=run_from_args, report=report)
 
 
