@@ -1,11 +1,17 @@
-"""Shared benchmark plumbing: timing, the environment record, result rows, the table and JSON.
+"""What every benchmark shares: timing, the environment record, result rows, tables, JSON, the
+kernel-case loop and the command-line skeleton.
 
-Used by `python -m fastvit_kernels.bench` and re-exported by `benchmarks/common.py`, so the
-package never needs the benchmarks/ folder. Results are rows of plain data (one per case, impl
-and pass) that carry the device, versions and git sha, so files from different machines and
-commits can be concatenated and compared.
+Every module of fastvit_kernels.bench imports it as `from fastvit_kernels.bench import common`.
+Results are rows of plain data (one per case, impl and pass) that carry the device, versions and
+git sha, so files from different machines and commits can be concatenated and compared.
+
+A benchmark module's command line is `common.main(...)`: the module declares its own options
+(`add_options(parser)`), what a run does (`run_from_args(ctx) -> rows`) and what it prints
+(`report(rows, ctx) -> str`); --device, --dtype, --batch, --quick, --out (and --impls, --passes),
+the environment line, the JSON file and its default path are handled here once.
 """
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -16,14 +22,15 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
 SCHEMA_VERSION = 1
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout root when run from one
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the checkout root when run from one
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # ---------------------------------------------------------------------------------------------
 # Progress
@@ -162,18 +169,35 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def measure_copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
-    """Device-memory bandwidth in bytes/s from one large device-to-device copy (read + write)."""
-    if device.type != "cuda":
-        raise ValueError("bandwidth is measured on CUDA only")
-    free, _ = torch.cuda.mem_get_info(device)
-    nbytes = min(nbytes, free // 4)  # two buffers, leave room for the benchmarks
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
+def measure_copy_bandwidth(device: torch.device) -> float:
+    """Memory bandwidth in bytes/s from one large copy (counts the read and the write).
+
+    CUDA: a device-to-device copy of up to 1 GiB. CPU: a copy between two 512 MiB buffers (larger
+    than the last-level cache), by PyTorch's intra-op threads.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        nbytes = min(1 << 30, free // 4)  # two buffers, leave room for the benchmarks
+        src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+    else:
+        nbytes = 512 << 20
+        src = torch.ones(nbytes, dtype=torch.uint8)
+        dst = torch.zeros_like(src)
     ms = benchmark_ms(lambda: dst.copy_(src), device)["ms"]
     src = dst = None  # free both buffers before emptying the cache
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return 2 * nbytes / (ms / 1e3)
+
+
+def copy_bandwidth(device: torch.device, env: Dict[str, object]) -> float:
+    """measure_copy_bandwidth, logged and recorded as env['copy_bandwidth_gbs']."""
+    log(f"measuring {device.type} copy bandwidth ...")
+    bandwidth = measure_copy_bandwidth(device)
+    env["copy_bandwidth_gbs"] = round(bandwidth / 1e9, 1)
+    log(f"    {bandwidth / 1e9:.1f} GB/s")
+    return bandwidth
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,16 +433,39 @@ KERNEL_COLUMNS = [
 ]
 
 
-def kernel_table(rows: List[Dict[str, object]], extra_notes: Callable[[Dict], List[str]] = lambda row: []) -> str:
-    """KERNEL_COLUMNS of the rows (the bandwidth column only when some row has it)."""
+def noted_table(rows: List[Dict[str, object]], columns: Sequence[Column],
+                notes: Callable[[Dict], List[str]] = lambda row: []) -> str:
+    """format_table after setting each row's "note" column: notes(row), then "n/a: <error>" when
+    the row failed."""
     for row in rows:
-        notes = [f"backend={row['backend']}"] if row.get("backend") else []
-        notes += extra_notes(row)
+        parts = list(notes(row))
         if row.get("error"):
-            notes.append(f"n/a: {row['error'][:160]}")
-        row["note"] = "; ".join(notes)
+            parts.append(f"n/a: {row['error'][:160]}")
+        row["note"] = "; ".join(parts)
+    return format_table(rows, columns)
+
+
+def backend_note(row: Dict[str, object]) -> List[str]:
+    """["backend=<name>"] for an op's row (which backend ran), else []."""
+    return [f"backend={row['backend']}"] if row.get("backend") else []
+
+
+def kernel_table(rows: List[Dict[str, object]], extra_notes: Callable[[Dict], List[str]] = lambda row: []) -> str:
+    """KERNEL_COLUMNS of the rows (the bandwidth column only when some row has it); notes: the
+    op's backend, extra_notes(row), failures."""
     has_floor = any(r.get("bw_fraction") is not None for r in rows)
-    return format_table(rows, [c for c in KERNEL_COLUMNS if has_floor or c.key != "bw_fraction"])
+    return noted_table(rows, [c for c in KERNEL_COLUMNS if has_floor or c.key != "bw_fraction"],
+                       lambda row: backend_note(row) + extra_notes(row))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel cases: checking and timing every implementation of an op
+# ---------------------------------------------------------------------------------------------
+
+# Largest relative error (max|got - want| / max|want|) accepted against a float64 (or float32)
+# reference, by the dtype the implementation computes in: the LeViT check and the pytest-benchmark
+# suite assert it; the microbenchmarks record the error in their rows.
+REL_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -433,23 +480,34 @@ def max_rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> fl
     return max((rel_err(a, b) for a, b in zip(got, want)), default=0.0)
 
 
-def measure(row: Dict[str, object], prepare: Callable[[], Tuple[Callable[[], object], Callable]],
+def short_error(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception, for a table cell and a JSON field (full text in 'error')."""
+    text = f"{type(error).__name__}: {error}".strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    return first if len(first) <= limit else first[: limit - 3] + "..."
+
+
+def measure(row: Dict[str, object], prepare: Callable[[], Callable[[], List[torch.Tensor]]],
             want: Sequence[torch.Tensor], device: torch.device, *, quick: bool,
-            floor_bytes: Optional[int] = None, bandwidth: Optional[float] = None) -> Dict[str, object]:
+            floor_bytes: Optional[int] = None, bandwidth: Optional[float] = None,
+            peak_memory: bool = False) -> Dict[str, object]:
     """Times one implementation of a kernel benchmark into its row.
 
-    prepare() -> (run, outputs): run() is one timed call, outputs(run's result) the tensors to
-    compare with `want` (the first len(outputs) oracle tensors). The first call (which compiles,
-    for compiled peers) is reported as first_call_s and checked (max_rel_err), not timed. With a
-    bandwidth (bytes/s), floor_ms and bw_fraction say how close the time is to moving
-    floor_bytes. An exception (e.g. a peer without a backward) is recorded in row['error'].
+    prepare() -> run: run() is one timed call and returns the tensors to compare with `want` (the
+    first len(result) oracle tensors). The first call (which compiles, for compiled peers) is
+    reported as first_call_s and checked (max_rel_err), not timed. With peak_memory, peak_mb is
+    the most memory a call allocates at once. With a bandwidth (bytes/s), floor_ms and
+    bw_fraction say how close the time is to moving floor_bytes. An exception (e.g. a peer
+    without a backward) is recorded in row['error'].
     """
     try:
-        run, outputs = prepare()
+        run = prepare()
         first = {}
         row["first_call_s"] = round(time_call(lambda: first.setdefault("r", run()), device), 3)
-        got = list(outputs(first.pop("r")))
+        got = list(first.pop("r"))
         row["max_rel_err"] = max_rel_err(got, want[:len(got)])
+        if peak_memory:
+            row["peak_mb"] = peak_memory_bytes(run, device) / 2**20
         timing = benchmark_ms(run, device, quick=quick)
         row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
         if bandwidth and floor_bytes is not None:
@@ -459,120 +517,182 @@ def measure(row: Dict[str, object], prepare: Callable[[], Tuple[Callable[[], obj
         row["error"] = short_error(error, limit=2000)
         log(f"    failed: {short_error(error)}")
     if row["ms"] is not None:
-        log(f"    {row['ms']:.3f} ms (first call {row['first_call_s']:.2f} s, rel err {row['max_rel_err']:.1e})")
+        peak = f", peak {row['peak_mb']:.0f} MiB" if peak_memory else ""
+        log(f"    {row['ms']:.3f} ms{peak} (first call {row['first_call_s']:.2f} s, rel err {row['max_rel_err']:.1e})")
     return row
 
 
-def short_error(error: BaseException, limit: int = 300) -> str:
-    """The first line of an exception, for a table cell and a JSON field (full text in 'error')."""
-    text = f"{type(error).__name__}: {error}".strip()
-    first = text.splitlines()[0] if text else type(error).__name__
-    return first if len(first) <= limit else first[: limit - 3] + "..."
+def bench_kernel_cases(cases: Iterable, impls: Sequence[str], passes: Sequence[str], env: Dict[str, object], *,
+                       quick: bool, bandwidth: Optional[float] = None, peak_memory: bool = False) -> List[Dict]:
+    """Checks and times every implementation of each kernel case, for each pass: one row each.
+
+    `cases` yields a bench module's case objects (its inputs at one shape; a generator, so that one
+    case at a time holds memory), which have:
+      name, device                    for the log and the timing
+      describe()                      a line for the log (batch, shape, dtype)
+      row_fields()                    its parameters, copied into each row (case, B, shapes, dtype)
+      oracle(need_grads)              the float64 reference: [output], or the inputs' gradients
+      make_callable(impl, pass_)      one call of `impl` ("fwd" or "fwd+bwd"), returning what
+                                      oracle returns
+      backend()                       the backend the op takes for these inputs
+      floor_bytes(pass_)              (with a bandwidth) the fewest bytes the pass must move
+    """
+    rows = []
+    for case in cases:
+        log(f"case {case.name}: {case.describe()}")
+        for pass_ in passes:
+            want = case.oracle(need_grads=pass_ != "fwd")
+            for impl in impls:
+                row = make_row(env, **case.row_fields(), **{"pass": pass_}, impl=impl)
+                log(f"{case.name} {pass_:7s} {impl:14s} ...")
+
+                def prepare():
+                    if impl == "op":
+                        row["backend"] = case.backend()
+                    return case.make_callable(impl, pass_)
+
+                floor = case.floor_bytes(pass_) if bandwidth else None
+                rows.append(measure(row, prepare, want, case.device, quick=quick, floor_bytes=floor,
+                                    bandwidth=bandwidth, peak_memory=peak_memory))
+        case = want = None  # free this case's inputs and oracle before the next is made
+    return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# LeViT attention shapes (SPEC.md §1-2, 224x224 input)
-# ---------------------------------------------------------------------------------------------
+def measure_model(row: Dict[str, object], prepare: Callable[[], Callable[[], object]], device: torch.device, *,
+                  images: int, quick: bool, min_run_time: float,
+                  check: Optional[Callable[[object], None]] = None) -> Dict[str, object]:
+    """Times one end-to-end model variant into its row, as measure() does for a kernel.
+
+    prepare() -> step: step() is one timed call (an inference batch or a training step) returning
+    the model's output. The first call (which compiles, for compiled variants) is reported as
+    first_call_s and handed to check(output), which compares it and records what it finds in the
+    row; then ms, iqr_ms, runs and img_per_s = images per second. An exception (patching
+    unavailable, a compile failure) is recorded in row['error'].
+    """
+    try:
+        step = prepare()
+        first = {}
+        row["first_call_s"] = round(time_call(lambda: first.setdefault("out", step()), device), 3)
+        output = first.pop("out")
+        if check is not None:
+            check(output)
+        del output
+        timing = benchmark_ms(step, device, quick=quick, min_run_time=min_run_time)
+        row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"],
+                   img_per_s=images / (timing["ms"] / 1e3))
+        log(f"    {row['img_per_s']:.1f} img/s ({row['ms']:.1f} ms, first call {row['first_call_s']:.1f} s)")
+    except Exception as error:  # record and go on
+        row["error"] = short_error(error, limit=2000)
+        log(f"    failed: {short_error(error)}")
+    return row
 
 
-@dataclass(frozen=True)
-class AttentionShape:
-    """One distinct attention call of a LeViT model (B is chosen by the benchmark)."""
-
-    name: str  # e.g. "128s.attn14" (block attention on the 14x14 grid), "128s.shrink14-7"
-    model: str  # timm model name
-    kind: str  # "block" (Attention) or "shrink" (AttentionDownsample)
-    heads: int
-    resolution: int  # the key grid side R (keys are R x R tokens)
-    key_dim: int
-    val_dim: int
-    count: int  # how many modules of the model have this shape
-
-    @property
-    def stride(self) -> int:
-        return 1 if self.kind == "block" else 2
-
-    @property
-    def nk(self) -> int:
-        return self.resolution**2
-
-    @property
-    def nq(self) -> int:
-        side = -(-self.resolution // self.stride)
-        return side * side
-
-    @property
-    def table_size(self) -> int:
-        return self.resolution**2
-
-    def describe(self) -> str:
-        return f"H={self.heads} Nq={self.nq} Nk={self.nk} Dk={self.key_dim} Dv={self.val_dim}"
+T = TypeVar("T")
 
 
-def _levit_shapes(model: str, tag: str, heads, shrink_heads, key_dim, depth) -> List[AttentionShape]:
-    grids = (14, 7, 4)
-    shapes = []
-    for stage, (h, r) in enumerate(zip(heads, grids)):
-        if stage > 0:
-            rin = grids[stage - 1]
-            shapes.append(
-                AttentionShape(f"{tag}.shrink{rin}-{r}", model, "shrink", shrink_heads[stage - 1], rin, key_dim, 4 * key_dim, 1)
-            )
-        shapes.append(AttentionShape(f"{tag}.attn{r}", model, "block", h, r, key_dim, 2 * key_dim, depth[stage]))
-    return shapes
-
-
-# Derived from the SPEC table: heads per stage, Dk, Dv = 2 Dk; shrinks have H = C_in // Dk, Dv = 4 Dk.
-LEVIT_ATTENTION_SHAPES: Tuple[AttentionShape, ...] = tuple(
-    _levit_shapes("levit_128s", "128s", (4, 6, 8), (128 // 16, 256 // 16), 16, (2, 3, 4))
-    + _levit_shapes("levit_256", "256", (4, 6, 8), (256 // 32, 384 // 32), 32, (4, 4, 4))
-)
-
-
-def select_shapes(patterns: Optional[Sequence[str]]) -> List[AttentionShape]:
-    """Shapes whose name contains any of the patterns (all when None/empty); e.g. '128s', 'attn14'."""
+def select_by_name(items: Sequence[T], patterns: Optional[Sequence[str]]) -> List[T]:
+    """The items (shapes) whose .name contains any of the patterns; all of them when none given."""
     if not patterns:
-        return list(LEVIT_ATTENTION_SHAPES)
-    chosen = [s for s in LEVIT_ATTENTION_SHAPES if any(p in s.name for p in patterns)]
+        return list(items)
+    chosen = [item for item in items if any(p in item.name for p in patterns)]
     if not chosen:
-        names = ", ".join(s.name for s in LEVIT_ATTENTION_SHAPES)
+        names = ", ".join(item.name for item in items)
         raise SystemExit(f"no shape matches {list(patterns)}; shapes are: {names}")
     return chosen
 
 
-def levit_bias_index(resolution: int, stride: int, device=None) -> torch.Tensor:
-    """The LeViT index of a square `resolution` grid (the modules' own function, SPEC.md §1-2)."""
-    from fastvit_kernels.modules.bias_attention import levit_bias_index as index_of_grid
-
-    return index_of_grid((resolution, resolution), stride, device)
+def dtype_name(dtype: torch.dtype) -> str:
+    """'float32' for torch.float32 (how rows and logs name a dtype)."""
+    return str(dtype).replace("torch.", "")
 
 
-def verify_levit_shapes(models: Sequence[str]) -> List[str]:
-    """Compares LEVIT_ATTENTION_SHAPES (and levit_bias_index) with timm's modules; returns problems."""
-    import timm
-    from timm.models.levit import Attention, AttentionDownsample
+# ---------------------------------------------------------------------------------------------
+# The command line every benchmark module shares
+# ---------------------------------------------------------------------------------------------
 
-    problems = []
-    for model_name in models:
-        model = timm.create_model(model_name, pretrained=False)
-        found: Dict[Tuple, int] = {}
-        for name, module in model.named_modules():
-            if not isinstance(module, (Attention, AttentionDownsample)):
-                continue
-            kind = "block" if isinstance(module, Attention) else "shrink"
-            r = module.resolution[0] if isinstance(module.resolution, tuple) else module.resolution
-            key = (kind, module.num_heads, r, module.key_dim, module.val_dim)
-            found[key] = found.get(key, 0) + 1
-            idx = levit_bias_index(r, 1 if kind == "block" else module.stride)
-            if not torch.equal(idx, module.attention_bias_idxs.cpu()):
-                problems.append(f"{model_name}.{name}: bias index differs from levit_bias_index")
-        ours = {
-            (s.kind, s.heads, s.resolution, s.key_dim, s.val_dim): s.count
-            for s in LEVIT_ATTENTION_SHAPES
-            if s.model == model_name
-        }
-        if not ours:
-            problems.append(f"{model_name}: no shapes in LEVIT_ATTENTION_SHAPES")
-        elif ours != found:
-            problems.append(f"{model_name}: timm has {found}, the table has {ours}")
-    return problems
+
+def make_parser(doc: str, *, prog: Optional[str] = None, batch: Tuple[Optional[int], Optional[int]] = (None, None),
+                batch_help: Optional[str] = None, dtype_help: Optional[str] = None,
+                quick_help: str = "short timings", impls: Sequence[str] = (),
+                passes: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """An ArgumentParser (described by the first paragraph of `doc`) with the options every
+    benchmark has: --device, --dtype, --batch, --quick, --out; and, when the benchmark names its
+    implementations and passes, --impls and --passes (a subset of those; default all).
+    `batch` = (default on CPU, default on CUDA) is only shown here; start() applies it."""
+    if batch_help is None:
+        cpu, cuda = batch
+        batch_help = f"images per batch (default {cpu})" if cpu == cuda else f"default: {cpu} on CPU, {cuda} on CUDA"
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help=dtype_help or "default: float32 on CPU, float16 on CUDA")
+    parser.add_argument("--batch", type=int, help=batch_help)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path,
+                        help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json of the checkout)")
+    if impls:
+        parser.add_argument("--impls", nargs="+", choices=impls, default=list(impls))
+    if passes:
+        parser.add_argument("--passes", nargs="+", choices=passes, default=list(passes))
+    return parser
+
+
+@dataclass
+class Context:
+    """A benchmark run: the parsed options and what they resolve to on this machine."""
+
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    batch: Optional[int]  # --batch, else the benchmark's default for the device
+    env: Dict[str, object]  # environment(device); benchmarks may add to it (copy bandwidth, ...)
+    json_extra: Dict[str, object] = field(default_factory=dict)  # more top-level keys of the JSON file
+
+    @property
+    def quick(self) -> bool:
+        return self.args.quick
+
+
+def start(args: argparse.Namespace, batch: Tuple[Optional[int], Optional[int]] = (None, None)) -> Context:
+    """Resolves --device (cuda if available), --dtype (float16 on CUDA, float32 on CPU) and --batch
+    (`batch` = (default on CPU, default on CUDA)), and records the environment."""
+    device = resolve_device(args.device)
+    on_cuda = device.type == "cuda"
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if on_cuda else torch.float32)
+    return Context(args, device, dtype, args.batch or batch[on_cuda], environment(device))
+
+
+def write_results(ctx: Context, name: str, rows: List[Dict[str, object]], **meta) -> Optional[Path]:
+    """Writes the JSON file (--out, else benchmarks/results/<name>_<device kind>_<date>.json of the
+    checkout; outside a checkout without --out, none) and says where."""
+    out = ctx.args.out
+    if out is None and (REPO_ROOT / "benchmarks").is_dir():
+        out = default_out_path(name, ctx.env)
+    if out is None:
+        print("no JSON written (not run from a checkout; --out PATH writes one)")
+        return None
+    path = write_json(out, ctx.env, rows, **meta)
+    print(f"wrote {path}")
+    return path
+
+
+def main(argv: Optional[Sequence[str]], doc: str, *, name: str,
+         run: Callable[[Context], List[Dict[str, object]]],
+         report: Callable[[List[Dict[str, object]], Context], str],
+         add_options: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+         batch: Tuple[Optional[int], Optional[int]] = (None, None), batch_help: Optional[str] = None,
+         dtype_help: Optional[str] = None, quick_help: str = "short timings",
+         impls: Sequence[str] = (), passes: Sequence[str] = ()) -> int:
+    """The command line of a benchmark module: parse the common options (make_parser) and the
+    module's own (add_options), print the environment, rows = run(ctx), print the environment and
+    report(rows, ctx) (the tables), write the JSON file (named after `name`, plus ctx.json_extra)."""
+    parser = make_parser(doc, batch=batch, batch_help=batch_help, dtype_help=dtype_help, quick_help=quick_help,
+                         impls=impls, passes=passes)
+    if add_options is not None:
+        add_options(parser)
+    ctx = start(parser.parse_args(argv), batch)
+    print(describe_env(ctx.env), file=sys.stderr)
+    rows = run(ctx)
+    print(describe_env(ctx.env))
+    print(report(rows, ctx))
+    write_results(ctx, name, rows, **ctx.json_extra)
+    return 0

@@ -1,8 +1,5 @@
 """Microbenchmark of `fastvit_kernels.ops.qna_attention` at the QnA-ViT tiny shapes.
 
-Lives in the package so that `python -m fastvit_kernels.bench` can run it from an installed
-package; `benchmarks/bench_qna.py` is its command line.
-
 For each QnA layer shape of QnA-ViT tiny at 224x224 (56x56, 28x28 and 14x14 tokens, the three
 strided layers, each with k = 3 and k = 7) and each pass (forward; forward+backward), all
 implementations are timed in the same run:
@@ -27,22 +24,20 @@ gradients of the projection buffer, rpe and attn_scale with torch.autograd.grad.
 the most bytes allocated at once during a pass beyond its inputs (CPU: the allocator's running
 total from the PyTorch profiler, C++ scratch included; CUDA: max_memory_allocated).
 
-    python benchmarks/bench_qna.py --quick
-    python benchmarks/bench_qna.py --shapes s0 --kernel-sizes 3 --passes fwd
+    python -m fastvit_kernels.bench.qna_attention --quick
+    python -m fastvit_kernels.bench.qna_attention --shapes s0 --kernel-sizes 3 --passes fwd
 """
 
-import argparse
 import contextlib
 import copy
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as common
+from fastvit_kernels.bench import common
 from fastvit_kernels.ops import qna_attention
 from fastvit_kernels.ops.qna_attention import select_backend
 from fastvit_kernels.reference import qna_attention as reference
@@ -51,7 +46,6 @@ IMPLS = ("op", "unfold", "conv", "compile-unfold", "compile-conv")
 PASSES = ("fwd", "fwd+bwd")
 KERNEL_SIZES = (3, 7)
 QUICK_SHAPES = ("s0.qna",)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Each case compiles new graphs; never fall back to eager silently, never use dynamic shapes.
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
@@ -78,7 +72,8 @@ class QnaShape:
                 f"k={k} s={self.stride}")
 
 
-# SPEC.md §3: C = 64/128/256 with 8/16/32 heads of d = 8; each strided layer doubles C and heads.
+# docs/qna_attention.md, "Shapes in real models": C = 64/128/256 with 8/16/32 heads of d = 8;
+# each strided layer doubles C and heads.
 QNA_VIT_TINY_SHAPES = (
     QnaShape("s0.qna", 56, 8, 8, 1),
     QnaShape("s0.down", 56, 16, 8, 2),
@@ -90,18 +85,23 @@ QNA_VIT_TINY_SHAPES = (
 
 
 def select_shapes(patterns: Optional[Sequence[str]]) -> List[QnaShape]:
-    if not patterns:
-        return list(QNA_VIT_TINY_SHAPES)
-    chosen = [s for s in QNA_VIT_TINY_SHAPES if any(p in s.name for p in patterns)]
-    if not chosen:
-        raise SystemExit(f"no shape matches {list(patterns)}; shapes are: "
-                         + ", ".join(s.name for s in QNA_VIT_TINY_SHAPES))
-    return chosen
+    return common.select_by_name(QNA_VIT_TINY_SHAPES, patterns)
 
 
 # ---------------------------------------------------------------------------------------------
-# Inputs
+# Inputs (cases for common.bench_kernel_cases; Case also for the pytest-benchmark suite)
 # ---------------------------------------------------------------------------------------------
+
+
+def _describe(case) -> str:
+    return (f"{case.level} level, B={case.batch} {case.shape.describe(case.k)} "
+            f"{common.dtype_name(case.dtype)}")
+
+
+def _row_fields(case) -> Dict[str, object]:
+    s = case.shape
+    return dict(level=case.level, case=case.name, shape=s.name, k=case.k, stride=s.stride, B=case.batch,
+                side=s.side, heads=s.heads, head_dim=s.head_dim, Q=s.queries, dtype=common.dtype_name(case.dtype))
 
 
 class Case:
@@ -123,6 +123,12 @@ class Case:
         out_side = reference.output_size(s.side, k, s.stride)
         self.grad_out = randn(batch, out_side, out_side, s.features)
         self.name = f"{s.name}.k{k}"
+
+    def describe(self) -> str:
+        return _describe(self)
+
+    def row_fields(self) -> Dict[str, object]:
+        return _row_fields(self)
 
     def views(self, projection: torch.Tensor):
         """(cost, v) as strided views of the projection buffer, as the QnA module makes them."""
@@ -188,6 +194,12 @@ class LayerCase:
         out_side = reference.output_size(s.side, k, s.stride)
         self.grad_out = torch.randn(batch, out_side, out_side, s.features, device=device, dtype=dtype)
         self.name = f"{s.name}.k{k}"
+
+    def describe(self) -> str:
+        return _describe(self)
+
+    def row_fields(self) -> Dict[str, object]:
+        return _row_fields(self)
 
     def backend(self) -> str:
         m, s = self.module, self.shape
@@ -299,39 +311,6 @@ def qna_attention_swapped(impl: str):
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_case(case, impls: Sequence[str], passes: Sequence[str], env: Dict, quick: bool) -> List[Dict]:
-    """Times every implementation of one Case or LayerCase, both passes, checking each result."""
-    s = case.shape
-    rows = []
-    for pass_ in passes:
-        want = case.oracle(need_grads=(pass_ != "fwd"))
-        for impl in impls:
-            row = common.make_row(
-                env, level=case.level, case=case.name, shape=s.name, k=case.k, stride=s.stride, B=case.batch,
-                side=s.side, heads=s.heads, head_dim=s.head_dim, Q=s.queries,
-                dtype=str(case.dtype).replace("torch.", ""), **{"pass": pass_}, impl=impl,
-            )
-            common.log(f"{case.level} {case.name} {pass_:7s} {impl:14s} ...")
-            try:
-                if impl == "op":
-                    row["backend"] = case.backend()
-                run = case.make_callable(impl, pass_)
-                first = {}
-                row["first_call_s"] = round(common.time_call(lambda: first.setdefault("r", run()), case.device), 3)
-                row["max_rel_err"] = common.max_rel_err(first.pop("r"), want)
-                row["peak_mb"] = common.peak_memory_bytes(run, case.device) / 2**20
-                timing = common.benchmark_ms(run, case.device, quick=quick)
-                row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"])
-            except Exception as error:  # record and go on
-                row["error"] = common.short_error(error, limit=2000)
-                common.log(f"    failed: {common.short_error(error)}")
-            rows.append(row)
-            if row["ms"] is not None:
-                common.log(f"    {row['ms']:.3f} ms, peak {row['peak_mb']:.0f} MiB "
-                           f"(first call {row['first_call_s']:.2f} s, rel err {row['max_rel_err']:.1e})")
-    return rows
-
-
 GROUP = ("level", "case", "pass")
 
 
@@ -350,15 +329,9 @@ def run(shapes: Sequence[QnaShape], *, kernel_sizes: Sequence[int], batch: int, 
         device: torch.device, env: Dict, quick: bool = False, impls: Sequence[str] = IMPLS,
         passes: Sequence[str] = PASSES, levels: Sequence[str] = ("op",)) -> List[Dict]:
     """Benchmarks every (level, shape, k); rows get `ref_speedup` = this impl's time / the op's."""
-    rows = []
-    for level in levels:
-        for k in kernel_sizes:
-            for shape in shapes:
-                common.log(f"{level} {shape.name}.k{k}: B={batch} {shape.describe(k)} "
-                           f"{str(dtype).replace('torch.', '')}")
-                case = LEVELS[level](shape, k, batch, dtype, device)
-                rows += bench_case(case, impls, passes, env, quick)
-                del case
+    cases = (LEVELS[level](shape, k, batch, dtype, device)
+             for level in levels for k in kernel_sizes for shape in shapes)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, peak_memory=True)
     common.add_ratios(rows, "op", group_keys=GROUP)
     add_memory_ratios(rows)
     return rows
@@ -421,54 +394,46 @@ SUMMARY_COLUMNS = [
 
 
 def table(rows: List[Dict]) -> str:
-    for row in rows:
-        notes = []
-        if row.get("backend"):
-            notes.append(f"backend={row['backend']}")
-        if row.get("error"):
-            notes.append(f"n/a: {row['error'][:160]}")
-        row["note"] = "; ".join(notes)
-    return common.format_table(rows, COLUMNS)
+    return common.noted_table(rows, COLUMNS, common.backend_note)
 
 
 def summary_table(rows: List[Dict]) -> str:
     return common.format_table(summarize(rows), SUMMARY_COLUMNS)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="default: float32 on CPU, float16 on CUDA")
-    parser.add_argument("--batch", type=int, help="default: 32 on CPU, 128 on CUDA")
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_options(parser) -> None:
     parser.add_argument("--shapes", nargs="+", help="names or substrings, e.g. s0 down "
                         f"(all: {' '.join(s.name for s in QNA_VIT_TINY_SHAPES)})")
     parser.add_argument("--kernel-sizes", nargs="+", type=int, default=list(KERNEL_SIZES))
     parser.add_argument("--level", choices=("op", "layer", "both"), default="both",
                         help="the op alone, the whole QnA layer (projection, attention, to_out), or both")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--quick", action="store_true", help=f"shapes {' '.join(QUICK_SHAPES)}, k=3, short timings")
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json)")
-    args = parser.parse_args(argv)
 
-    device = common.resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    batch = args.batch or (128 if device.type == "cuda" else 32)
+
+def run_from_args(ctx: common.Context) -> List[Dict]:
+    args = ctx.args
     shapes = select_shapes(args.shapes or (QUICK_SHAPES if args.quick else None))
     kernel_sizes = [3] if args.quick and args.kernel_sizes == list(KERNEL_SIZES) else args.kernel_sizes
-    env = common.environment(device)
-    print(common.describe_env(env), file=sys.stderr)
-    rows = run(shapes, kernel_sizes=kernel_sizes, batch=batch, dtype=dtype, device=device, env=env,
-               quick=args.quick, impls=args.impls, passes=args.passes,
+    rows = run(shapes, kernel_sizes=kernel_sizes, batch=ctx.batch, dtype=ctx.dtype, device=ctx.device,
+               env=ctx.env, quick=ctx.quick, impls=args.impls, passes=args.passes,
                levels=("op", "layer") if args.level == "both" else (args.level,))
-    print(common.describe_env(env))
-    print(table(rows))
-    print()
-    print(summary_table(rows))
-    path = common.write_json(args.out or common.default_out_path("bench_qna", env), env, rows,
-                             summary=summarize(rows))
-    print(f"wrote {path}")
+    ctx.json_extra["summary"] = summarize(rows)
+    return rows
+
+
+def report(rows: List[Dict], ctx: common.Context) -> str:
+    return table(rows) + "\n\n" + summary_table(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return common.main(argv, __doc__, name="bench_qna", batch=(32, 128), impls=IMPLS, passes=PASSES,
+                       add_options=add_options, run=run_from_args, report=report,
+                       quick_help=f"shapes {' '.join(QUICK_SHAPES)}, k=3, short timings")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,5 @@
 """End-to-end QnA-ViT images/s: the model as shipped against the same model in plain PyTorch.
 
-Lives in the package so that `python -m fastvit_kernels.bench` can run it from an installed
-package; `benchmarks/bench_qna_vit.py` is its command line.
-
 Variants of one randomly initialised model (same weights), inference (eval, inference_mode) and a
 training step (forward, cross-entropy, backward, SGD step):
 
@@ -17,22 +14,20 @@ training step (forward, cross-entropy, backward, SGD step):
 
 Each variant's output is compared with the float64 `unfold` model before it is timed.
 
-    python benchmarks/bench_qna_vit.py --quick
-    python benchmarks/bench_qna_vit.py --model qna_vit_tiny_7x7 --passes infer
+    python -m fastvit_kernels.bench.qna_vit --quick
+    python -m fastvit_kernels.bench.qna_vit --model qna_vit_tiny_7x7 --passes infer
 """
 
-import argparse
 import contextlib
 import copy
 import sys
-from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as common
-from fastvit_kernels._bench_qna_attention import qna_attention_swapped
+from fastvit_kernels.bench import common
+from fastvit_kernels.bench.qna_attention import qna_attention_swapped
 from fastvit_kernels.reference import bias_attention as bias_reference
 
 IMPLS = ("fused", "unfold", "conv", "compile-unfold", "compile-conv", "compile-fused")
@@ -75,8 +70,8 @@ def build(model_name: str, device: torch.device, seed: int = 0) -> torch.nn.Modu
     return model.to(device)
 
 
-def bench(model_name: str, *, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool,
-          impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES) -> List[Dict]:
+def run(model_name: str, *, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool,
+        impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES) -> List[Dict]:
     base = build(model_name, device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 3, 224, 224, generator=g).to(device)
@@ -88,42 +83,40 @@ def bench(model_name: str, *, batch: int, dtype: torch.dtype, device: torch.devi
     for pass_ in passes:
         for impl in impls:
             row = common.make_row(env, case=model_name, **{"pass": pass_}, impl=impl, B=batch,
-                                  dtype=str(dtype).replace("torch.", ""))
+                                  dtype=common.dtype_name(dtype))
             common.log(f"{model_name} {pass_} {impl} (batch {batch}) ...")
             compiled = impl.startswith("compile-")
             formulation = impl[len("compile-"):] if compiled else impl
-            try:
+
+            def prepare():
                 model = copy.deepcopy(base).train(pass_ == "train")
                 runnable = torch.compile(model, dynamic=False) if compiled else model
                 if pass_ == "infer":
 
-                    def run():
+                    def step():
                         with torch.inference_mode(), autocast, plain_pytorch(formulation):
                             return runnable(x)
-                else:
-                    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
-                    def run():
-                        opt.zero_grad(set_to_none=True)
-                        with autocast, plain_pytorch(formulation):
-                            out = runnable(x)
-                            loss = F.cross_entropy(out.float(), labels)
-                        loss.backward()
-                        opt.step()
-                        return out
+                    return step
+                opt = torch.optim.SGD(model.parameters(), lr=1e-4)
 
-                first = {}
-                row["first_call_s"] = round(common.time_call(lambda: first.setdefault("out", run()), device), 3)
+                def step():
+                    opt.zero_grad(set_to_none=True)
+                    with autocast, plain_pytorch(formulation):
+                        out = runnable(x)
+                        loss = F.cross_entropy(out.float(), labels)
+                    loss.backward()
+                    opt.step()
+                    return out
+
+                return step
+
+            def check(out):
                 if pass_ == "infer":  # train mode has drop path: outputs are random
-                    row["max_rel_err"] = common.rel_err(first.pop("out").float(), oracle)
-                timing = common.benchmark_ms(run, device, quick=quick, min_run_time=1.0 if quick else 3.0)
-                row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"],
-                           img_per_s=batch / (timing["ms"] / 1e3))
-                common.log(f"    {row['img_per_s']:.1f} img/s ({row['ms']:.1f} ms, first call {row['first_call_s']:.1f} s)")
-            except Exception as error:  # record and go on
-                row["error"] = common.short_error(error, limit=2000)
-                common.log(f"    failed: {common.short_error(error)}")
-            rows.append(row)
+                    row["max_rel_err"] = common.rel_err(out.float(), oracle)
+
+            rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
+                                             min_run_time=1.0 if quick else 3.0, check=check))
     common.add_ratios(rows, "fused")
     return rows
 
@@ -142,36 +135,33 @@ COLUMNS = [
 
 
 def table(rows: List[Dict]) -> str:
-    for row in rows:
-        row["note"] = f"n/a: {row['error'][:160]}" if row.get("error") else ""
-    return common.format_table(rows, COLUMNS)
+    return common.noted_table(rows, COLUMNS)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_options(parser) -> None:
     parser.add_argument("--model", choices=MODELS, default="qna_vit_tiny")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"),
-                        help="default: float32 on CPU, float16 (autocast) on CUDA")
-    parser.add_argument("--batch", type=int, help="default: 32 on CPU, 256 on CUDA")
-    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--quick", action="store_true", help="short timings")
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json)")
-    args = parser.parse_args(argv)
 
-    device = common.resolve_device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    batch = args.batch or (256 if device.type == "cuda" else 32)
-    env = common.environment(device)
-    print(common.describe_env(env), file=sys.stderr)
-    rows = bench(args.model, batch=batch, dtype=dtype, device=device, env=env, quick=args.quick,
-                 impls=args.impls, passes=args.passes)
-    print(common.describe_env(env))
-    print(table(rows))
-    path = common.write_json(args.out or common.default_out_path("bench_qna_vit", env), env, rows)
-    print(f"wrote {path}")
+
+def run_from_args(ctx: common.Context) -> List[Dict]:
+    args = ctx.args
+    return run(args.model, batch=ctx.batch, dtype=ctx.dtype, device=ctx.device, env=ctx.env, quick=ctx.quick,
+               impls=args.impls, passes=args.passes)
+
+
+def report(rows: List[Dict], ctx: common.Context) -> str:
+    return table(rows)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return common.main(argv, __doc__, name="bench_qna_vit", batch=(32, 256), impls=IMPLS, passes=PASSES,
+                       add_options=add_options, run=run_from_args, report=report,
+                       dtype_help="default: float32 on CPU, float16 (autocast) on CUDA")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,12 @@
-"""End-to-end DynamicViT-S against DeiT-S: images/s for inference and a training step.
+"""DynamicViT benchmarks: its attention ops at DeiT-S shapes and DynamicViT-S vs DeiT-S images/s.
 
-Lives in the package so that `python -m fastvit_kernels.bench` can run it from an installed
-package; `benchmarks/bench_dynamicvit.py --level model` is its command line.
+  --level ops    policy_attention (fastvit_kernels/bench/policy_attention.py) at keep ratios 1.0,
+                 0.7, 0.343 and varlen_attention (fastvit_kernels/bench/varlen_attention.py),
+                 against their peers, in one table
+  --level model  end to end, below (this module)
+  --level all    both (the default)
 
-One randomly initialised DeiT-S (timm `deit_small_patch16_224`) and a DynamicViT-S with the same
+End to end: one randomly initialised DeiT-S (timm `deit_small_patch16_224`) and a DynamicViT-S with the same
 backbone weights (`load_backbone`). The score predictors are random; their last layer is drawn
 4x wider than the default init so that keep probabilities spread out as a trained predictor's do
 (the default init gives every token ~0.5, and a threshold then keeps all or nothing). Variants:
@@ -24,15 +27,18 @@ Inference runs in eval mode under torch.inference_mode; a training step is forwa
 on the logits (plus DynamicViT's keep-ratio loss for DynamicViT), backward. Rows carry images/s
 and `x deit_s` = this variant's images/s / DeiT-S's at the same batch and pass.
 
-    python benchmarks/bench_dynamicvit.py --level model --quick
+    python -m fastvit_kernels.bench.dynamic_vit --quick
+    python -m fastvit_kernels.bench.dynamic_vit --level model --quick
+    python -m fastvit_kernels.bench.dynamic_vit --level ops --keeps 0.7 --passes fwd+bwd
 """
 
-from typing import Dict, List, Sequence
+import sys
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from fastvit_kernels import _bench_utils as common
+from fastvit_kernels.bench import common, policy_attention, varlen_attention
 
 INFER_IMPLS = ("deit_s", "deit_s.compile", "dyvit.topk", "dyvit.threshold")
 TRAIN_IMPLS = ("deit_s", "dyvit.plain", "dyvit.fused")
@@ -152,26 +158,22 @@ def run(*, batches: Sequence[int], dtype: torch.dtype, device: torch.device, env
             images = torch.randn(batch, 3, 224, 224, generator=g).to(device, dtype)
             labels = torch.randint(0, 1000, (batch,), generator=g).to(device)
             for impl in impls:
-                row = common.make_row(env, case=f"B{batch}", B=batch, dtype=str(dtype).replace("torch.", ""),
+                row = common.make_row(env, case=f"B{batch}", B=batch, dtype=common.dtype_name(dtype),
                                       **{"pass": pass_}, impl=impl)
                 common.log(f"{pass_} B={batch} {impl} ...")
-                try:
-                    make = _infer_callable if pass_ == "infer" else _train_callable
-                    fn = (make(impl, deit, dyvit, images, threshold) if pass_ == "infer"
-                          else make(impl, deit, dyvit, images, labels))
-                    row["first_call_s"] = round(common.time_call(fn, device), 3)
-                    timing = common.benchmark_ms(fn, device, quick=quick, min_run_time=0.5 if quick else 3.0)
-                    row.update(ms=timing["ms"], iqr_ms=timing["iqr_ms"], runs=timing["runs"],
-                               img_per_s=batch / (timing["ms"] / 1e3))
+
+                def prepare():
+                    if pass_ == "infer":
+                        return _infer_callable(impl, deit, dyvit, images, threshold)
+                    return _train_callable(impl, deit, dyvit, images, labels)
+
+                def check(out):
                     if impl == "dyvit.threshold":
                         row["threshold"] = threshold
                         row["mean_tokens_last_stage"] = round(mean_last_stage_tokens(dyvit, images, threshold), 1)
-                except Exception as error:  # record and go on
-                    row["error"] = common.short_error(error, limit=2000)
-                    common.log(f"    failed: {common.short_error(error)}")
-                rows.append(row)
-                if row["ms"] is not None:
-                    common.log(f"    {row['ms']:.2f} ms, {row['img_per_s']:.1f} img/s")
+
+                rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
+                                                 min_run_time=0.5 if quick else 3.0, check=check))
     _add_deit_ratios(rows)
     return rows
 
@@ -195,61 +197,75 @@ COLUMNS = [
 
 
 def table(rows: List[Dict]) -> str:
-    for row in rows:
-        notes = []
-        if row.get("mean_tokens_last_stage") is not None:
-            notes.append(f"mean tokens after the last stage {row['mean_tokens_last_stage']}")
-        if row.get("error"):
-            notes.append(f"n/a: {row['error'][:160]}")
-        row["note"] = "; ".join(notes)
-    return common.format_table(rows, COLUMNS)
+    return common.noted_table(rows, COLUMNS, lambda row: (
+        [f"mean tokens after the last stage {row['mean_tokens_last_stage']}"]
+        if row.get("mean_tokens_last_stage") is not None else []))
 
 
-def main(argv=None) -> None:
-    import argparse
-    import sys
-    from pathlib import Path
+# ---------------------------------------------------------------------------------------------
+# The attention ops (--level ops), as one table
+# ---------------------------------------------------------------------------------------------
 
-    from fastvit_kernels import _bench_dynamic_vit_attention as attention
 
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    parser = argparse.ArgumentParser(description="DynamicViT benchmarks: the attention ops at DeiT-S shapes "
-                                                 "and DynamicViT-S vs DeiT-S images/s")
+def run_ops(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool = False,
+            keeps: Sequence[float] = policy_attention.KEEP_RATIOS,
+            policy_impls: Sequence[str] = policy_attention.IMPLS, passes: Sequence[str] = policy_attention.PASSES,
+            varlen_passes: Sequence[str] = ("fwd",)) -> List[Dict]:
+    """policy_attention rows (`passes`) followed by varlen_attention rows (`varlen_passes`)."""
+    rows = policy_attention.run(batch=batch, dtype=dtype, device=device, env=env, quick=quick, keeps=keeps,
+                                impls=policy_impls, passes=passes)
+    return rows + varlen_attention.run(batch=batch, dtype=dtype, device=device, env=env, quick=quick,
+                                       passes=varlen_passes)
+
+
+def ops_table(rows: List[Dict]) -> str:
+    return policy_attention.table(rows)  # its notes (sdpa) and the kernel table fit the varlen rows too
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_options(parser) -> None:
     parser.add_argument("--level", choices=("ops", "model", "all"), default="all")
-    parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda if available)")
-    parser.add_argument("--dtype", choices=sorted(dtypes), help="default: float32 on CPU, float16 on CUDA")
-    parser.add_argument("--batch", type=int, help="images per batch of the op benchmarks (default 64; 256 on CUDA)")
     parser.add_argument("--model-batches", type=int, nargs="+", default=[1, 64], help="inference batches (default 1 64)")
     parser.add_argument("--train-batch", type=int, default=64, help="training-step batch (default 64)")
-    parser.add_argument("--keeps", type=float, nargs="+", default=list(attention.KEEP_RATIOS))
-    parser.add_argument("--passes", nargs="+", choices=attention.PASSES, default=list(attention.PASSES),
+    parser.add_argument("--keeps", type=float, nargs="+", default=list(policy_attention.KEEP_RATIOS))
+    parser.add_argument("--passes", nargs="+", choices=policy_attention.PASSES, default=list(policy_attention.PASSES),
                         help="policy_attention passes")
     parser.add_argument("--model-passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
-    parser.add_argument("--quick", action="store_true", help="short timings")
-    parser.add_argument("--out", type=Path, help="JSON path (default: benchmarks/results/<name>_<device>_<date>.json)")
-    args = parser.parse_args(argv)
 
-    device = common.resolve_device(args.device)
-    dtype = dtypes[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    env = common.environment(device)
-    print(common.describe_env(env), file=sys.stderr)
+
+def run_from_args(ctx: common.Context) -> List[Dict]:
+    args = ctx.args
     rows = []
     if args.level in ("ops", "all"):
-        impls = [i for i in attention.POLICY_IMPLS if not (args.no_compile and i == "compile")]
-        op_rows = attention.run(batch=args.batch or (256 if device.type == "cuda" else 64), dtype=dtype,
-                                device=device, env=env, quick=args.quick, keeps=args.keeps,
-                                policy_impls=impls, passes=args.passes, varlen_passes=("fwd", "fwd+bwd"))
-        rows += op_rows
+        impls = [i for i in policy_attention.IMPLS if not (args.no_compile and i == "compile")]
+        rows += run_ops(batch=ctx.batch, dtype=ctx.dtype, device=ctx.device, env=ctx.env, quick=ctx.quick,
+                        keeps=args.keeps, policy_impls=impls, passes=args.passes, varlen_passes=("fwd", "fwd+bwd"))
     if args.level in ("model", "all"):
         impls = [i for i in INFER_IMPLS if not (args.no_compile and i.endswith("compile"))]
-        model_rows = run(batches=args.model_batches, dtype=dtype, device=device, env=env, quick=args.quick,
-                         passes=args.model_passes, infer_impls=impls, train_batch=args.train_batch)
-        rows += model_rows
-    print(common.describe_env(env))
-    if args.level in ("ops", "all"):
-        print(attention.table(op_rows))
-    if args.level in ("model", "all"):
-        print(table(model_rows))
-    path = common.write_json(args.out or common.default_out_path("bench_dynamicvit", env), env, rows)
-    print(f"wrote {path}")
+        rows += run(batches=args.model_batches, dtype=ctx.dtype, device=ctx.device, env=ctx.env, quick=ctx.quick,
+                    passes=args.model_passes, infer_impls=impls, train_batch=args.train_batch)
+    return rows
+
+
+def report(rows: List[Dict], ctx: common.Context) -> str:
+    """The ops' table and the model table (model rows are those without an `op` field)."""
+    op_rows = [r for r in rows if r.get("op")]
+    model_rows = [r for r in rows if not r.get("op")]
+    tables = [ops_table(op_rows)] if ctx.args.level in ("ops", "all") else []
+    tables += [table(model_rows)] if ctx.args.level in ("model", "all") else []
+    return "\n".join(tables)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return common.main(argv, __doc__, name="bench_dynamicvit", batch=(64, 256), add_options=add_options,
+                       run=run_from_args, report=report,
+                       batch_help="images per batch of the op benchmarks (default 64; 256 on CUDA)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
