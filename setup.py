@@ -119,9 +119,9 @@ setup(
     description="Fused kernels for efficient vision transformers (LeViT attention and more)",
     packages=find_packages(include=["fastvit_kernels*"]),
     python_requires=">=3.10",
-    install_requires=["torch", "numpy", "ninja", "pybind11"],
+    install_requires=["torch"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "timm", "torchvision", "triton"],
+        "test": ["pytest", "pytest-benchmark", "timm", "torchvision", "triton", "numpy"],
         "triton": ["triton"],
         "timm": ["timm", "torchvision"],
     },
