@@ -26,14 +26,6 @@
 
 namespace {
 
-bool cuda_built() {
-#if defined(FVK_WITH_CUDA)
-  return true;
-#else
-  return false;
-#endif
-}
-
 std::vector<std::string> split_commas(const std::string& s) {
   std::vector<std::string> out;
   size_t start = 0;
@@ -69,7 +61,6 @@ py::dict build_info() {
   info["torch_version"] = std::string(TORCH_VERSION);
 #endif
   info["compiled_isas"] = fastvit_kernels::cpu::compiled_isas();
-  info["cuda"] = cuda_built();
   return info;
 }
 
@@ -77,7 +68,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace fc = fastvit_kernels::cpu;
-  m.doc() = "fastvit_kernels native kernels (CPU; CUDA not built yet)";
+  m.doc() = "fastvit_kernels native CPU kernels";
 
   // ---- ops (contract: fastvit_kernels/reference/<op>.py) ----
   m.def("bias_attention_forward", &fc::bias_attention_forward, py::arg("q"), py::arg("k"),
@@ -138,6 +129,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_isa", &fc::set_cpu_isa, py::arg("name"),
         "Force the CPU ISA ('avx512', 'avx2', 'scalar'), or 'auto' to restore the default; "
         "overrides FASTVIT_KERNELS_CPU_ISA");
-  m.def("cuda_built", &cuda_built, "Whether CUDA kernels were built into this module");
   m.def("build_info", &build_info, "Compiler, flags and ISAs of this build");
 }
