@@ -19,11 +19,15 @@ import sys
 from setuptools import find_packages, setup
 
 # Flags of every native source. No -march: the ISA-specific kernels pick their instructions with
-# `#pragma GCC target` and are chosen at run time (csrc/cpu/isa.cpp), so one wheel runs on any
+# `#pragma GCC target` and are chosen at run time (csrc/isa/isa.cpp), so one wheel runs on any
 # x86-64. -fopenmp makes at::parallel_for (OpenMP backend, inline in ATen's headers) parallel;
 # the libgomp.so.1 it links is the one torch already loaded.
 # -g0: no debug info (setuptools adds -g; it makes the module 20x larger and the build slower).
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
+# --param=inline-unit-growth=100: GCC stops inlining once a translation unit has grown by this
+# percentage (40 by default). Each csrc/isa/ unit holds every op's kernels and needs about 70;
+# with the default, vexp / vlog stop being inlined into the kernels' loops (which never happened
+# while each op had its own units, and changes the kernels' rounding through FMA contraction).
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "--param=inline-unit-growth=100"]
 LINK_FLAGS = ["-fopenmp"]
 
 
@@ -79,7 +83,10 @@ def native_build():
             warn_no_native(f"building {name} failed: {type(exc).__name__}: {first_line}")
 
     defines = ["-DFVK_BUILD_SYSTEM=setuptools", "-DFVK_CXX_FLAGS=" + ",".join(CXX_FLAGS)]
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # One unit per ISA with every op's kernels (csrc/isa/), the ops (csrc/ops/), the module. The
+    # ISA units come first: they are the longest compiles, and ninja starts jobs in this order.
+    sources = (sorted(glob.glob("csrc/isa/*.cpp")) + sorted(glob.glob("csrc/ops/*.cpp"))
+               + ["csrc/module.cpp"])
     ext = CppExtension(
         name="fastvit_kernels._C",
         sources=sources,

@@ -290,7 +290,7 @@ class _CpuKernels:
     @staticmethod
     def forward(q, k, v, table, index, scale, activation, save_pre_activation):
         return tuple(
-            _native.native.bias_attention_forward(
+            _native.kernel("bias_attention_forward")(
                 q, k, v, table, index, scale, activation or "none", save_pre_activation
             )
         )
@@ -298,7 +298,7 @@ class _CpuKernels:
     @staticmethod
     def backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation):
         return tuple(
-            _native.native.bias_attention_backward(
+            _native.kernel("bias_attention_backward")(
                 grad_out, q, k, v, table, index, o_pre, lse, scale, activation or "none"
             )
         )
