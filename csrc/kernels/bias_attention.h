@@ -2,7 +2,8 @@
 // over the vocabulary of simd.h. The kernels see only BiasAttention{Fwd,Bwd}Args: raw pointers,
 // element strides, sizes.
 //
-// Math (docs/bias_attention.md, "Definition" and "Backward"), fp32 accumulation and softmax statistics for every element type:
+// Math (docs/bias_attention.md, "Definition" and "Backward"), fp32 accumulation and softmax
+// statistics for every element type:
 //   S = q k^T * scale + bias,  P = softmax_j(S),  O = P v,  out = act(O),  lse = log sum_j exp(S)
 // Backward: dO' = dout * act'(O), delta_i = dO'_i . O_i, dP = dO' v^T, dS = P * (dP - delta),
 //   dq = dS k * scale, dk = dS^T q * scale, dv = P^T dO', dtable[h, index[i, j]] += dS[i, j].
@@ -10,8 +11,8 @@
 // Every product goes through the shared micro-kernel gemm() of attention_gemm.h, on operands
 // packed into fp32 scratch; k/v are repacked only when a thread moves to another (b, h).
 //
-// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data,
-// no torch, no intrinsics), which ops/bias_attention.cpp fills; and the kernel, compiled only where
+// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data, no
+// torch, no intrinsics) and filled by ops/bias_attention.cpp; and the kernel, compiled only where
 // isa/kernels.inc includes this header again inside an ISA namespace and target region
 // (FVK_KERNEL_BODIES), after simd.h, kernel_common.h and attention_gemm.h.
 

@@ -19,8 +19,8 @@
 // the same sequence of operations whatever the block split, so results do not depend on the
 // thread count. Vector tails (C not a multiple of the vector width) go through a padded buffer.
 //
-// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data,
-// no torch, no intrinsics), which ops/ggem_pool.cpp fills; and the kernel, compiled only where
+// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data, no
+// torch, no intrinsics) and filled by ops/ggem_pool.cpp; and the kernel, compiled only where
 // isa/kernels.inc includes this header again inside an ISA namespace and target region
 // (FVK_KERNEL_BODIES), after simd.h, kernel_common.h and attention_gemm.h.
 

@@ -15,8 +15,8 @@
 // column lies beyond Ncp. All products go through the shared micro-kernel gemm() of
 // attention_gemm.h, on operands packed into fp32 scratch.
 //
-// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data,
-// no torch, no intrinsics), which ops/policy_attention.cpp fills; and the kernel, compiled only where
+// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data, no
+// torch, no intrinsics) and filled by ops/policy_attention.cpp; and the kernel, compiled only where
 // isa/kernels.inc includes this header again inside an ISA namespace and target region
 // (FVK_KERNEL_BODIES), after simd.h, kernel_common.h and attention_gemm.h.
 
@@ -42,9 +42,9 @@ constexpr int64_t kPolicyRowAlign = 16;
 // token count N (far beyond any attention size); D has no limit (scratch is sized at run time).
 constexpr int64_t kPolicyMaxTokens = int64_t{1} << 24;
 
-// What forward and backward both read. The caller (ops/policy_attention.cpp) sorts each batch's keys
-// into "kept" (policy != 0) first, then dropped, both in ascending order: column c of batch b is
-// key perm[b * N + c], key j sits in column pos[b * N + j], and columns [0, n_kept[b]) are the
+// What forward and backward both read. The caller (ops/policy_attention.cpp) sorts each batch's
+// keys into "kept" (policy != 0) first, then dropped, both in ascending order: column c of batch b
+// is key perm[b * N + c], key j sits in column pos[b * N + j], and columns [0, n_kept[b]) are the
 // kept keys. The kernels compute exp / P·V / dS only over the kept columns (plus the diagonal and
 // row-argmax entries, handled one by one), which is what makes the cost fall with the keep ratio.
 struct PolicyAttentionInputs {

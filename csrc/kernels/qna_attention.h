@@ -33,8 +33,8 @@
 // through its sum and, per vector of lanes, falls back to direct exps with its own max when the
 // reference sits more than kMaxReferenceScale above it.
 //
-// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data,
-// no torch, no intrinsics), which ops/qna_attention.cpp fills; and the kernel, compiled only where
+// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data, no
+// torch, no intrinsics) and filled by ops/qna_attention.cpp; and the kernel, compiled only where
 // isa/kernels.inc includes this header again inside an ISA namespace and target region
 // (FVK_KERNEL_BODIES), after simd.h, kernel_common.h and attention_gemm.h.
 

@@ -14,8 +14,8 @@
 // softmax. Each query row's result depends only on its own data, never on how rows are grouped
 // into tasks, so any thread count gives the same bits.
 //
-// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data,
-// no torch, no intrinsics), which ops/varlen_attention.cpp fills; and the kernel, compiled only where
+// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data, no
+// torch, no intrinsics) and filled by ops/varlen_attention.cpp; and the kernel, compiled only where
 // isa/kernels.inc includes this header again inside an ISA namespace and target region
 // (FVK_KERNEL_BODIES), after simd.h, kernel_common.h and attention_gemm.h.
 

@@ -13,8 +13,10 @@
 #include <tuple>
 #include <utility>
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -36,10 +38,9 @@ void check_qkv(const char* fn, const at::Tensor& q, const at::Tensor& k, const a
   check_cpu_4d(fn, "q", q);
   check_cpu_4d(fn, "k", k);
   check_cpu_4d(fn, "v", v);
-  const auto dt = q.scalar_type();
   check_float_dtype(fn, "q", q);
-  check_dtype(fn, "k", k, dt, "q");
-  check_dtype(fn, "v", v, dt, "q");
+  check_dtype(fn, "k", k, q.scalar_type(), "q");
+  check_dtype(fn, "v", v, q.scalar_type(), "q");
   check_size(fn, "k", k, 0, q.size(0), "B, from q");
   check_size(fn, "k", k, 1, q.size(1), "H, from q");
   check_size(fn, "k", k, 3, q.size(3), "Dk, from q");

@@ -1,4 +1,4 @@
-// Torch-facing helpers shared by the CPU ops (<op>.cpp): output poisoning, and the element type
+// Torch-facing helpers shared by the CPU ops (ops/<op>.cpp): output poisoning, and the element type
 // and stride copies that go into the kernels' plain-data argument structs.
 #pragma once
 
@@ -8,9 +8,9 @@
 #include <cstdlib>
 #include <limits>
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include "kernels/elem_type.h"
 
