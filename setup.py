@@ -19,16 +19,16 @@ import sys
 from setuptools import find_packages, setup
 
 # Flags of every native source. No -march: the ISA-specific kernels pick their instructions with
-# `#pragma GCC target` and are chosen at run time (csrc/cpu/isa.cpp), so one wheel runs on any
+# `#pragma GCC target` and are chosen at run time (csrc/isa/isa.cpp), so one wheel runs on any
 # x86-64. -fopenmp makes at::parallel_for (OpenMP backend, inline in ATen's headers) parallel;
 # the libgomp.so.1 it links is the one torch already loaded.
 # -g0: no debug info (setuptools adds -g; it makes the module 20x larger and the build slower).
-CXX_FLAGS = ["-O3", "-g0", "-fopenmp"]
+# --param=inline-unit-growth=100: GCC stops inlining once a translation unit has grown by this
+# percentage (40 by default). Each csrc/isa/ unit holds every op's kernels and needs about 70;
+# with the default, vexp / vlog stop being inlined into the kernels' loops (which never happened
+# while each op had its own units, and changes the kernels' rounding through FMA contraction).
+CXX_FLAGS = ["-O3", "-g0", "-fopenmp", "--param=inline-unit-growth=100"]
 LINK_FLAGS = ["-fopenmp"]
-
-# Future CUDA kernels (csrc/cuda/*.cu) join the same _C module as a CUDAExtension when this is
-# True and CUDA_HOME exists; none are built yet.
-BUILD_CUDA = False
 
 
 def env_flag(name: str) -> bool:
@@ -44,22 +44,13 @@ def warn_no_native(reason: str) -> None:
     print(f"\n{bar}\n{message}\n{bar}\n", file=sys.stderr, flush=True)
 
 
-def cuda_sources() -> list:
-    """csrc/cuda/*.cu to compile into _C, or [] (always [] while BUILD_CUDA is False)."""
-    if not BUILD_CUDA:
-        return []
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return sorted(glob.glob("csrc/cuda/*.cu")) if CUDA_HOME else []
-
-
 def native_build():
     """(ext_modules, cmdclass) for the native extension, or ([], {}) when it is skipped."""
     if env_flag("FASTVIT_KERNELS_NO_NATIVE"):
         print("fastvit_kernels: FASTVIT_KERNELS_NO_NATIVE=1, skipping the native build")
         return [], {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
     except Exception as exc:  # torch missing or broken
         if env_flag("FASTVIT_KERNELS_REQUIRE_NATIVE"):
             raise
@@ -91,19 +82,16 @@ def native_build():
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             warn_no_native(f"building {name} failed: {type(exc).__name__}: {first_line}")
 
-    cu = cuda_sources()
-    extension = CUDAExtension if cu else CppExtension
     defines = ["-DFVK_BUILD_SYSTEM=setuptools", "-DFVK_CXX_FLAGS=" + ",".join(CXX_FLAGS)]
-    if cu:
-        defines.append("-DFVK_WITH_CUDA")
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")) + cu
-    ext = extension(
+    # One unit per ISA with every op's kernels (csrc/isa/), the ops (csrc/ops/), the module. The
+    # ISA units come first: they are the longest compiles, and ninja starts jobs in this order.
+    sources = (sorted(glob.glob("csrc/isa/*.cpp")) + sorted(glob.glob("csrc/ops/*.cpp"))
+               + ["csrc/module.cpp"])
+    ext = CppExtension(
         name="fastvit_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")],
-        extra_compile_args={"cxx": CXX_FLAGS + defines, "nvcc": ["-O3"] + defines}
-        if cu
-        else CXX_FLAGS + defines,
+        extra_compile_args=CXX_FLAGS + defines,
         extra_link_args=LINK_FLAGS,
     )
     # optional: setuptools then skips copying a module that failed to build (editable installs).

@@ -1,5 +1,9 @@
 """Loads the compiled extension `fastvit_kernels._C` if it was built.
 
+Loading it registers the C++ CPU kernels with PyTorch's dispatcher (csrc/ops/<op>.cpp) as
+`torch.ops.fastvit_kernels_cpu.<op>_forward` / `_backward`; `kernel(name)` returns one. The
+module itself holds the build and CPU ISA functions (cpu_isa, set_cpu_isa, build_info, ...).
+
 A missing or broken native build must never break `import fastvit_kernels`: the ops then run on
 the PyTorch reference, and the first call says so once (and `python -m fastvit_kernels.info`
 says why).
@@ -9,6 +13,8 @@ import importlib
 import importlib.util
 import warnings
 from typing import Optional
+
+import torch
 
 native = None
 load_error: Optional[str] = None
@@ -25,6 +31,16 @@ _warned = set()
 
 def available() -> bool:
     return native is not None
+
+
+def has_kernel(name: str) -> bool:
+    """Whether the loaded extension registered the C++ kernel `name` (e.g. "bias_attention_forward")."""
+    return native is not None and hasattr(torch.ops.fastvit_kernels_cpu, name)
+
+
+def kernel(name: str):
+    """The C++ CPU kernel `name` (e.g. "bias_attention_forward"), as a dispatcher op."""
+    return getattr(torch.ops.fastvit_kernels_cpu, name)
 
 
 def warn_fallback(op: str) -> None:

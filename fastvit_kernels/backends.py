@@ -129,17 +129,18 @@ class OpBackends:
 
 
 class NativeKernels:
-    """An op's C++ entry points `_C.<op>_forward` / `_C.<op>_backward` under the backend
-    contract's names (they take the contract's arguments in its order)."""
+    """An op's C++ kernels `<op>_forward` / `<op>_backward` (dispatcher ops, see
+    `_native.kernel`) under the backend contract's names (they take the contract's arguments in
+    its order)."""
 
     def __init__(self, op: str):
         self.op = op
 
     def forward(self, *args):
-        return tuple(getattr(_native.native, f"{self.op}_forward")(*args))
+        return tuple(_native.kernel(f"{self.op}_forward")(*args))
 
     def backward(self, *args):
-        return tuple(getattr(_native.native, f"{self.op}_backward")(*args))
+        return tuple(_native.kernel(f"{self.op}_backward")(*args))
 
 
 _NO_LIMITS: Callable[..., List[str]] = lambda *inputs: []  # noqa: E731
@@ -170,7 +171,7 @@ def standard_backends(
             reasons.append(f"tensors are on {inputs[0].device.type}, the C++ kernel takes CPU tensors")
         if not _native.available():
             reasons.append(f"native extension not built ({_native.load_error})")
-        elif not hasattr(_native.native, f"{op}_forward"):
+        elif not _native.has_kernel(f"{op}_forward"):
             reasons.append(f"the native extension was built without {op} (rebuild it)")
         return reasons + native_limits(*inputs)
 

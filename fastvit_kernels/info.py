@@ -100,7 +100,6 @@ def collect() -> Dict[str, object]:
         info["cpu_isa"] = _native.native.cpu_isa()
         info["compiled_isas"] = list(_native.native.compiled_isas())
         info["supported_isas"] = list(_native.native.supported_isas())
-        info["cuda_built"] = bool(_native.native.cuda_built())
     ops: Dict[str, Dict[str, object]] = {}
     for name, (op_backends, sample) in OPS.items():
         per_device: Dict[str, object] = {}
@@ -131,7 +130,7 @@ def main() -> None:
     if info["native_built"]:
         print(f"  native CPU kernels: built; ISA in use {info['cpu_isa']} "
               f"(compiled {', '.join(info['compiled_isas'])}; this CPU supports "
-              f"{', '.join(info['supported_isas'])}); CUDA C++ kernels built: {info['cuda_built']}")
+              f"{', '.join(info['supported_isas'])})")
     else:
         print(f"  native CPU kernels: NOT available: {info['native_error']}")
     forced = info["forced_backend"]

@@ -305,12 +305,13 @@ def test_bad_input_names_the_argument(case):
         policy_attention(*args, **kwargs)
 
 
-@pytest.mark.skipif(not _native.available() or not hasattr(_native.native, "policy_attention_forward"),
+@pytest.mark.skipif(not _native.has_kernel("policy_attention_forward"),
                     reason="native extension without policy_attention")
 def test_native_entry_point_checks_its_arguments():
     q = torch.randn(1, 2, 9, 16)
     p = torch.ones(1, 9)
+    forward = _native.kernel("policy_attention_forward")
     with pytest.raises((RuntimeError, ValueError), match="policy"):
-        _native.native.policy_attention_forward(q, q, q, torch.ones(1, 8), 0.25, EPS)
+        forward(q, q, q, torch.ones(1, 8), 0.25, EPS)
     with pytest.raises((RuntimeError, ValueError), match="dtype|float"):
-        _native.native.policy_attention_forward(q, q, q.double(), p, 0.25, EPS)
+        forward(q, q, q.double(), p, 0.25, EPS)

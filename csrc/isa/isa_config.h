@@ -1,0 +1,10 @@
+// Which ISA translation units (isa/avx512.cpp, isa/avx2.cpp) are compiled in (no torch headers).
+#pragma once
+
+// The AVX2 / AVX-512 kernels rely on GCC's `#pragma GCC target` on x86 (Clang ignores that pragma;
+// it would need `#pragma clang attribute`). Anywhere else only the scalar kernels are built.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#define FVK_X86_KERNELS 1
+#else
+#define FVK_X86_KERNELS 0
+#endif

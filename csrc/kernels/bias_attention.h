@@ -1,0 +1,430 @@
+// Fused attention with a learned relative-position bias (LeViT), forward and backward, written once
+// over the vocabulary of simd.h. The kernels see only BiasAttention{Fwd,Bwd}Args: raw pointers,
+// element strides, sizes.
+//
+// Math (docs/bias_attention.md, "Definition" and "Backward"), fp32 accumulation and softmax
+// statistics for every element type:
+//   S = q k^T * scale + bias,  P = softmax_j(S),  O = P v,  out = act(O),  lse = log sum_j exp(S)
+// Backward: dO' = dout * act'(O), delta_i = dO'_i . O_i, dP = dO' v^T, dS = P * (dP - delta),
+//   dq = dS k * scale, dk = dS^T q * scale, dv = P^T dO', dtable[h, index[i, j]] += dS[i, j].
+//
+// Every product goes through the shared micro-kernel gemm() of attention_gemm.h, on operands
+// packed into fp32 scratch; k/v are repacked only when a thread moves to another (b, h).
+//
+// Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data, no
+// torch, no intrinsics) and filled by ops/bias_attention.cpp; and the kernel, compiled only where
+// isa/kernels.inc includes this header again inside an ISA namespace and target region
+// (FVK_KERNEL_BODIES), after simd.h, kernel_common.h and attention_gemm.h.
+
+// =============================================================================================
+// Interface
+// =============================================================================================
+
+#ifndef FASTVIT_KERNELS_KERNELS_BIAS_ATTENTION_H
+#define FASTVIT_KERNELS_KERNELS_BIAS_ATTENTION_H
+
+#include <cstdint>
+
+#include "kernels/elem_type.h"
+
+namespace fastvit_kernels {
+namespace cpu {
+
+enum class Activation : int { kNone = 0, kHardswish = 1 };
+
+// The bias is pre-gathered by the caller as fp32 rows of `bias_ld` floats: row (h, i) starts at
+// bias + h * bias_h_stride + i * bias_i_stride. Columns [Nk, bias_ld) hold -inf, which masks the
+// kernels' vector padding for free. bias_ld is a multiple of kBiasRowAlign, so any ISA whose
+// vector width divides it can read whole vectors. Without a table, a single row of zeros (then
+// -inf) is used with both strides 0.
+constexpr int64_t kBiasRowAlign = 16;
+
+// What forward and backward both read: sizes, the op's settings, q / k / v and the dense bias.
+struct BiasAttentionInputs {
+  int64_t B, H, Nq, Nk, Dk, Dv;
+  ElemType dtype;  // of q, k, v, grad_out, o_pre and the outputs (all the same)
+  Activation activation;
+  float scale;
+  // Element strides in [b, h, n, d] order (any values).
+  const void* q; int64_t q_stride[4];
+  const void* k; int64_t k_stride[4];
+  const void* v; int64_t v_stride[4];
+  const float* bias; int64_t bias_h_stride, bias_i_stride, bias_ld;
+};
+
+struct BiasAttentionFwdArgs : BiasAttentionInputs {
+  // Outputs. out / o_pre must have d-stride 1; o_pre may be null (not saved).
+  void* out; int64_t out_stride[4];
+  void* o_pre; int64_t o_pre_stride[4];
+  float* lse; int64_t lse_stride[3];
+  // Work split: task t covers (b, h) = divmod(t / q_blocks, H) and query rows
+  // [(t % q_blocks) * q_block, ...). Tasks of one (b, h) are consecutive, so a thread repacks
+  // k and v only when its (b, h) changes.
+  int64_t q_block, q_blocks;
+};
+
+struct BiasAttentionBwdArgs : BiasAttentionInputs {
+  const void* grad_out; int64_t grad_out_stride[4];
+  const void* o_pre; int64_t o_pre_stride[4];
+  const float* lse; int64_t lse_stride[3];
+  // Dense validated index [Nq, Nk] (values in [0, T)) and the per-task dtable partial sums
+  // [tasks, 2, T], zero-initialised by the caller; both null when there is no table.
+  const int32_t* index; int64_t T; float* dtable_partial;
+  // Outputs with d-stride 1.
+  void* dq; int64_t dq_stride[4];
+  void* dk; int64_t dk_stride[4];
+  void* dv; int64_t dv_stride[4];
+  // Task t covers head h = t % H and batches [c * b_chunk, (c + 1) * b_chunk) with c = t / H, so
+  // dk / dv rows have one owner and dS is summed densely over the chunk before the dtable
+  // scatter. b_chunk depends only on the shapes, which keeps dtable bitwise reproducible for any
+  // thread count. Query rows are processed in blocks of q_block.
+  int64_t b_chunk;
+  int64_t q_block;
+};
+
+}  // namespace cpu
+}  // namespace fastvit_kernels
+
+#endif  // FASTVIT_KERNELS_KERNELS_BIAS_ATTENTION_H
+
+// =============================================================================================
+// Kernel (one copy per ISA; entry points forward_kernel / backward_kernel)
+// =============================================================================================
+
+#ifdef FVK_KERNEL_BODIES
+namespace bias_attention {
+
+static_assert(kBiasRowAlign % kW == 0, "bias rows must hold whole vectors");
+
+// ---------------------------------------------------------------------------------------------
+// Operand layout: x[b, h, j, :] of [B, H, N, D] tensors, through the shared packers
+// ---------------------------------------------------------------------------------------------
+
+inline auto head_rows(const int64_t* s, int64_t b, int64_t h) {
+  return [s, b, h](int64_t j) { return offset4(s, b, h, j); };
+}
+
+template <ElemType T>
+inline void pack_rows(const void* x, const int64_t* s, int64_t b, int64_t h, int64_t N,
+                      int64_t D, int64_t ld, float mul, float* dst) {
+  pack_rows_by<T>(x, head_rows(s, b, h), s[3], N, N, D, ld, mul, dst);
+}
+
+template <ElemType T>
+inline void pack_transposed(const void* x, const int64_t* s, int64_t b, int64_t h, int64_t N,
+                            int64_t D, int64_t ld, float* blk, float* dst) {
+  pack_transposed_by<T>(x, head_rows(s, b, h), s[3], N, D, ld, blk, dst);
+}
+
+template <ElemType T>
+inline void prefetch_rows(const void* x, const int64_t* s, int64_t b, int64_t h, int64_t N,
+                          int64_t D) {
+  prefetch_rows_by<T>(x, head_rows(s, b, h), s[3], N, D);
+}
+
+// Epilogue of S: C = acc + X, the bias joining after the dot product as in plain PyTorch
+// (starting from the bias adds error).
+struct AddStoreEpi {
+  float* c; int64_t ldc; const float* x; int64_t ldx;
+  void operator()(int64_t i, int64_t jv, vf acc) {
+    vstore(c + i * ldc + jv * kW, vadd(acc, vload(x + i * ldx + jv * kW)));
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+// Query rows handled together: their scores stay in L1 between the two products.
+constexpr int64_t kRowGroup = kW == 1 ? 8 : 2 * kMaxMR;
+static_assert(kRowGroup % kW == 0, "row statistics are processed in whole vectors");
+
+// Per-thread forward buffers (Nkp, Dkp, Dvp: sizes rounded up to whole vectors).
+struct FwdScratch {
+  float* kt;       // k^T [Dkp][Nkp]
+  float* vp;       // v [Nk][Dvp]
+  float* qs;       // q * scale [kRowGroup][Dk]
+  float* s;        // scores, then probabilities [kRowGroup][Nkp]
+  float* o;        // output rows [kRowGroup][Dvp]
+  float* row_sum;  // softmax denominators, then their inverses [kRowGroup]
+  float* lse;      // row maxima, then lse [kRowGroup]
+  float* blk;      // transpose staging [kW][Dkp]
+
+  int64_t carve(float* base, int64_t Nk, int64_t Nkp, int64_t Dk, int64_t Dkp, int64_t Dvp) {
+    Carver c(base);
+    kt = c.take(Dkp * Nkp);
+    vp = c.take(Nk * Dvp);
+    qs = c.take(kRowGroup * Dk);
+    s = c.take(kRowGroup * Nkp);
+    o = c.take(kRowGroup * Dvp);
+    row_sum = c.take(kRowGroup);
+    lse = c.take(kRowGroup);
+    blk = c.take(kW * Dkp);
+    return c.used();
+  }
+};
+
+// One group of `rows` query rows [i0, i0 + rows) of (b, h), with k^T / v already packed.
+template <ElemType T>
+inline void forward_rows(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, int64_t i0,
+                         int64_t rows, const FwdScratch& w) {
+  const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
+  const int64_t Nkp = round_up(Nk, kW), Dvp = round_up(Dv, kW);
+  for (int64_t r = 0; r < rows; ++r)
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], Dk, a.scale,
+                w.qs + r * Dk);
+
+  // S = (q * scale) k^T + bias; the bias rows' -inf padding masks columns >= Nk.
+  AddStoreEpi s_epi{w.s, Nkp, a.bias + h * a.bias_h_stride + i0 * a.bias_i_stride,
+                    a.bias_i_stride};
+  gemm(rows, Nkp / kW, Dk, w.qs, Dk, 1, w.kt, Nkp, nullptr, 0, s_epi);
+
+  // Softmax numerators in place; lse and 1 / sum per row.
+  softmax_rows(w.s, rows, Nkp, kRowGroup, w.lse, w.row_sum);
+  for (int64_t r = 0; r < rows; ++r)
+    a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] + (i0 + r) * a.lse_stride[2]] = w.lse[r];
+
+  // O = P v / sum, then o_pre, the activation, and the store in the output dtype.
+  RowScaleEpi o_epi{w.o, Dvp, w.row_sum};
+  gemm(rows, Dvp / kW, Nk, w.s, Nkp, 1, w.vp, Dvp, nullptr, 0, o_epi);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* orow = w.o + r * Dvp;
+    if (a.o_pre != nullptr)
+      store_row<T>(a.o_pre, offset4(a.o_pre_stride, b, h, i0 + r), Dv, orow);
+    if (a.activation == Activation::kHardswish)
+      for (int64_t c = 0; c < Dvp; c += kW) vstore(orow + c, vhardswish(vload(orow + c)));
+    store_row<T>(a.out, offset4(a.out_stride, b, h, i0 + r), Dv, orow);
+  }
+}
+
+template <ElemType T>
+inline void forward_impl(const BiasAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
+  const int64_t Nkp = round_up(Nk, kW), Dkp = round_up(Dk, kW), Dvp = round_up(Dv, kW);
+  FwdScratch w{};
+  AlignedBuffer mem(w.carve(nullptr, Nk, Nkp, Dk, Dkp, Dvp));
+  w.carve(mem.data(), Nk, Nkp, Dk, Dkp, Dvp);
+
+  int64_t packed_bh = -1;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t bh = task / a.q_blocks;
+    const int64_t b = bh / a.H, h = bh % a.H;
+    if (bh != packed_bh) {
+      // Warm the cache for the next (b, h) while this one computes, then pack this one.
+      const int64_t next_bh = (task + 1) / a.q_blocks;
+      if (task + 1 < task_end && next_bh != bh) {
+        const int64_t nb = next_bh / a.H, nh = next_bh % a.H;
+        prefetch_rows<T>(a.k, a.k_stride, nb, nh, Nk, Dk);
+        prefetch_rows<T>(a.v, a.v_stride, nb, nh, Nk, Dv);
+        prefetch_rows<T>(a.q, a.q_stride, nb, nh, std::min(a.Nq, a.q_block), Dk);
+      }
+      pack_transposed<T>(a.k, a.k_stride, b, h, Nk, Dk, Nkp, w.blk, w.kt);
+      pack_rows<T>(a.v, a.v_stride, b, h, Nk, Dv, Dvp, 1.0f, w.vp);
+      packed_bh = bh;
+    }
+    const int64_t i_begin = (task % a.q_blocks) * a.q_block;
+    const int64_t i_end = std::min(a.Nq, i_begin + a.q_block);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowGroup)
+      forward_rows<T>(a, b, h, i0, std::min(kRowGroup, i_end - i0), w);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+// Per-thread backward buffers (QB: query rows per block).
+struct BwdScratch {
+  float* kt;      // k^T [Dkp][Nkp]
+  float* ks;      // k * scale [Nk][Dkp]
+  float* vt;      // v^T [Dvp][Nkp]
+  float* dk;      // dk accumulator [Nk][Dkp]
+  float* dv;      // dv accumulator [Nk][Dvp]
+  float* qs;      // q * scale [QB][Dkp]
+  float* dout;    // dO' [QB][Dvp]
+  float* p;       // P, then dS [QB][Nkp]
+  float* dq;      // dq rows [QB][Dkp]
+  float* delta;   // dO' . o_pre [QB]
+  float* lse;     // [QB]
+  float* tmp;     // an o_pre row; transpose staging [kW][max(Dkp, Dvp)]
+  float* ds_sum;  // dS summed over a task's batches [Nq][Nkp], only with a table
+
+  int64_t carve(float* base, const BiasAttentionBwdArgs& a, int64_t QB) {
+    const int64_t Nkp = round_up(a.Nk, kW), Dkp = round_up(a.Dk, kW), Dvp = round_up(a.Dv, kW);
+    Carver c(base);
+    kt = c.take(Dkp * Nkp);
+    ks = c.take(a.Nk * Dkp);
+    vt = c.take(Dvp * Nkp);
+    dk = c.take(a.Nk * Dkp);
+    dv = c.take(a.Nk * Dvp);
+    qs = c.take(QB * Dkp);
+    dout = c.take(QB * Dvp);
+    p = c.take(QB * Nkp);
+    dq = c.take(QB * Dkp);
+    delta = c.take(QB);
+    lse = c.take(QB);
+    tmp = c.take(kW * std::max(Dkp, Dvp));
+    ds_sum = a.index != nullptr ? c.take(a.Nq * Nkp) : nullptr;
+    return c.used();
+  }
+};
+
+// Query rows [i0, i0 + rows) of (b, h): every product, with k / v already packed.
+template <ElemType T>
+inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, int64_t i0,
+                          int64_t rows, const BwdScratch& w) {
+  const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
+  const int64_t Nkp = round_up(Nk, kW), Dkp = round_up(Dk, kW), Dvp = round_up(Dv, kW);
+
+  // Per row: q * scale, dO' = dout * act'(o_pre), delta = dO' . o_pre (= rowsum(P * dP)), lse.
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    float* qr = w.qs + r * Dkp;
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i), a.q_stride[3], Dk, a.scale, qr);
+    for (int64_t d = Dk; d < Dkp; ++d) qr[d] = 0.0f;
+    float* gr = w.dout + r * Dvp;
+    load_row<T>(a.grad_out, offset4(a.grad_out_stride, b, h, i), a.grad_out_stride[3], Dv, 1.0f,
+                gr);
+    load_row<T>(a.o_pre, offset4(a.o_pre_stride, b, h, i), a.o_pre_stride[3], Dv, 1.0f, w.tmp);
+    for (int64_t d = Dv; d < Dvp; ++d) gr[d] = w.tmp[d] = 0.0f;
+    vf dot = vzero();
+    for (int64_t c = 0; c < Dvp; c += kW) {
+      vf g = vload(gr + c);
+      const vf x = vload(w.tmp + c);
+      if (a.activation == Activation::kHardswish) {
+        g = vmul(g, vhardswish_grad(x));
+        vstore(gr + c, g);
+      }
+      dot = vfma(g, x, dot);
+    }
+    w.delta[r] = vhsum(dot);
+    w.lse[r] = a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] + i * a.lse_stride[2]];
+  }
+
+  // P = exp(q k^T * scale + bias - lse).
+  AddStoreEpi s_epi{w.p, Nkp, a.bias + h * a.bias_h_stride + i0 * a.bias_i_stride,
+                    a.bias_i_stride};
+  gemm(rows, Nkp / kW, Dk, w.qs, Dkp, 1, w.kt, Nkp, nullptr, 0, s_epi);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* pr = w.p + r * Nkp;
+    const vf l = vset1(w.lse[r]);
+    for (int64_t c = 0; c < Nkp; c += kW) vstore(pr + c, vexp(vsub(vload(pr + c), l)));
+  }
+
+  // dv += P^T dO' (A = P read transposed).
+  StoreEpi dv_epi{w.dv, Dvp};
+  gemm(Nk, Dvp / kW, rows, w.p, 1, Nkp, w.dout, Dvp, w.dv, Dvp, dv_epi);
+
+  // dS = P * (dO' v^T - delta), written over P.
+  SoftmaxGradEpi ds_epi{w.p, Nkp, w.delta};
+  gemm(rows, Nkp / kW, Dv, w.dout, Dvp, 1, w.vt, Nkp, nullptr, 0, ds_epi);
+
+  // dq = dS (k * scale).
+  StoreEpi dq_epi{w.dq, Dkp};
+  gemm(rows, Dkp / kW, Nk, w.p, Nkp, 1, w.ks, Dkp, nullptr, 0, dq_epi);
+  for (int64_t r = 0; r < rows; ++r)
+    store_row<T>(a.dq, offset4(a.dq_stride, b, h, i0 + r), Dk, w.dq + r * Dkp);
+
+  // dk += dS^T (q * scale).
+  StoreEpi dk_epi{w.dk, Dkp};
+  gemm(Nk, Dkp / kW, rows, w.p, 1, Nkp, w.qs, Dkp, w.dk, Dkp, dk_epi);
+
+  // dS summed densely over the task's batches; scattered into dtable once per task.
+  if (w.ds_sum != nullptr) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* acc = w.ds_sum + (i0 + r) * Nkp;
+      const float* ds = w.p + r * Nkp;
+      for (int64_t c = 0; c < Nkp; c += kW) vstore(acc + c, vadd(vload(acc + c), vload(ds + c)));
+    }
+  }
+}
+
+// All of (b, h): pack k / v, every query block, then store dk / dv.
+template <ElemType T>
+inline void backward_bh(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, int64_t QB,
+                        const BwdScratch& w) {
+  const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
+  const int64_t Nkp = round_up(Nk, kW), Dkp = round_up(Dk, kW), Dvp = round_up(Dv, kW);
+  pack_transposed<T>(a.k, a.k_stride, b, h, Nk, Dk, Nkp, w.tmp, w.kt);
+  pack_rows<T>(a.k, a.k_stride, b, h, Nk, Dk, Dkp, a.scale, w.ks);
+  pack_transposed<T>(a.v, a.v_stride, b, h, Nk, Dv, Nkp, w.tmp, w.vt);
+  std::fill(w.dk, w.dk + Nk * Dkp, 0.0f);
+  std::fill(w.dv, w.dv + Nk * Dvp, 0.0f);
+  for (int64_t i0 = 0; i0 < a.Nq; i0 += QB)
+    backward_rows<T>(a, b, h, i0, std::min(QB, a.Nq - i0), w);
+  for (int64_t j = 0; j < Nk; ++j) {
+    store_row<T>(a.dk, offset4(a.dk_stride, b, h, j), Dk, w.dk + j * Dkp);
+    store_row<T>(a.dv, offset4(a.dv_stride, b, h, j), Dv, w.dv + j * Dvp);
+  }
+}
+
+// Task t: head h = t % H over the batches of chunk t / H (see BiasAttentionBwdArgs).
+template <ElemType T>
+inline void backward_impl(const BiasAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const int64_t Nq = a.Nq, Nk = a.Nk, Nkp = round_up(Nk, kW);
+  const int64_t QB = std::max<int64_t>(1, std::min(a.q_block, Nq));
+  BwdScratch w{};
+  AlignedBuffer mem(w.carve(nullptr, a, QB));
+  w.carve(mem.data(), a, QB);
+
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t h = task % a.H;
+    const int64_t b_begin = task / a.H * a.b_chunk, b_end = std::min(a.B, b_begin + a.b_chunk);
+    if (w.ds_sum != nullptr) std::fill(w.ds_sum, w.ds_sum + Nq * Nkp, 0.0f);
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      // Warm the cache for the next (b, h): the next batch, or the next task's first.
+      const bool last = b + 1 == b_end;
+      const int64_t nb = last ? (task + 1) / a.H * a.b_chunk : b + 1;
+      const int64_t nh = last ? (task + 1) % a.H : h;
+      if (!last || (task + 1 < task_end && nb < a.B)) {
+        const int64_t rows = std::min(Nq, QB);
+        prefetch_rows<T>(a.k, a.k_stride, nb, nh, Nk, a.Dk);
+        prefetch_rows<T>(a.v, a.v_stride, nb, nh, Nk, a.Dv);
+        prefetch_rows<T>(a.q, a.q_stride, nb, nh, rows, a.Dk);
+        prefetch_rows<T>(a.grad_out, a.grad_out_stride, nb, nh, rows, a.Dv);
+        prefetch_rows<T>(a.o_pre, a.o_pre_stride, nb, nh, rows, a.Dv);
+      }
+      backward_bh<T>(a, b, h, QB, w);
+    }
+
+    // dtable[h, index[i, j]] += dS[i, j] into this task's own partial rows (no atomics). Two
+    // interleaved rows keep neighbouring equal indices from serialising on store forwarding.
+    if (w.ds_sum != nullptr) {
+      float* dt0 = a.dtable_partial + task * 2 * a.T;
+      float* dt1 = dt0 + a.T;
+      for (int64_t i = 0; i < Nq; ++i) {
+        const int32_t* idx = a.index + i * Nk;
+        const float* ds = w.ds_sum + i * Nkp;
+        int64_t j = 0;
+        for (; j + 2 <= Nk; j += 2) {
+          dt0[idx[j]] += ds[j];
+          dt1[idx[j + 1]] += ds[j + 1];
+        }
+        if (j < Nk) dt0[idx[j]] += ds[j];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points: one instantiation per element type
+// ---------------------------------------------------------------------------------------------
+
+inline void forward_kernel(const BiasAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  switch (a.dtype) {
+    case ElemType::kFloat32: forward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: forward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: forward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+  }
+}
+
+inline void backward_kernel(const BiasAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
+  switch (a.dtype) {
+    case ElemType::kFloat32: backward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: backward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: backward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+  }
+}
+
+}  // namespace bias_attention
+#endif  // FVK_KERNEL_BODIES

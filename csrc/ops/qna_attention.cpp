@@ -1,0 +1,261 @@
+// Torch-facing half of the CPU QnA-attention op (docs/qna_attention.md): argument checks, output
+// allocation in the contract's layouts, the work split, the kernels of the ISA chosen at run time
+// (kernels/qna_attention.h, through ops/dispatch.h), the ordered sums of what the backward's tasks
+// leave to combine (the rpe / attn_scale gradients and the input rows two tasks share), and the
+// op's registration with PyTorch's dispatcher. The contract is the docstring of
+// fastvit_kernels/reference/qna_attention.py.
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include "kernels/qna_attention.h"
+#include "ops/checks.h"
+#include "ops/common.h"
+#include "ops/dispatch.h"
+
+namespace fastvit_kernels {
+namespace cpu {
+namespace {
+
+// Windows up to 15 x 15 (the paper uses 3 and 7); the Python op sends larger ones to the reference.
+constexpr int64_t kMaxKernelSize = 15;
+
+// ---------------------------------------------------------------------------------------------
+// Argument checks (the shared ones are in ops/checks.h)
+// ---------------------------------------------------------------------------------------------
+
+void check_window(const char* fn, int64_t kernel_size, int64_t stride) {
+  TORCH_CHECK_VALUE(kernel_size >= 1 && kernel_size % 2 == 1 && kernel_size <= kMaxKernelSize, fn,
+                    ": kernel_size must be odd and in [1, ", kMaxKernelSize, "], got ",
+                    kernel_size);
+  TORCH_CHECK_VALUE(stride >= 1, fn, ": stride must be >= 1, got ", stride);
+}
+
+// cost [B, Hi, Wi, Q, h] and v [B, Hi, Wi, h, d] of one floating dtype; rpe and attn_scale
+// [k*k, Q, h] in cost's dtype or float32.
+void check_inputs(const char* fn, const at::Tensor& cost, const at::Tensor& v,
+                  const at::Tensor& rpe, const at::Tensor& attn_scale, int64_t kernel_size) {
+  check_cpu_nd(fn, "cost", cost, 5, "[B, Hi, Wi, Q, h]");
+  check_cpu_nd(fn, "v", v, 5, "[B, Hi, Wi, h, d]");
+  const auto dt = cost.scalar_type();
+  check_float_dtype(fn, "cost", cost);
+  check_dtype(fn, "v", v, dt, "cost");
+  const int64_t B = cost.size(0), Hi = cost.size(1), Wi = cost.size(2);
+  const int64_t Q = cost.size(3), H = cost.size(4);
+  TORCH_CHECK(cost.numel() > 0 && v.size(4) > 0, fn,
+              ": every dimension of cost and v must be >= 1, got cost ", cost.sizes(), ", v ",
+              v.sizes());
+  check_shape(fn, "v", v, {B, Hi, Wi, H, v.size(4)}, "[B, Hi, Wi, h, d] (B, Hi, Wi, h from cost)");
+  const int64_t taps = kernel_size * kernel_size;
+  using Named = std::pair<const char*, const at::Tensor&>;
+  for (const auto& [name, t] : {Named{"rpe", rpe}, Named{"attn_scale", attn_scale}}) {
+    check_defined_cpu(fn, name, t);
+    check_shape(fn, name, t, {taps, Q, H}, "[k*k, Q, h]");
+    check_param_dtype(fn, name, t, dt, "cost");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel arguments and work split
+// ---------------------------------------------------------------------------------------------
+
+int64_t output_size(int64_t size, int64_t kernel_size, int64_t stride) {
+  return (size + 2 * ((kernel_size - 1) / 2) - kernel_size) / stride + 1;
+}
+
+// The part of the kernel arguments forward and backward share. rpe32 / attn_scale32 are the fp32
+// contiguous copies (the caller keeps them alive).
+void fill_inputs(QnaAttentionInputs& a, const at::Tensor& cost, const at::Tensor& v,
+                 const at::Tensor& rpe32, const at::Tensor& attn_scale32, int64_t kernel_size,
+                 int64_t stride) {
+  a.B = cost.size(0); a.Hi = cost.size(1); a.Wi = cost.size(2);
+  a.Q = cost.size(3); a.H = cost.size(4); a.D = v.size(4);
+  a.kernel_size = kernel_size; a.stride = stride; a.pad = (kernel_size - 1) / 2;
+  a.Ho = output_size(a.Hi, kernel_size, stride);
+  a.Wo = output_size(a.Wi, kernel_size, stride);
+  a.dtype = elem_type(cost.scalar_type());
+  a.cost = cost.data_ptr(); copy_strides(cost, a.cost_stride);
+  a.v = v.data_ptr(); copy_strides(v, a.v_stride);
+  a.rpe = rpe32.data_ptr<float>();
+  a.attn_scale = attn_scale32.data_ptr<float>();
+}
+
+// Tasks are (image, block of output rows). A block is as tall as fits: the task's packed input
+// rows (halo included) stay within a budget, so they stay in L2 while the task runs over them
+// (and the exp reference of the factorisation stays local); and short enough for kMinTasks
+// tasks in all (a batch of 1 still spreads over the cores). Shapes only, never the thread count:
+// results are bitwise reproducible for any number of threads. The backward's budget is larger:
+// fewer, taller blocks share fewer input rows (measured ~10% faster at QnA-ViT shapes).
+constexpr int64_t kForwardPackedBytes = int64_t{384} << 10;
+constexpr int64_t kBackwardPackedBytes = int64_t{1024} << 10;
+constexpr int64_t kMinTasks = 16;
+
+// floats_per_pixel: what a task packs per input pixel.
+RowTasks row_tasks(const QnaAttentionInputs& a, int64_t budget_bytes, int64_t floats_per_pixel,
+                   int64_t min_rows) {
+  const int64_t row_bytes = a.Wi * floats_per_pixel * int64_t{sizeof(float)};
+  const int64_t input_rows = budget_bytes / std::max<int64_t>(1, row_bytes);
+  const int64_t rows_fitting = (input_rows - a.kernel_size) / a.stride + 1;
+  const int64_t blocks_wanted = (kMinTasks + a.B - 1) / a.B;
+  const int64_t rows_parallel = (a.Ho + blocks_wanted - 1) / blocks_wanted;
+  const int64_t per_task =
+      std::min(a.Ho, std::max({int64_t{1}, min_rows, std::min(rows_parallel, rows_fitting)}));
+  return {per_task, (a.Ho + per_task - 1) / per_task};
+}
+
+// dcost / dv of the input rows two neighbouring tasks share: the upper task's bottom edge slot
+// plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs).
+template <typename scalar_t>
+void add_shared_rows(const QnaAttentionBwdArgs& a, const float* edges, scalar_t* dcost,
+                     scalar_t* dv) {
+  const int64_t per_image = a.tasks.tasks_per_image;
+  const int64_t QH = a.Q * a.H, C = a.H * a.D, pixel = QH + C;
+  const int64_t slot = a.edge_rows * a.Wi * pixel;
+  at::parallel_for(0, a.B * (per_image - 1), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t b = j / (per_image - 1), upper = b * per_image + j % (per_image - 1);
+      // The rows that both the upper task's last output row and the lower task's first read.
+      const int64_t oy = (upper % per_image + 1) * a.tasks.rows_per_task;
+      const int64_t y_begin = std::max<int64_t>(0, oy * a.stride - a.pad);
+      const int64_t y_end = std::min(a.Hi, (oy - 1) * a.stride - a.pad + a.kernel_size);
+      const float* bottom_slot = edges + (2 * upper + 1) * slot;
+      const float* top_slot = edges + 2 * (upper + 1) * slot;
+      for (int64_t i = 0; i < (y_end - y_begin) * a.Wi; ++i) {
+        const int64_t p = (b * a.Hi + y_begin) * a.Wi + i;
+        const float* above = bottom_slot + i * pixel;
+        const float* below = top_slot + i * pixel;
+        for (int64_t c = 0; c < QH; ++c)
+          dcost[p * QH + c] = static_cast<scalar_t>(above[c] + below[c]);
+        for (int64_t c = QH; c < pixel; ++c)
+          dv[p * C + c - QH] = static_cast<scalar_t>(above[c] + below[c]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor> qna_attention_forward(
+    const at::Tensor& cost, const at::Tensor& v, const at::Tensor& rpe,
+    const at::Tensor& attn_scale, int64_t kernel_size, int64_t stride) {
+  constexpr const char* fn = "qna_attention_forward";
+  check_window(fn, kernel_size, stride);
+  check_inputs(fn, cost, v, rpe, attn_scale, kernel_size);
+  const at::Tensor rpe32 = rpe.to(at::kFloat).contiguous();
+  const at::Tensor attn_scale32 = attn_scale.to(at::kFloat).contiguous();
+
+  QnaAttentionFwdArgs a{};
+  fill_inputs(a, cost, v, rpe32, attn_scale32, kernel_size, stride);
+  at::Tensor out = poisoned(at::empty({a.B, a.Ho, a.Wo, a.H, a.D}, v.options()));
+  at::Tensor lse =
+      poisoned(at::empty({a.B, a.Ho, a.Wo, a.Q, a.H}, cost.options().dtype(at::kFloat)));
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr<float>();
+  // Packed per input pixel: cost and exp(cost - M), v.
+  a.tasks = row_tasks(a, kForwardPackedBytes, 2 * a.Q * a.H + a.H * a.D, 1);
+  run_tasks(&KernelTable::qna_attention_forward, a, a.B * a.tasks.tasks_per_image);
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+// ---------------------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& cost, const at::Tensor& v,
+    const at::Tensor& rpe, const at::Tensor& attn_scale, const at::Tensor& lse,
+    int64_t kernel_size, int64_t stride) {
+  constexpr const char* fn = "qna_attention_backward";
+  check_window(fn, kernel_size, stride);
+  check_inputs(fn, cost, v, rpe, attn_scale, kernel_size);
+  const at::Tensor rpe32 = rpe.to(at::kFloat).contiguous();
+  const at::Tensor attn_scale32 = attn_scale.to(at::kFloat).contiguous();
+
+  QnaAttentionBwdArgs a{};
+  fill_inputs(a, cost, v, rpe32, attn_scale32, kernel_size, stride);
+  check_cpu_nd(fn, "grad_out", grad_out, 5, "[B, Ho, Wo, h, d]");
+  check_shape(fn, "grad_out", grad_out, {a.B, a.Ho, a.Wo, a.H, a.D}, "[B, Ho, Wo, h, d]");
+  check_dtype(fn, "grad_out", grad_out, v.scalar_type(), "v");
+  check_cpu_nd(fn, "lse", lse, 5, "[B, Ho, Wo, Q, h]");
+  check_shape(fn, "lse", lse, {a.B, a.Ho, a.Wo, a.Q, a.H}, "[B, Ho, Wo, Q, h]");
+  check_float32(fn, "lse", lse);
+  // lse is checked (it is part of the contract) but not read: the kernel normalises each window
+  // by its recomputed sum, exactly as the forward, so that the weights sum to 1 to rounding.
+  a.grad_out = grad_out.data_ptr(); copy_strides(grad_out, a.grad_out_stride);
+
+  const at::TensorOptions f32 = cost.options().dtype(at::kFloat);
+  at::Tensor dcost = poisoned(at::empty(cost.sizes(), cost.options()));
+  at::Tensor dv = poisoned(at::empty(v.sizes(), v.options()));
+  a.dcost = dcost.data_ptr();
+  a.dv = dv.data_ptr();
+  // Packed per input pixel: cost and exp(cost - M), v, and the dcost / dv accumulators. At least
+  // ceil(k / stride) rows per task, so that no input row is read by three tasks.
+  a.tasks = row_tasks(a, kBackwardPackedBytes, 3 * a.Q * a.H + 2 * a.H * a.D,
+                      (kernel_size + stride - 1) / stride);
+  const int64_t tasks = a.B * a.tasks.tasks_per_image;
+  const int64_t taps = kernel_size * kernel_size;
+  at::Tensor partial = poisoned(at::empty({tasks, 2, taps, a.Q, a.H}, f32));
+  a.param_grad_partial = partial.data_ptr<float>();
+  a.edge_rows = std::max<int64_t>(0, kernel_size - stride);
+  const bool shared_rows = a.tasks.tasks_per_image > 1 && a.edge_rows > 0;
+  at::Tensor edges = poisoned(at::empty(
+      {shared_rows ? tasks : 1, 2, a.edge_rows, a.Wi, a.Q * a.H + a.H * a.D}, f32));
+  a.edge_partial = edges.data_ptr<float>();
+
+  run_tasks(&KernelTable::qna_attention_backward, a, tasks);
+  if (shared_rows) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dcost.scalar_type(), fn, [&] {
+      add_shared_rows<scalar_t>(a, edges.data_ptr<float>(), dcost.data_ptr<scalar_t>(),
+                                dv.data_ptr<scalar_t>());
+    });
+  }
+
+  // drpe and dattn_scale: the per-task partials summed task by task in order (deterministic for
+  // any thread count).
+  at::Tensor drpe = poisoned(at::empty({taps, a.Q, a.H}, f32));
+  at::Tensor dattn_scale = poisoned(at::empty({taps, a.Q, a.H}, f32));
+  const float* part = partial.data_ptr<float>();
+  float* sums[2] = {drpe.data_ptr<float>(), dattn_scale.data_ptr<float>()};
+  const int64_t n = drpe.numel();
+  at::parallel_for(0, 2 * n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      float s = 0.0f;
+      for (int64_t task = 0; task < tasks; ++task) s += part[task * 2 * n + j];
+      sums[j / n][j % n] = s;
+    }
+  });
+  return {dcost, dv, drpe.to(rpe.scalar_type()), dattn_scale.to(attn_scale.scalar_type())};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastvit_kernels
+
+// ---------------------------------------------------------------------------------------------
+// Registration (Python: fastvit_kernels._native.kernel("qna_attention_forward"))
+// ---------------------------------------------------------------------------------------------
+
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+  // -> (out [B, Ho, Wo, h, d], lse [B, Ho, Wo, Q, h] fp32)
+  m.def("qna_attention_forward(Tensor cost, Tensor v, Tensor rpe, Tensor attn_scale, "
+        "int kernel_size, int stride) -> (Tensor, Tensor)");
+  // -> (dcost, dv, drpe, dattn_scale)
+  m.def("qna_attention_backward(Tensor grad_out, Tensor cost, Tensor v, Tensor rpe, "
+        "Tensor attn_scale, Tensor lse, int kernel_size, int stride) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+  m.impl("qna_attention_forward", &fastvit_kernels::cpu::qna_attention_forward);
+  m.impl("qna_attention_backward", &fastvit_kernels::cpu::qna_attention_backward);
+}
