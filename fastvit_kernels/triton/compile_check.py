@@ -60,26 +60,22 @@ class Job(NamedTuple):
     case: str
     arch: int
     declared: Tuple[str, ...]  # the kernel's own constexpr parameters
+    unusual: Tuple[str, ...] = ()  # "TABLE:fp32": pointer types other than the kernel's usual
 
     def config(self) -> str:
-        """The declared constexprs (block sizes, flags), num_warps and num_stages, compactly."""
+        """The declared constexprs (block sizes, flags), num_warps, num_stages, unusual pointer
+        types and the case, compactly."""
         items = [f"{k}={_short(v)}" for k, v in self.constexprs.items()
                  if self.signature[k] == "constexpr" and k in self.declared]
         items += [f"w{self.num_warps}", f"s{self.num_stages}"]
-        extra = [f"{k}:{t[1:]}" for k, t in self.signature.items()
-                 if t.startswith("*") and self.dtype_code not in t and k not in _FP32_POINTERS]
-        return " ".join(items + extra + ([self.case] if self.case else []))
+        return " ".join(items + list(self.unusual) + ([self.case] if self.case else []))
+
+    dtype_codes = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
     @property
     def dtype_code(self) -> str:
-        return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.dtype]
+        return self.dtype_codes[self.dtype]
 
-
-# Pointers that are float32 whatever the inputs' dtype (statistics, fp32 parameter copies), or
-# int32 arg-max indices: not worth a column in the report.
-_FP32_POINTERS = {"LSE", "DELTA", "LOGMEAN", "DYDP", "PC", "RPE", "SCALE", "WINDOW_MAX", "INV_SUM",
-                  "SUM_WU", "SUM_DS", "P", "VSUM", "MAX", "DEN", "ARG", "CORR", "WPART", "W",
-                  "DP_PART", "DS_SUM", "CU"}
 
 
 class Result(NamedTuple):
@@ -141,12 +137,25 @@ def jobs_of(ops: Sequence[str], archs: Sequence[int]) -> Tuple[List[Job], List[s
             for dtype in FLOAT_DTYPES:
                 if (name, dtype) not in seen:
                     problems.append(f"{op}.{name}: compile_variants() has no {dtype} launch")
+        # Pointer types other than the inputs' and than the pointer's most common one (per kernel
+        # and dtype) are worth a mention in the report.
+        types: Dict[tuple, Dict[str, int]] = {}
+        for v in variants:
+            for k, t in v.signature.items():
+                if t.startswith("*"):
+                    count = types.setdefault((v.name, v.dtype, k), {})
+                    count[t] = count.get(t, 0) + 1
         for arch in archs:
             for v in variants:
                 declared = tuple(v.kernel.params[i].name for i in v.kernel.constexprs)
+                inputs = "*" + Job.dtype_codes[str(v.dtype).replace("torch.", "")]
+                unusual = tuple(
+                    f"{k}:{t[1:]}" for k, t in v.signature.items() if t.startswith("*") and
+                    t != inputs and
+                    t != max(types[(v.name, v.dtype, k)].items(), key=lambda kv: kv[1])[0])
                 jobs.append(Job(op, v.name, str(v.dtype).replace("torch.", ""), dict(v.signature),
                                 dict(v.constexprs), tuple(v.divisible), v.num_warps, v.num_stages,
-                                v.case, arch, declared))
+                                v.case, arch, declared, unusual))
     return jobs, problems
 
 
@@ -158,7 +167,7 @@ def _block_volume(job: Job) -> int:
 
 def representative(jobs: Sequence[Job]) -> List[Job]:
     """Per (op, kernel, arch): for each dtype its smallest and largest block configuration
-    (_block_volume); then, greedily, variants until every flag value (declared bool constexpr),
+    (_block_volume; on ties, the one with the most flags set); then, greedily, variants until every flag value (declared bool constexpr),
     case, num_warps and num_stages of each dtype, and argument type other than the inputs'
     (e.g. a float32 bias table with bfloat16 inputs) occurs at least once."""
     groups: Dict[tuple, List[Job]] = {}
@@ -177,12 +186,18 @@ def representative(jobs: Sequence[Job]) -> List[Job]:
     def size(job: Job) -> tuple:
         return _block_volume(job), job.num_warps, job.num_stages
 
+    def flags(job: Job) -> int:
+        return sum(1 for k in job.declared if job.constexprs[k] is True)
+
     chosen: List[Job] = []
     for group in groups.values():
         picked: List[Job] = []
         for dtype in sorted({j.dtype for j in group}):
-            of_dtype = sorted((j for j in group if j.dtype == dtype), key=size)
-            picked += [of_dtype[0]] + ([of_dtype[-1]] if len(of_dtype) > 1 else [])
+            of_dtype = [j for j in group if j.dtype == dtype]
+            # On ties, the most flags set (the longest code) and the main case (no label).
+            smallest = min(of_dtype, key=lambda j: (size(j), -flags(j), j.case != ""))
+            largest = max(of_dtype, key=lambda j: (size(j), flags(j), j.case == ""))
+            picked += [smallest] + ([largest] if largest is not smallest else [])
         needed = set().union(*map(features, group)) - set().union(*map(features, picked))
         by_size = sorted(group, key=size, reverse=True)
         while needed:  # the variant covering most missing features, the largest on ties
