@@ -80,5 +80,6 @@ ptxas info    : Function properties for _fwd_kernel
 ptxas info    : Used 255 registers, used 1 barriers, 56 bytes cumulative stack size
 """
     usage = parse_ptxas_log(log)
-    assert (usage["registers"], usage["spill_stores"], usage["spill_loads"], usage["stack"]) == (255, 60, 56, 56)
+    got = (usage["registers"], usage["spill_stores"], usage["spill_loads"], usage["stack"])
+    assert got == (255, 60, 56, 56)
     assert usage["notes"] == ["wgmma serialized"]

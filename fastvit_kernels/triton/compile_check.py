@@ -36,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 OPS = ("bias_attention", "qna_attention", "policy_attention", "varlen_attention", "ggem_pool")
 ARCHS = (80, 90)
@@ -95,7 +95,9 @@ class Result(NamedTuple):
 
 
 def _short(v) -> str:
-    return {True: "T", False: "F", None: "None"}.get(v, str(v)) if isinstance(v, (bool, type(None))) else str(v)
+    if v is None or isinstance(v, bool):
+        return {True: "T", False: "F", None: "None"}[v]
+    return str(v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +125,6 @@ def kernels_of(module) -> List[str]:
 def jobs_of(ops: Sequence[str], archs: Sequence[int]) -> Tuple[List[Job], List[str]]:
     """Every variant of the ops for each arch, and problems: a kernel of a module that its
     compile_variants never launches, for some dtype."""
-    import torch
-
     from fastvit_kernels.triton._common import FLOAT_DTYPES
 
     _check_not_interpreted()
@@ -167,9 +167,10 @@ def _block_volume(job: Job) -> int:
 
 def representative(jobs: Sequence[Job]) -> List[Job]:
     """Per (op, kernel, arch): for each dtype its smallest and largest block configuration
-    (_block_volume; on ties, the one with the most flags set); then, greedily, variants until every flag value (declared bool constexpr),
-    case, num_warps and num_stages of each dtype, and argument type other than the inputs'
-    (e.g. a float32 bias table with bfloat16 inputs) occurs at least once."""
+    (_block_volume; on ties, the one with the most flags set); then, greedily, variants until
+    every flag value (declared bool constexpr), case, num_warps and num_stages of each dtype,
+    and argument type other than the inputs' (e.g. a float32 bias table with bfloat16 inputs)
+    occurs at least once."""
     groups: Dict[tuple, List[Job]] = {}
     for job in jobs:
         groups.setdefault((job.op, job.kernel, job.arch), []).append(job)
@@ -302,7 +303,8 @@ def _worker_init() -> None:
 
 
 def compile_all(jobs: Sequence[Job], processes: int = 0, progress=None) -> List[Result]:
-    """Compiles the jobs, in `processes` worker processes (0: one per CPU; 1: in this one)."""
+    """Compiles the jobs, in `processes` worker processes (0: one per CPU; 1: in this one).
+    The workers are spawned: a script calling this needs `if __name__ == "__main__":`."""
     processes = processes or os.cpu_count() or 1
     results = []
     if processes == 1:
