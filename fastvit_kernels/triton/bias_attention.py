@@ -19,14 +19,18 @@ inputs the dots use input_precision="ieee" (no TF32), for half inputs they take 
 Block sizes are powers of two >= 16 (the GPU's minimum dot size); padding is masked.
 """
 
-from typing import List, Optional, Tuple
+import itertools
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import device_reasons, dot, dtype_reasons, fp32_dots, pow2
+from fastvit_kernels.triton._common import (
+    FLOAT_DTYPES, SEQ_LENGTHS, CompileVariant, device_reasons, dot, dtype_reasons, fp32_dots, head_widths, meta,
+    pow2, recorded_launches,
+)
 
 from fastvit_kernels.reference._outputs import empty_bhnd
 
@@ -530,6 +534,61 @@ def backward(
         acc.index_add_(1, index.reshape(-1), ds_heads.reshape(H, Nq * Nk))
         dtable = acc.to(table.dtype)
     return dq, dk, dv, dtable
+
+
+def _levit_inputs(B: int, H: int, Nq: int, Nk: int, Dk: int, Dv: int, dtype: torch.dtype,
+                  conv: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as LeViT's modules pass them (meta tensors): per-head views of one fused qkv
+    projection [B, N, H, 2·Dk + Dv] (Nq == Nk) or of a kv projection beside q [B, Nq, H, Dk]
+    (shrink attention); with conv, of the channel-major [B, H, ·, N] projections (levit_conv_*)."""
+    if conv:
+        q = meta(B, H, Dk, Nq, dtype=dtype).transpose(2, 3)
+        k, v = (t.transpose(2, 3) for t in meta(B, H, Dk + Dv, Nk, dtype=dtype).split([Dk, Dv], 2))
+    elif Nq == Nk:
+        qkv = meta(B, Nq, H, 2 * Dk + Dv, dtype=dtype)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([Dk, Dk, Dv], 3))
+    else:
+        q = meta(B, Nq, H, Dk, dtype=dtype).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in meta(B, Nk, H, Dk + Dv, dtype=dtype).split([Dk, Dv], 3))
+    return q, k, v
+
+
+def compile_variants() -> Iterator[CompileVariant]:
+    """Every kernel configuration forward and backward launch, recorded on meta tensors: each
+    dtype; head widths Dk and Dv each of every padded width 16..256 (_MAX_HEAD_DIM); Nq and Nk
+    of SEQ_LENGTHS (every block size _config can choose, and one or several key blocks for dq);
+    without and with a bias; no activation, and hardswish with and without o_pre. Inputs are laid
+    out as LeViT's linear modules pass them (_levit_inputs), the bias in the inputs' dtype with
+    int64 indices. Pointer types and strides that change no configuration are recorded for one
+    LeViT shrink shape per dtype: a float32 table (autocast), int32 indices, the conv layout."""
+
+    def run(q, k, v, table_dtype, index_dtype, activation, save_pre):
+        Nq, Nk = q.shape[2], k.shape[2]
+        table = index = None
+        if table_dtype is not None:
+            table = meta(q.shape[1], max(Nk, 3), dtype=table_dtype)
+            index = meta(Nq, Nk, dtype=index_dtype)
+        out, o_pre, lse = forward(q, k, v, table, index, 0.25, activation, save_pre)
+        if activation is None or save_pre:
+            backward(out, q, k, v, table, index, out if activation is None else o_pre, lse, 0.25,
+                     activation)
+
+    activations = [(None, False), ("hardswish", False), ("hardswish", True)]
+    widths = head_widths(_MAX_HEAD_DIM)
+    with recorded_launches() as variants:
+        for dtype in FLOAT_DTYPES:
+            for Dk, Dv, Nq, Nk in itertools.product(widths, widths, SEQ_LENGTHS, SEQ_LENGTHS):
+                q, k, v = _levit_inputs(2, 4, Nq, Nk, Dk, Dv, dtype)
+                for table_dtype, (activation, save_pre) in itertools.product((None, dtype), activations):
+                    run(q, k, v, table_dtype, torch.int64, activation, save_pre)
+            for table_dtype, index_dtype in ((torch.float32, torch.int64), (dtype, torch.int32)):
+                q, k, v = _levit_inputs(2, 4, 49, 196, 16, 64, dtype)
+                run(q, k, v, table_dtype, index_dtype, "hardswish", True)
+            variants.case = "conv"
+            q, k, v = _levit_inputs(2, 4, 49, 196, 16, 64, dtype, conv=True)
+            run(q, k, v, dtype, torch.int64, "hardswish", True)
+            variants.case = ""
+    yield from variants
 
 
 # ---------------------------------------------------------------------------------------------

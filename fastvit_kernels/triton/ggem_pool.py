@@ -22,14 +22,17 @@ y / dx are rounded to x's dtype only when stored.
 """
 
 import math
-from typing import List, Tuple
+import itertools
+from typing import Iterator, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import device_reasons, dtype_reasons
+from fastvit_kernels.triton._common import (
+    FLOAT_DTYPES, CompileVariant, device_reasons, dtype_reasons, meta, recorded_launches,
+)
 
 from fastvit_kernels.reference._outputs import new_output
 from fastvit_kernels.reference.ggem_pool import channel_group
@@ -189,6 +192,31 @@ def backward(
     dp = torch.zeros(groups, dtype=torch.float32, device=x.device)
     dp.index_add_(0, channel_group(C, groups, interleaved, x.device), dydp.sum(0))
     return dx, dp.to(p.dtype)
+
+
+def compile_variants() -> Iterator[CompileVariant]:
+    """Every kernel configuration forward and backward launch, recorded on meta tensors: each
+    dtype; channel counts C with every channel block BC _config can choose (1 to 128) and pooled
+    token counts with every token block BN (1 to 32). x is laid out as a ViT's tokens [B, N, C]
+    with one class token (num_prefix_tokens = 1: the constant 1); without prefix tokens (an
+    integer divisible by 16), for the smallest and largest blocks."""
+
+    def run(dtype, C, pooled, prefix):
+        x = meta(2, pooled + prefix, C, dtype=dtype)
+        p = meta(1)
+        y, log_mean = forward(x, p, 1, 1e-6, False, prefix)
+        backward(y, x, p, log_mean, 1, 1e-6, False, prefix)
+
+    channels, pooled_counts = (1, 2, 3, 5, 9, 17, 33, 65, 129), (1, 2, 3, 5, 9, 17, 33)
+    with recorded_launches() as variants:
+        for dtype in FLOAT_DTYPES:
+            for C, pooled in itertools.product(channels, pooled_counts):
+                run(dtype, C, pooled, 1)
+            variants.case = "no prefix"
+            for C, pooled in ((channels[0], pooled_counts[0]), (channels[-1], pooled_counts[-1])):
+                run(dtype, C, pooled, 0)
+            variants.case = ""
+    yield from variants
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,14 +35,18 @@ Block sizes are powers of two >= 16 (the GPU's minimum dot size); padding is mas
 N >= 1 and any head width up to 256 (non-powers of two padded) run.
 """
 
-from typing import List, Tuple
+import itertools
+from typing import Iterator, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import device_reasons, dot, dtype_reasons, fp32_dots, pow2
+from fastvit_kernels.triton._common import (
+    FLOAT_DTYPES, SEQ_LENGTHS, CompileVariant, device_reasons, dot, dtype_reasons, fp32_dots, head_widths, meta,
+    pow2, recorded_launches,
+)
 
 from fastvit_kernels.reference._outputs import empty_bhnd, new_output
 
@@ -442,6 +446,27 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, policy: Tensor, 
     if need_dp:
         dpolicy = dp_part.sum(1).contiguous()
     return dq, dk, dv, dpolicy
+
+
+def compile_variants() -> Iterator[CompileVariant]:
+    """Every kernel configuration forward and backward launch, recorded on meta tensors: each
+    dtype; head widths D of every padded width 16..256 (_MAX_HEAD_DIM), both D = pow2(D) and a
+    narrower D (3/4 of it: D is a constexpr, and the padding masks fold away when D = pow2(D));
+    N of SEQ_LENGTHS (every block size _config can choose); backward with and without dpolicy.
+    q, k, v are laid out as MaskedTokenAttention passes them: views of one qkv projection
+    [B, N, 3, H, D]; policy [B, N] in float32."""
+    with recorded_launches() as variants:
+        for dtype, width, N in itertools.product(FLOAT_DTYPES, head_widths(_MAX_HEAD_DIM),
+                                                 SEQ_LENGTHS):
+            for D in (width, width * 3 // 4):
+                B, H = 2, 3
+                q, k, v = meta(B, N, 3, H, D, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+                policy = meta(B, N)
+                out, row_max, denom, row_argmax = forward(q, k, v, policy, 0.125, 1e-6)
+                for need_dpolicy in (False, True):
+                    backward(out, q, k, v, policy, out, row_max, denom, row_argmax, 0.125, 1e-6,
+                             need_dpolicy)
+    yield from variants
 
 
 # ---------------------------------------------------------------------------------------------

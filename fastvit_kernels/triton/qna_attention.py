@@ -45,14 +45,17 @@ loads are converted to fp32 and all math and accumulation is fp32; out, dcost an
 rounded to the inputs' dtype only when stored.
 """
 
-from typing import List, Tuple
+import itertools
+from typing import Iterator, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import device_reasons, dtype_reasons
+from fastvit_kernels.triton._common import (
+    FLOAT_DTYPES, CompileVariant, device_reasons, dtype_reasons, meta, recorded_launches,
+)
 
 from fastvit_kernels.reference._outputs import new_output
 from fastvit_kernels.reference.qna_attention import output_size
@@ -469,6 +472,36 @@ def backward(
     dattn_scale = sum_wu.sum(dim=0)
     drpe = sum_ds.sum(dim=0)
     return dcost, dv, drpe.to(rpe.dtype).contiguous(), dattn_scale.to(attn_scale.dtype).contiguous()
+
+
+def compile_variants() -> Iterator[CompileVariant]:
+    """Every kernel configuration forward and backward launch, recorded on meta tensors, over
+    QnA-ViT's layers and beyond (the kernels take any sizes; _blocks bounds the tiles): each
+    dtype; Q queries 1..8, head widths d 1..64 and heads h 1..128 (every power of two), image
+    widths 7 to 56 (QnA-ViT's stages at 224 px); windows 3 and 7 at strides 1 and 2 (stride 1 and
+    a padding of 1 specialise as constants). cost and v are laid out as the QnA module passes
+    them: views of one projection [B, H, W, h·d + Q·h]; rpe and attn_scale in float32."""
+
+    def run(dtype, Q, h, d, width, kernel_size, stride):
+        B, Hi, Wi = 2, 3, width
+        cost_v = meta(B, Hi, Wi, h * d + Q * h, dtype=dtype)
+        v, cost = cost_v.split([h * d, Q * h], dim=-1)
+        v, cost = v.unflatten(-1, (h, d)), cost.unflatten(-1, (Q, h))
+        rpe = attn_scale = meta(kernel_size * kernel_size, Q, h)
+        out, lse = forward(cost, v, rpe, attn_scale, kernel_size, stride)
+        backward(out, cost, v, rpe, attn_scale, lse, kernel_size, stride)
+
+    powers = [1, 2, 4, 8, 16, 32, 64, 128]
+    with recorded_launches() as variants:
+        for dtype in FLOAT_DTYPES:
+            for Q, h, d in itertools.product(powers[:4], powers, powers[:7]):
+                for width in (7, 14, 28, 56):
+                    run(dtype, Q, h, d, width, 3, 1)
+            for kernel_size, stride in ((3, 2), (7, 1), (7, 2)):
+                variants.case = f"k{kernel_size} stride {stride}"
+                run(dtype, 2, 8, 16, 28, kernel_size, stride)
+            variants.case = ""
+    yield from variants
 
 
 # ---------------------------------------------------------------------------------------------

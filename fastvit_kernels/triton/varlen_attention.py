@@ -24,14 +24,18 @@ tl.dot is wrong), which runs in fp32. Block sizes are powers of two >= 16 (the G
 size); padding is masked, so any segment length >= 1 and any head width up to 256 run.
 """
 
-from typing import List, Tuple
+import itertools
+from typing import Iterator, List, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastvit_kernels.triton._common import device_reasons, dot, dtype_reasons, fp32_dots, pow2
+from fastvit_kernels.triton._common import (
+    FLOAT_DTYPES, SEQ_LENGTHS, CompileVariant, device_reasons, dot, dtype_reasons, fp32_dots, head_widths, meta,
+    pow2, recorded_launches,
+)
 
 from fastvit_kernels.reference._outputs import new_output
 
@@ -354,6 +358,32 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         IEEE=ieee, BD=bd, **cfg,
     )
     return dq, dk, dv
+
+
+def compile_variants() -> Iterator[CompileVariant]:
+    """Every kernel configuration forward and backward launch, recorded on meta tensors: each
+    dtype; head widths D of every padded width 16..256 (_MAX_HEAD_DIM), both D = pow2(D) and a
+    narrower D (3/4 of it: D is a constexpr); max_seqlen of SEQ_LENGTHS (every block size _config
+    can choose); and, for the backward's delta kernel, whose head block depends on H, head counts
+    with every power of two pow2(H) up to 128. q, k, v are laid out as MaskedTokenAttention's packed
+    path passes them: views of one qkv projection [T, 3, H, D] (two images of max_seqlen and 5
+    tokens); cu_seqlens int64."""
+
+    def run(dtype, H, D, max_seqlen):
+        T = max_seqlen + 5
+        q, k, v = meta(T, 3, H, D, dtype=dtype).unbind(1)
+        cu = meta(3, dtype=torch.int64)
+        out, lse = forward(q, k, v, cu, max_seqlen, 0.125)
+        backward(out, q, k, v, out, lse, cu, max_seqlen, 0.125)
+
+    with recorded_launches() as variants:
+        for dtype, width in itertools.product(FLOAT_DTYPES, head_widths(_MAX_HEAD_DIM)):
+            for D in (width, width * 3 // 4):
+                for max_seqlen in SEQ_LENGTHS:
+                    run(dtype, 3, D, max_seqlen)
+                for H in (1, 2, 4, 8, 16, 32, 64, 128):
+                    run(dtype, H, D, SEQ_LENGTHS[-1])
+    yield from variants
 
 
 # ---------------------------------------------------------------------------------------------
