@@ -81,13 +81,14 @@ class Case:
     def backend(self) -> str:
         return select_backend(self.q, self.k, self.v, self.cu, self.max_len, self.scale).name
 
-    def oracle(self, need_grads: bool) -> List[torch.Tensor]:
-        leaves = [t.detach().double().requires_grad_(need_grads) for t in (self.q, self.k, self.v)]
+    def oracle(self, need_grads: bool, dtype: torch.dtype = torch.float64) -> List[torch.Tensor]:
+        """The reference in float64 (or `dtype`): [output], or the gradients of q, k, v."""
+        leaves = [t.detach().to(dtype).requires_grad_(need_grads) for t in (self.q, self.k, self.v)]
         with torch.set_grad_enabled(need_grads):
             out = reference.varlen_attention_eager(*leaves, self.cu.cpu(), self.scale)
             if not need_grads:
                 return [out.detach()]
-            return list(torch.autograd.grad(out, leaves, self.grad_out.double()))
+            return list(torch.autograd.grad(out, leaves, self.grad_out.to(dtype)))
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[T, H, D] packed -> [B, H, Lmax, D] (zeros in the padding)."""
@@ -138,10 +139,13 @@ class Case:
 
 
 def run(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool = False,
-        impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES) -> List[Dict]:
-    """Benchmarks both cases; rows get `ref_speedup` = this impl's time / the op's time."""
-    cases = (Case(name, lengths, dtype, device) for name, lengths in case_lengths(batch).items())
-    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick)
+        impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES, backend: Optional[str] = None,
+        lengths: Optional[Dict[str, Sequence[int]]] = None) -> List[Dict]:
+    """Benchmarks both cases (or `lengths`: case name -> tokens per image); rows get `ref_speedup`
+    = this impl's time / the op's time. `backend` forces the op's backend (common.forcing_backend)."""
+    lengths = case_lengths(batch) if lengths is None else lengths
+    cases = (Case(name, per_image, dtype, device) for name, per_image in lengths.items())
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, backend=backend)
     common.add_ratios(rows, "op")
     return rows
 
