@@ -54,3 +54,34 @@ def test_dry_run_writes_results_and_every_check_passes(tmp_path):
     for row in doc["bench"]:
         if row["impl"] == "op" and not row.get("error"):
             assert row["backend"] == "triton" and row["ms"] > 0
+
+
+def test_summary_fits_the_device_output_with_many_failures():
+    """A run where everything fails still prints a summary that fits in what the device tool
+    returns, names the failures and suggests nothing."""
+    from fastvit_kernels.bench import gpu
+
+    error = "max error 1.5 > allowed 0.01 (|ref| max 3.2) " * 5
+    doc = {
+        "env": {"device": "NVIDIA H100 80GB HBM3", "device_type": "cuda", "date": "2026-12-05T00:00:00+00:00"},
+        "ops_selected": list(OPS), "time_budget_s": 480, "elapsed_s": 470,
+        "steps": {"env": {"status": "ok", "seconds": 1.0}, "pytest": {"status": "x", "seconds": 1.0, "k": "triton-cuda"}},
+        "correctness": [{"op": op, "dtype": dtype, "shape": f"shape{i}", "pass": p, "ok": False, "error": error}
+                        for op in OPS for dtype in ("float32", "bfloat16", "float16") for i in range(9)
+                        for p in ("fwd", "fwd+bwd")],
+        "probes": [{"op": op, "use_backend_reaches_backward": False} for op in OPS],
+        "pytest": [{"name": f"pytest:{op}", "files": [f"tests/test_{op}.py"], "timed_out": False, "summary": "3 failed",
+                    "counts": {"failed": 3}, "per_file": {f"tests/test_{op}.py": {"failed": 3}},
+                    "failures": [f"tests/test_{op}.py::test_x[triton-cuda] - {error}"] * 3} for op in OPS],
+        "bench": [{"op": op, "case": f"case{c}", "dtype": "float16", "pass": p, "impl": impl, "B": 256,
+                   "ms": None, "error": error, "ref_speedup": None}
+                  for op in OPS for c in range(3) for p in ("fwd", "fwd+bwd") for impl in ("op", "eager", "sdpa")],
+        "levit": {"check": {"model": "levit_256", "ok": False, "error": error}, "rows": []},
+    }
+    doc["ops"], doc["verified_on_gpu"] = gpu.verdicts(doc)
+    text = gpu.summary(doc)
+    assert len(text) <= gpu.SUMMARY_LIMIT
+    assert doc["verified_on_gpu"] == {} and "VERIFIED_ON_GPU: Dict[str, Sequence[str]] = {}" in text
+    assert "more in the JSON" in text and "alone reaches the backward: NO" in text
+    for op in OPS:
+        assert f"not {op}:" in text

@@ -699,11 +699,24 @@ def side_by_side_threads(args) -> int:
 
 
 def run_pool(tasks: List, jobs: int, workdir: Path, say: Callable[[str], None],
-             on_done: Callable[[object, Job], None]) -> None:
+             on_done: Callable[[object, Job], None], linger_s: float = 90.0) -> None:
     """Runs the tasks' jobs, at most `jobs` at a time (background tasks do not count), in the
-    order given; a WorkerTask with units left gets a new job after each one ends."""
+    order given; a WorkerTask with units left gets a new job after each one ends. Once only
+    background jobs are left, they get at most linger_s more seconds."""
     pending, running = list(tasks), []
+    try:
+        _run_pool(pending, running, jobs, workdir, say, on_done, linger_s)
+    except BaseException:  # interrupted: end what runs (each job's own process group) and pass it on
+        for _, job in running:
+            job.kill()
+        raise
+
+
+def _run_pool(pending, running, jobs, workdir, say, on_done, linger_s) -> None:
     while pending or running:
+        if not any(not t.background for t in pending) and all(t.background for t, _ in running):
+            for _, job in running:
+                job.kill_at = min(job.kill_at, time.time() + linger_s)
         for task, job in list(running):
             if job.poll():
                 running.remove((task, job))
@@ -816,7 +829,8 @@ def pytest_tasks(args, files: Sequence[str], kill_at: float) -> List[CommandTask
         env["FASTVIT_KERNELS_BACKEND"] = "triton"
     tasks = []
     for group in groups:
-        argv = [sys.executable, "-m", "pytest", *group, "-v", "-k", args.pytest_k, "-p", "no:cacheprovider",
+        argv = [sys.executable, "-m", "fastvit_kernels.bench.gpu", "--worker", "pytest", *group, "-v", "-k",
+                args.pytest_k, "-p", "no:cacheprovider",
                 f"--maxfail={args.pytest_maxfail}", "-rfE", "-o", "console_output_style=classic"]
         name = "pytest:" + "+".join(Path(f).stem.replace("test_", "") for f in group)
         tasks.append(CommandTask(name, argv, env, kill_at))
@@ -931,6 +945,10 @@ class Suite:
     # -- steps ---------------------------------------------------------------------------------
 
     def run(self) -> int:
+        def terminate(signum, frame):
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, terminate)
         started = time.time()
         try:
             if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -956,8 +974,9 @@ class Suite:
                 self.phase_bench()
             if self.wants("levit"):
                 self.phase_levit()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (below): the workers are ended, the files written
             self.say("interrupted")
+            self.doc["interrupted"] = True
         finally:
             self.write()
             text = summary(self.doc, self.paths)
@@ -1188,14 +1207,26 @@ def _fmt_ratio(row: Optional[Dict]) -> str:
     return f"{row['ref_speedup']:.3g}x" if row.get("ref_speedup") else "-"
 
 
+SUMMARY_LIMIT = 10_000  # characters: the device tool returns the last 12,000 of the output
+
+
 def summary(doc: Dict, paths: Optional[Dict[str, Path]] = None) -> str:
-    """The one-screen summary (under ~8,000 characters)."""
+    """The one-screen summary, at most SUMMARY_LIMIT characters (fewer failure lines when there
+    are many; the JSON has them all)."""
+    for details in ((14, 3), (6, 1), (3, 0)):
+        text = _summary(doc, paths, *details)
+        if len(text) <= SUMMARY_LIMIT:
+            return text
+    return "\n".join(line[:150] for line in text.splitlines())[-SUMMARY_LIMIT:]
+
+
+def _summary(doc: Dict, paths: Optional[Dict[str, Path]], max_failures: int, max_test_failures: int) -> str:
     env = doc.get("env", {})
     ops, verified = doc.get("ops") or {}, doc.get("verified_on_gpu") or {}
     lines = []
     title = "fastvit_kernels GPU suite" + (" -- DRY RUN (CPU, Triton interpreter: not a GPU verification)"
                                           if doc.get("dry_run") else "")
-    lines.append(f"===== {title} =====")
+    lines.append(f"===== {title}{' -- INTERRUPTED' if doc.get('interrupted') else ''} =====")
     lines.append(f"device: {env.get('device')} | capability {env.get('gpu_capability', '-')} | driver "
                  f"{env.get('driver', '-')} | {env.get('gpu_memory_gib', '-')} GiB | host {env.get('hostname')}")
     lines.append(f"torch {env.get('torch')} (CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}) | triton "
@@ -1233,10 +1264,10 @@ def summary(doc: Dict, paths: Optional[Dict[str, Path]] = None) -> str:
         failures = [(op, dtype, f) for op, v in ops.items() for dtype, d in v["dtypes"].items() for f in d["failed"]]
         if failures:
             lines.append(f"  failures ({len(failures)}):")
-            for op, dtype, f in failures[:14]:
+            for op, dtype, f in failures[:max_failures]:
                 lines.append(f"    {op} {dtype} {f}"[:240])
-            if len(failures) > 14:
-                lines.append(f"    ... {len(failures) - 14} more in the JSON")
+            if len(failures) > max_failures:
+                lines.append(f"    ... {len(failures) - max_failures} more in the JSON")
         probes = [p for p in doc.get("probes", []) if "use_backend_reaches_backward" in p]
         if probes:
             reached = sorted({p["use_backend_reaches_backward"] for p in probes})
@@ -1250,7 +1281,7 @@ def summary(doc: Dict, paths: Optional[Dict[str, Path]] = None) -> str:
         lines.append(f"pytest -k {k!r} (the test suite's own checks, time-limited):")
         for result in doc["pytest"]:
             lines.append(f"  {result['name']}: {result['summary'][:150]}")
-            for failure in result["failures"][:3]:
+            for failure in result["failures"][:max_test_failures]:
                 lines.append(f"    {failure}"[:240])
 
     lines.append("")
@@ -1349,9 +1380,32 @@ def parse_args(argv: Optional[Sequence[str]]):
     return args
 
 
+def watch_parent() -> None:
+    """Ends this process (a worker, in a session of its own) within a second or two of the
+    suite's end, if the suite is killed before it could end its workers."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(137)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["--worker", "pytest"]:  # pytest, under the watch for the suite's end
+        import pytest
+
+        watch_parent()
+        return int(pytest.main(argv[2:]))
     args = parse_args(argv)
     if args.worker:
+        watch_parent()
         return worker_main(args)
     return Suite(args).run()
 
