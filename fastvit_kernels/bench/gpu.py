@@ -45,7 +45,7 @@ img/s, step timings and a suggested VERIFIED_ON_GPU for fastvit_kernels/backends
 --time-budget (default 480 s) is kept by skipping later optional parts when running late (the
 remaining shapes of a check, compiled peers, torch.compile variants, the training step) and by
 killing a worker at its step's deadline. --steps runs a subset. --dry-run runs the same steps on
-CPU in Triton's interpreter at tiny sizes, one shape per op (about a minute with --skip-build),
+CPU in Triton's interpreter at tiny sizes, one shape per op (80 to 95 s with --skip-build),
 to check this script without a GPU (tests/test_gpu_suite.py).
 """
 
