@@ -150,7 +150,7 @@ def plan(op: str, dry: bool) -> OpPlan:
         from fastvit_kernels.bench import qna_attention as m
 
         Q = m.QnaShape
-        dry_shape = (Q("dry.4x3.s2", 4, 2, 8, 2, width=3), 3)
+        dry_shape = (Q("dry.3x2.s2", 3, 2, 8, 2, width=2), 3)
         shapes = [dry_shape] if dry else [(s, k) for s, k in zip(m.select_shapes(["s0.qna", "s1.down", "s2.qna"]),
                                                                    (3, 3, 7))] + [
             (Q("odd.1x1", 1, 2, 8, 1), 3),  # one pixel
