@@ -9,6 +9,7 @@
   policy_attention  DynamicViT's training attention (keep policy) at DeiT-S shapes
   varlen_attention  packed variable-length attention (DynamicViT inference) at DeiT-S shapes
   dynamic_vit       DynamicViT-S vs DeiT-S images/s (and, with --level ops, the two ops above)
+  gpu               the one-command GPU verification suite (checks, pytest, benchmarks, levit)
   common            what they share: timing, environment, rows, tables, JSON, the command line
 
 Nothing is imported here, so `python -m fastvit_kernels.bench.<module>` runs its module fresh.

@@ -60,23 +60,30 @@ class AttentionShape:
     key_dim: int
     val_dim: int
     count: int  # how many modules of the model have this shape
+    width: Optional[int] = None  # key grid columns when not square (LeViT's grids are square)
 
     @property
     def stride(self) -> int:
         return 1 if self.kind == "block" else 2
 
     @property
+    def grid(self) -> Tuple[int, int]:
+        """The key grid (rows, columns)."""
+        return self.resolution, self.width or self.resolution
+
+    @property
     def nk(self) -> int:
-        return self.resolution**2
+        rows, cols = self.grid
+        return rows * cols
 
     @property
     def nq(self) -> int:
-        side = -(-self.resolution // self.stride)
-        return side * side
+        rows, cols = self.grid
+        return -(-rows // self.stride) * -(-cols // self.stride)
 
     @property
     def table_size(self) -> int:
-        return self.resolution**2
+        return self.nk
 
     def describe(self) -> str:
         return f"H={self.heads} Nq={self.nq} Nk={self.nk} Dk={self.key_dim} Dv={self.val_dim}"
@@ -108,12 +115,13 @@ def select_shapes(patterns: Optional[Sequence[str]]) -> List[AttentionShape]:
     return common.select_by_name(LEVIT_ATTENTION_SHAPES, patterns)
 
 
-def levit_bias_index(resolution: int, stride: int, device=None) -> torch.Tensor:
-    """The LeViT index of a square `resolution` grid (the modules' own function;
-    docs/bias_attention.md, "Definition")."""
+def levit_bias_index(resolution, stride: int, device=None) -> torch.Tensor:
+    """The LeViT index of a square `resolution` grid, or of a (rows, columns) grid (the modules'
+    own function; docs/bias_attention.md, "Definition")."""
     from fastvit_kernels.modules.bias_attention import levit_bias_index as index_of_grid
 
-    return index_of_grid((resolution, resolution), stride, device)
+    grid = tuple(resolution) if isinstance(resolution, (tuple, list)) else (resolution, resolution)
+    return index_of_grid(grid, stride, device)
 
 
 def verify_levit_shapes(models: Sequence[str]) -> List[str]:
@@ -219,7 +227,7 @@ class Case:
                 randn(batch, s.nk, s.heads, s.key_dim + s.val_dim),  # fused kv
             ]
         self.table = randn(s.heads, s.table_size)  # std 1: trained LeViT biases are large
-        self.index = levit_bias_index(s.resolution, s.stride, device=device)
+        self.index = levit_bias_index(s.grid, s.stride, device=device)
         self.grad_out = randn(batch, s.nq, s.heads * s.val_dim)
         self.scale = s.key_dim**-0.5
 
@@ -257,15 +265,16 @@ class Case:
         grads = sum(b.numel() * b.element_size() for b in self.buffers) + self.table.numel() * self.table.element_size()
         return fwd + inputs + out + grads
 
-    def oracle(self, need_grads: bool) -> List[torch.Tensor]:
-        """float64 reference: [output], or the gradients of the buffers and the table for grad_out."""
-        leaves = [t.detach().double().requires_grad_(need_grads) for t in self.buffers + [self.table]]
+    def oracle(self, need_grads: bool, dtype: torch.dtype = torch.float64) -> List[torch.Tensor]:
+        """The reference in float64 (or `dtype`): [output], or the gradients of the buffers and the
+        table for grad_out."""
+        leaves = [t.detach().to(dtype).requires_grad_(need_grads) for t in self.buffers + [self.table]]
         with torch.set_grad_enabled(need_grads):
             q, k, v = self.views(leaves[:-1])
             out = _merge_heads(reference.bias_attention(q, k, v, leaves[-1], self.index, self.scale, "hardswish"))
             if not need_grads:
                 return [out.detach()]
-            return list(torch.autograd.grad(out, leaves, self.grad_out.double()))
+            return list(torch.autograd.grad(out, leaves, self.grad_out.to(dtype)))
 
     def make_callable(self, impl: str, pass_: str):
         """One iteration of `impl` for the pass, returning what `oracle` returns."""
@@ -305,12 +314,14 @@ class Case:
 
 
 def run(shapes: Sequence[AttentionShape], *, batch: int, dtype: torch.dtype, device: torch.device,
-        env: Dict, quick: bool = False, impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES) -> List[Dict]:
+        env: Dict, quick: bool = False, impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES,
+        backend: Optional[str] = None) -> List[Dict]:
     """Benchmarks every shape; returns rows with `ref_speedup` = this impl's time / the op's time.
-    (FlexAttention has no CPU backward: its fwd+bwd rows record the error.)"""
+    (FlexAttention has no CPU backward: its fwd+bwd rows record the error.) `backend` forces the
+    op's backend (common.forcing_backend); default: its automatic choice."""
     bandwidth = common.copy_bandwidth(device, env) if device.type == "cuda" else None
     cases = (Case(shape, batch, dtype, device) for shape in shapes)
-    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, bandwidth=bandwidth)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, bandwidth=bandwidth, backend=backend)
     common.add_ratios(rows, "op")
     return rows
 

@@ -522,16 +522,45 @@ def measure(row: Dict[str, object], prepare: Callable[[], Callable[[], List[torc
     return row
 
 
+@contextlib.contextmanager
+def forcing_backend(name: Optional[str]):
+    """Forces the ops' backend `name` (e.g. "triton") for the block; None changes nothing.
+
+    fastvit_kernels.use_backend sets a context variable, which the autograd threads that run a
+    CUDA backward do not see (they start from an empty context), so the FASTVIT_KERNELS_BACKEND
+    environment variable, which every thread reads, is set for the block as well.
+    """
+    if name is None:
+        yield
+        return
+    from fastvit_kernels import backends
+
+    saved = os.environ.get(backends.ENV_VAR)
+    os.environ[backends.ENV_VAR] = name
+    try:
+        with backends.use_backend(name):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop(backends.ENV_VAR, None)
+        else:
+            os.environ[backends.ENV_VAR] = saved
+
+
 def bench_kernel_cases(cases: Iterable, impls: Sequence[str], passes: Sequence[str], env: Dict[str, object], *,
-                       quick: bool, bandwidth: Optional[float] = None, peak_memory: bool = False) -> List[Dict]:
+                       quick: bool, bandwidth: Optional[float] = None, peak_memory: bool = False,
+                       backend: Optional[str] = None) -> List[Dict]:
     """Checks and times every implementation of each kernel case, for each pass: one row each.
+    With a `backend` (e.g. "triton"), the `op` rows run with that backend forced (forcing_backend);
+    by default the op takes its automatic choice.
 
     `cases` yields a bench module's case objects (its inputs at one shape; a generator, so that one
     case at a time holds memory), which have:
       name, device                    for the log and the timing
       describe()                      a line for the log (batch, shape, dtype)
       row_fields()                    its parameters, copied into each row (case, B, shapes, dtype)
-      oracle(need_grads)              the float64 reference: [output], or the inputs' gradients
+      oracle(need_grads, dtype)       the reference: [output], or the inputs' gradients, in float64
+                                      (dtype: the same formula in another dtype)
       make_callable(impl, pass_)      one call of `impl` ("fwd" or "fwd+bwd"), returning what
                                       oracle returns
       backend()                       the backend the op takes for these inputs
@@ -552,8 +581,9 @@ def bench_kernel_cases(cases: Iterable, impls: Sequence[str], passes: Sequence[s
                     return case.make_callable(impl, pass_)
 
                 floor = case.floor_bytes(pass_) if bandwidth else None
-                rows.append(measure(row, prepare, want, case.device, quick=quick, floor_bytes=floor,
-                                    bandwidth=bandwidth, peak_memory=peak_memory))
+                with forcing_backend(backend if impl == "op" else None):
+                    rows.append(measure(row, prepare, want, case.device, quick=quick, floor_bytes=floor,
+                                        bandwidth=bandwidth, peak_memory=peak_memory))
         case = want = None  # free this case's inputs and oracle before the next is made
     return rows
 

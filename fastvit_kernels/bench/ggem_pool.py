@@ -119,14 +119,16 @@ class Case:
         dx = self.x.numel() * es
         return fwd + pooled + y + dx  # read x and grad_y again, write dx
 
-    def oracle(self, need_grads: bool) -> List[torch.Tensor]:
-        x = self.x.detach().double().requires_grad_(need_grads)
-        p = self.p.detach().double().requires_grad_(need_grads)
+    def oracle(self, need_grads: bool, dtype: torch.dtype = torch.float64) -> List[torch.Tensor]:
+        """The reference in float64 (or `dtype`, p staying float32 as GGeM keeps it): [y], or the
+        gradients of x and p."""
+        x = self.x.detach().to(dtype).requires_grad_(need_grads)
+        p = self.p.detach().to(dtype if dtype == torch.float64 else torch.float32).requires_grad_(need_grads)
         with torch.set_grad_enabled(need_grads):
             y = reference.ggem_pool(x, p, self.shape.heads, EPS, "contiguous", self.shape.prefix)
             if not need_grads:
                 return [y.detach()]
-            return list(torch.autograd.grad(y, (x, p), self.grad_y.double()))
+            return list(torch.autograd.grad(y, (x, p), self.grad_y.to(dtype)))
 
     def make_callable(self, impl: str, pass_: str):
         """One iteration of `impl` for the pass, returning what `oracle` returns."""
@@ -155,11 +157,12 @@ class Case:
 
 def run(shapes: Sequence[PoolShape], *, batch: int, dtype: torch.dtype, device: torch.device, env: Dict,
         quick: bool = False, impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES,
-        bandwidth: bool = True) -> List[Dict]:
-    """Benchmarks every shape; returns rows with `ref_speedup` = this impl's time / the op's time."""
+        bandwidth: bool = True, backend: Optional[str] = None) -> List[Dict]:
+    """Benchmarks every shape; returns rows with `ref_speedup` = this impl's time / the op's time.
+    `backend` forces the op's backend (common.forcing_backend); default: its automatic choice."""
     measured = common.copy_bandwidth(device, env) if bandwidth else None
     cases = (Case(shape, batch, dtype, device) for shape in shapes)
-    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, bandwidth=measured)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, bandwidth=measured, backend=backend)
     common.add_ratios(rows, "op")
     return rows
 

@@ -78,12 +78,13 @@ def randomize_levit_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def build_levit(name: str, device: torch.device, seed: int = 0) -> nn.Module:
-    """timm model (random weights, randomised biases and BN statistics), eval mode, on device."""
+def build_levit(name: str, device: torch.device, seed: int = 0, **model_kwargs) -> nn.Module:
+    """timm model (random weights, randomised biases and BN statistics), eval mode, on device.
+    model_kwargs go to timm.create_model (e.g. img_size=64 for a tiny model)."""
     import timm
 
     torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False)
+    model = timm.create_model(name, pretrained=False, **model_kwargs)
     return randomize_levit_(model, seed).to(device).eval()
 
 
@@ -98,11 +99,12 @@ def make_variant(base: nn.Module, impl: str, dtype: torch.dtype = torch.float32,
     return model
 
 
-def check_patched(base: nn.Module, device: torch.device, batch: int = 8, seed: int = 0) -> Dict[str, object]:
+def check_patched(base: nn.Module, device: torch.device, batch: int = 8, seed: int = 0,
+                  image_size: int = 224) -> Dict[str, object]:
     """Patched vs eager timm in float32: eval outputs (patched, patched+folded), train-mode outputs
     and the gradients of every parameter for a cross-entropy loss."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, 224, 224, generator=g).to(device)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
     result: Dict[str, object] = {}
     patch_timm, _ = patch_api()
@@ -158,10 +160,12 @@ def _levit_row(env, model_name, pass_, impl, batch, dtype, **fields):
 
 
 def bench_inference(base: nn.Module, model_name: str, *, batch: int, dtype: torch.dtype, device: torch.device,
-                    env: Dict, quick: bool, impls: Sequence[str] = INFER_IMPLS) -> List[Dict]:
+                    env: Dict, quick: bool, impls: Sequence[str] = INFER_IMPLS, backend: Optional[str] = None,
+                    image_size: int = 224, min_run_time: Optional[float] = None) -> List[Dict]:
     """Images/s of each variant in eval mode under inference_mode; each output is compared with
-    eager float32 timm (max relative error) before it is timed."""
-    x32 = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
+    eager float32 timm (max relative error) before it is timed. `backend` forces the ops' backend
+    in the patched variants (common.forcing_backend); min_run_time: CPU seconds per timing."""
+    x32 = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(1)).to(device)
     x = x32.to(dtype)
     with torch.inference_mode():
         want = copy.deepcopy(base).eval()(x32).float()
@@ -188,18 +192,21 @@ def bench_inference(base: nn.Module, model_name: str, *, batch: int, dtype: torc
                 common.log(f"    WARNING: {impl} output differs from eager timm (rel err {row['max_rel_err']:.2e})")
 
         # (patching not available, a compile failure: the row records the error)
-        rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
-                                         min_run_time=1.0 if quick else 4.0, check=check))
-    _speedups(rows, "patched+folded" if "patched+folded" in impls else "patched")
+        with common.forcing_backend(backend if impl.startswith("patched") else None):
+            rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
+                                             min_run_time=_min_run_time(quick, min_run_time), check=check))
+    add_speedups(rows, "patched+folded" if "patched+folded" in impls else "patched")
     return rows
 
 
 def bench_training(base: nn.Module, model_name: str, *, batch: int, dtype: torch.dtype, device: torch.device,
-                   env: Dict, quick: bool, impls: Sequence[str] = TRAIN_IMPLS) -> List[Dict]:
+                   env: Dict, quick: bool, impls: Sequence[str] = TRAIN_IMPLS, backend: Optional[str] = None,
+                   image_size: int = 224, min_run_time: Optional[float] = None) -> List[Dict]:
     """Images/s of a training step (forward, cross-entropy, backward, SGD step) in train mode.
-    Parameters stay float32; a float16/bfloat16 dtype runs the step under autocast."""
+    Parameters stay float32; a float16/bfloat16 dtype runs the step under autocast. `backend`,
+    min_run_time: as for bench_inference."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(batch, 3, 224, 224, generator=g).to(device)
+    x = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     with autocast:
@@ -228,13 +235,18 @@ def bench_training(base: nn.Module, model_name: str, *, batch: int, dtype: torch
             row["max_rel_err"] = common.rel_err(out.float(), want)
             row["match"] = row["max_rel_err"] < max(TRAIN_TOL, common.REL_TOL[dtype])
 
-        rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
-                                         min_run_time=1.0 if quick else 4.0, check=check))
-    _speedups(rows, "patched")
+        with common.forcing_backend(backend if impl.startswith("patched") else None):
+            rows.append(common.measure_model(row, prepare, device, images=batch, quick=quick,
+                                             min_run_time=_min_run_time(quick, min_run_time), check=check))
+    add_speedups(rows, "patched")
     return rows
 
 
-def _speedups(rows: List[Dict], ref_impl: str) -> None:
+def _min_run_time(quick: bool, given: Optional[float]) -> float:
+    return given if given is not None else (1.0 if quick else 4.0)
+
+
+def add_speedups(rows: List[Dict], ref_impl: str) -> None:
     """ref_speedup (this row's time / ref_impl's, as for kernels) and vs_eager (eager time / this)."""
     common.add_ratios(rows, ref_impl)
     eager = {(r["case"], r["pass"]): r["ms"] for r in rows if r["impl"] == "eager" and r.get("ms")}

@@ -63,40 +63,45 @@ def impl_sdpa(q, k, v, policy, scale):
 
 
 class Case:
-    def __init__(self, batch: int, keep: float, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Inputs at DeiT-S's shape by default (tokens, heads, head_dim: another shape)."""
+
+    def __init__(self, batch: int, keep: float, dtype: torch.dtype, device: torch.device, seed: int = 0, *,
+                 tokens: int = TOKENS, heads: int = HEADS, head_dim: int = HEAD_DIM):
         self.batch, self.keep, self.dtype, self.device = batch, keep, dtype, device
+        self.tokens, self.heads, self.head_dim = tokens, heads, head_dim
         self.name = f"policy.keep{keep:g}"
         g = torch.Generator().manual_seed(seed)
         # q, k, v as views of one projection, as the attention module passes them.
-        qkv = torch.randn(batch, TOKENS, 3, HEADS, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
+        qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=g).to(device=device, dtype=dtype)
         self.q, self.k, self.v = qkv.permute(2, 0, 3, 1, 4)
-        # DynamicViT keeps the top `keep` fraction of the 196 patch tokens (cls always kept).
-        policy = torch.zeros(batch, TOKENS)
-        kept = int(round((TOKENS - 1) * keep))
-        order = torch.rand(batch, TOKENS - 1, generator=g).argsort(dim=1)[:, :kept] + 1
+        # DynamicViT keeps the top `keep` fraction of the patch tokens (cls always kept).
+        policy = torch.zeros(batch, tokens)
+        kept = int(round((tokens - 1) * keep))
+        order = torch.rand(batch, tokens - 1, generator=g).argsort(dim=1)[:, :kept] + 1
         policy.scatter_(1, order, 1.0)
         policy[:, 0] = 1.0
         self.policy = policy.to(device)
-        self.grad_out = torch.randn(batch, HEADS, TOKENS, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
-        self.scale = HEAD_DIM ** -0.5
+        self.grad_out = torch.randn(batch, heads, tokens, head_dim, generator=g).to(device=device, dtype=dtype)
+        self.scale = head_dim ** -0.5
 
     def describe(self) -> str:
-        return f"B={self.batch} H={HEADS} N={TOKENS} D={HEAD_DIM} {common.dtype_name(self.dtype)}"
+        return f"B={self.batch} H={self.heads} N={self.tokens} D={self.head_dim} {common.dtype_name(self.dtype)}"
 
     def row_fields(self) -> Dict[str, object]:
-        return dict(case=self.name, op="policy_attention", keep=self.keep, B=self.batch, H=HEADS, N=TOKENS,
-                    D=HEAD_DIM, dtype=common.dtype_name(self.dtype))
+        return dict(case=self.name, op="policy_attention", keep=self.keep, B=self.batch, H=self.heads,
+                    N=self.tokens, D=self.head_dim, dtype=common.dtype_name(self.dtype))
 
     def backend(self) -> str:
         return select_backend(self.q, self.k, self.v, self.policy, self.scale, EPS).name
 
-    def oracle(self, need_grads: bool) -> List[torch.Tensor]:
-        leaves = [t.detach().double().requires_grad_(need_grads) for t in (self.q, self.k, self.v, self.policy)]
+    def oracle(self, need_grads: bool, dtype: torch.dtype = torch.float64) -> List[torch.Tensor]:
+        """The reference in float64 (or `dtype`): [output], or the gradients of q, k, v and the policy."""
+        leaves = [t.detach().to(dtype).requires_grad_(need_grads) for t in (self.q, self.k, self.v, self.policy)]
         with torch.set_grad_enabled(need_grads):
             out = reference.policy_attention_eager(*leaves, self.scale, EPS)
             if not need_grads:
                 return [out.detach()]
-            return list(torch.autograd.grad(out, leaves, self.grad_out.double()))
+            return list(torch.autograd.grad(out, leaves, self.grad_out.to(dtype)))
 
     def make_callable(self, impl: str, pass_: str):
         """One iteration of `impl` for the pass, returning what `oracle` returns (sdpa has no
@@ -130,10 +135,12 @@ class Case:
 
 def run(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool = False,
         keeps: Sequence[float] = KEEP_RATIOS, impls: Sequence[str] = IMPLS,
-        passes: Sequence[str] = PASSES) -> List[Dict]:
-    """Benchmarks every keep ratio; rows get `ref_speedup` = this impl's time / the op's time."""
-    cases = (Case(batch, keep, dtype, device) for keep in keeps)
-    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick)
+        passes: Sequence[str] = PASSES, backend: Optional[str] = None, **shape) -> List[Dict]:
+    """Benchmarks every keep ratio; rows get `ref_speedup` = this impl's time / the op's time.
+    `backend` forces the op's backend (common.forcing_backend); `shape`: Case's tokens, heads,
+    head_dim (default DeiT-S)."""
+    cases = (Case(batch, keep, dtype, device, **shape) for keep in keeps)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, backend=backend)
     common.add_ratios(rows, "op")
     return rows
 

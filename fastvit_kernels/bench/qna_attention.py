@@ -32,7 +32,7 @@ import contextlib
 import copy
 import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,19 +56,29 @@ class QnaShape:
     """One QnA layer of QnA-ViT tiny at 224x224 (B and k are chosen by the benchmark)."""
 
     name: str  # e.g. "s0.qna" (stage 0, stride 1), "s0.down" (the strided layer ending stage 0)
-    side: int  # input map side Hi = Wi
+    side: int  # input map height Hi (and width Wi unless `width` is given)
     heads: int
     head_dim: int
     stride: int
     queries: int = 2
+    width: Optional[int] = None  # input map width Wi when not square (QnA-ViT's maps are square)
 
     @property
     def features(self) -> int:
         return self.heads * self.head_dim
 
+    @property
+    def size(self) -> Tuple[int, int]:
+        """The input map (Hi, Wi)."""
+        return self.side, self.width or self.side
+
+    def output_size(self, k: int) -> Tuple[int, int]:
+        """The output map (Ho, Wo) for kernel size k."""
+        return tuple(reference.output_size(n, k, self.stride) for n in self.size)
+
     def describe(self, k: int) -> str:
-        out = reference.output_size(self.side, k, self.stride)
-        return (f"{self.side}x{self.side}->{out}x{out} h={self.heads} d={self.head_dim} Q={self.queries} "
+        (hi, wi), (ho, wo) = self.size, self.output_size(k)
+        return (f"{hi}x{wi}->{ho}x{wo} h={self.heads} d={self.head_dim} Q={self.queries} "
                 f"k={k} s={self.stride}")
 
 
@@ -101,7 +111,7 @@ def _describe(case) -> str:
 def _row_fields(case) -> Dict[str, object]:
     s = case.shape
     return dict(level=case.level, case=case.name, shape=s.name, k=case.k, stride=s.stride, B=case.batch,
-                side=s.side, heads=s.heads, head_dim=s.head_dim, Q=s.queries, dtype=common.dtype_name(case.dtype))
+                side=s.side, width=s.size[1], heads=s.heads, head_dim=s.head_dim, Q=s.queries, dtype=common.dtype_name(case.dtype))
 
 
 class Case:
@@ -117,11 +127,10 @@ class Case:
         def randn(*size, dtype=dtype):
             return torch.randn(*size, generator=g).to(device=device, dtype=dtype)
 
-        self.projection = randn(batch, s.side, s.side, s.features + s.queries * s.heads)
+        self.projection = randn(batch, *s.size, s.features + s.queries * s.heads)
         self.rpe = randn(k * k, s.queries, s.heads, dtype=torch.float32)
         self.attn_scale = randn(k * k, s.queries, s.heads, dtype=torch.float32)
-        out_side = reference.output_size(s.side, k, s.stride)
-        self.grad_out = randn(batch, out_side, out_side, s.features)
+        self.grad_out = randn(batch, *s.output_size(k), s.features)
         self.name = f"{s.name}.k{k}"
 
     def describe(self) -> str:
@@ -141,15 +150,18 @@ class Case:
         cost, v = self.views(self.projection)
         return select_backend(cost, v, self.rpe, self.attn_scale, self.k, self.shape.stride).name
 
-    def oracle(self, need_grads: bool):
-        """float64 reference output, or the gradients of projection, rpe and attn_scale."""
-        leaves = [t.detach().double().requires_grad_(need_grads) for t in (self.projection, self.rpe, self.attn_scale)]
+    def oracle(self, need_grads: bool, dtype: torch.dtype = torch.float64):
+        """The reference output in float64 (or `dtype`: the projection's; rpe and attn_scale stay
+        float32 then, as the layer keeps them), or the gradients of projection, rpe and attn_scale."""
+        param_dtype = dtype if dtype == torch.float64 else torch.float32
+        leaves = [self.projection.detach().to(dtype)] + [t.detach().to(param_dtype) for t in (self.rpe, self.attn_scale)]
+        leaves = [t.requires_grad_(need_grads) for t in leaves]
         with torch.set_grad_enabled(need_grads):
             cost, v = self.views(leaves[0])
             out = impl_unfold(cost, v, leaves[1], leaves[2], self.k, self.shape.stride)
             if not need_grads:
                 return [out]
-            return list(torch.autograd.grad(out, leaves, self.grad_out.double()))
+            return list(torch.autograd.grad(out, leaves, self.grad_out.to(dtype)))
 
     def make_callable(self, impl: str, pass_: str) -> Callable[[], List[torch.Tensor]]:
         """One iteration of `impl`, returning what `oracle` returns."""
@@ -190,9 +202,8 @@ class LayerCase:
             self.module.rpe.normal_(std=1.0)
             self.module.attn_scale.normal_(std=1.0)
         self.module.to(device=device, dtype=dtype)
-        self.x = torch.randn(batch, s.side, s.side, in_dim, device=device, dtype=dtype)
-        out_side = reference.output_size(s.side, k, s.stride)
-        self.grad_out = torch.randn(batch, out_side, out_side, s.features, device=device, dtype=dtype)
+        self.x = torch.randn(batch, *s.size, in_dim, device=device, dtype=dtype)
+        self.grad_out = torch.randn(batch, *s.output_size(k), s.features, device=device, dtype=dtype)
         self.name = f"{s.name}.k{k}"
 
     def describe(self) -> str:
@@ -203,8 +214,8 @@ class LayerCase:
 
     def backend(self) -> str:
         m, s = self.module, self.shape
-        cost = self.x.new_empty(1, s.side, s.side, s.queries, s.heads)
-        v = self.x.new_empty(1, s.side, s.side, s.heads, s.head_dim)
+        cost = self.x.new_empty(1, *s.size, s.queries, s.heads)
+        v = self.x.new_empty(1, *s.size, s.heads, s.head_dim)
         return select_backend(cost, v, m.rpe, m.attn_scale, self.k, s.stride).name
 
     def _run(self, module, x, need_grads: bool, grad_out):
@@ -214,11 +225,11 @@ class LayerCase:
         leaves = [x] + list(module.parameters())
         return list(torch.autograd.grad(module(x), leaves, grad_out))
 
-    def oracle(self, need_grads: bool):
-        module = copy.deepcopy(self.module).double()
-        x = self.x.detach().double().requires_grad_(need_grads)
+    def oracle(self, need_grads: bool, dtype: torch.dtype = torch.float64):
+        module = copy.deepcopy(self.module).to(dtype)
+        x = self.x.detach().to(dtype).requires_grad_(need_grads)
         with qna_attention_swapped("unfold"):
-            return self._run(module, x, need_grads, self.grad_out.double())
+            return self._run(module, x, need_grads, self.grad_out.to(dtype))
 
     def make_callable(self, impl: str, pass_: str) -> Callable[[], List[torch.Tensor]]:
         need_grads = pass_ != "fwd"
@@ -327,11 +338,12 @@ LEVELS = {"op": Case, "layer": LayerCase}
 
 def run(shapes: Sequence[QnaShape], *, kernel_sizes: Sequence[int], batch: int, dtype: torch.dtype,
         device: torch.device, env: Dict, quick: bool = False, impls: Sequence[str] = IMPLS,
-        passes: Sequence[str] = PASSES, levels: Sequence[str] = ("op",)) -> List[Dict]:
-    """Benchmarks every (level, shape, k); rows get `ref_speedup` = this impl's time / the op's."""
+        passes: Sequence[str] = PASSES, levels: Sequence[str] = ("op",), backend: Optional[str] = None) -> List[Dict]:
+    """Benchmarks every (level, shape, k); rows get `ref_speedup` = this impl's time / the op's.
+    `backend` forces the op's backend (common.forcing_backend); default: its automatic choice."""
     cases = (LEVELS[level](shape, k, batch, dtype, device)
              for level in levels for k in kernel_sizes for shape in shapes)
-    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, peak_memory=True)
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, peak_memory=True, backend=backend)
     common.add_ratios(rows, "op", group_keys=GROUP)
     add_memory_ratios(rows)
     return rows

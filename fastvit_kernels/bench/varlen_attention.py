@@ -52,17 +52,21 @@ def case_lengths(batch: int) -> Dict[str, List[int]]:
 
 
 class Case:
-    def __init__(self, name: str, lengths: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """Packed images of the given lengths, at DeiT-S's heads and head width by default."""
+
+    def __init__(self, name: str, lengths: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0, *,
+                 heads: int = HEADS, head_dim: int = HEAD_DIM):
         self.name, self.lengths, self.dtype, self.device = name, list(lengths), dtype, device
+        self.heads, self.head_dim = heads, head_dim
         g = torch.Generator().manual_seed(seed)
         total = sum(lengths)
-        qkv = torch.randn(total, 3, HEADS, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
+        qkv = torch.randn(total, 3, heads, head_dim, generator=g).to(device=device, dtype=dtype)
         self.q, self.k, self.v = qkv.unbind(1)
         self.cu = torch.tensor([0] + list(lengths), dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
         self.bounds = self.cu.tolist()  # for `loop`, read once outside the timing
         self.max_len = max(lengths)
-        self.grad_out = torch.randn(total, HEADS, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
-        self.scale = HEAD_DIM ** -0.5
+        self.grad_out = torch.randn(total, heads, head_dim, generator=g).to(device=device, dtype=dtype)
+        self.scale = head_dim ** -0.5
         # padded layout: [B, H, Lmax, D] and the key-padding mask
         B = len(lengths)
         self.index = torch.cat([b * self.max_len + torch.arange(n) for b, n in enumerate(lengths)]).to(device)
@@ -71,33 +75,34 @@ class Case:
         self.key_mask = valid.view(B, 1, 1, self.max_len)
 
     def describe(self) -> str:
-        return (f"{len(self.lengths)} images, {sum(self.lengths)} tokens (max {self.max_len}), H={HEADS} D={HEAD_DIM} "
-                f"{common.dtype_name(self.dtype)}")
+        return (f"{len(self.lengths)} images, {sum(self.lengths)} tokens (max {self.max_len}), H={self.heads} "
+                f"D={self.head_dim} {common.dtype_name(self.dtype)}")
 
     def row_fields(self) -> Dict[str, object]:
         return dict(case=self.name, op="varlen_attention", B=len(self.lengths), tokens=sum(self.lengths),
-                    max_len=self.max_len, H=HEADS, D=HEAD_DIM, dtype=common.dtype_name(self.dtype))
+                    max_len=self.max_len, H=self.heads, D=self.head_dim, dtype=common.dtype_name(self.dtype))
 
     def backend(self) -> str:
         return select_backend(self.q, self.k, self.v, self.cu, self.max_len, self.scale).name
 
-    def oracle(self, need_grads: bool) -> List[torch.Tensor]:
-        leaves = [t.detach().double().requires_grad_(need_grads) for t in (self.q, self.k, self.v)]
+    def oracle(self, need_grads: bool, dtype: torch.dtype = torch.float64) -> List[torch.Tensor]:
+        """The reference in float64 (or `dtype`): [output], or the gradients of q, k, v."""
+        leaves = [t.detach().to(dtype).requires_grad_(need_grads) for t in (self.q, self.k, self.v)]
         with torch.set_grad_enabled(need_grads):
             out = reference.varlen_attention_eager(*leaves, self.cu.cpu(), self.scale)
             if not need_grads:
                 return [out.detach()]
-            return list(torch.autograd.grad(out, leaves, self.grad_out.double()))
+            return list(torch.autograd.grad(out, leaves, self.grad_out.to(dtype)))
 
     def pad(self, t: torch.Tensor) -> torch.Tensor:
         """[T, H, D] packed -> [B, H, Lmax, D] (zeros in the padding)."""
         B = len(self.lengths)
-        buf = t.new_zeros(B * self.max_len, HEADS, HEAD_DIM)
+        buf = t.new_zeros(B * self.max_len, self.heads, self.head_dim)
         buf[self.index] = t
-        return buf.view(B, self.max_len, HEADS, HEAD_DIM).transpose(1, 2)
+        return buf.view(B, self.max_len, self.heads, self.head_dim).transpose(1, 2)
 
     def unpad(self, t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(-1, HEADS, HEAD_DIM)[self.index]
+        return t.transpose(1, 2).reshape(-1, self.heads, self.head_dim)[self.index]
 
     def impl_op(self, q, k, v):
         return varlen_attention(q, k, v, self.cu, self.max_len, scale=self.scale)
@@ -138,10 +143,14 @@ class Case:
 
 
 def run(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool = False,
-        impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES) -> List[Dict]:
-    """Benchmarks both cases; rows get `ref_speedup` = this impl's time / the op's time."""
-    cases = (Case(name, lengths, dtype, device) for name, lengths in case_lengths(batch).items())
-    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick)
+        impls: Sequence[str] = IMPLS, passes: Sequence[str] = PASSES, backend: Optional[str] = None,
+        lengths: Optional[Dict[str, Sequence[int]]] = None, **shape) -> List[Dict]:
+    """Benchmarks both cases (or `lengths`: case name -> tokens per image); rows get `ref_speedup`
+    = this impl's time / the op's time. `backend` forces the op's backend (common.forcing_backend);
+    `shape`: Case's heads, head_dim (default DeiT-S)."""
+    lengths = case_lengths(batch) if lengths is None else lengths
+    cases = (Case(name, per_image, dtype, device, **shape) for name, per_image in lengths.items())
+    rows = common.bench_kernel_cases(cases, impls, passes, env, quick=quick, backend=backend)
     common.add_ratios(rows, "op")
     return rows
 
