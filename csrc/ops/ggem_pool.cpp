@@ -58,10 +58,16 @@ at::Tensor per_channel_p(const char* fn, const at::Tensor& p, int64_t C, bool in
   const at::Tensor p32 = p.to(at::kFloat).contiguous();
   const float* src = p32.data_ptr<float>();
   const int64_t G = p32.size(0);
+  // The message is the one the Python backends give (ops/ggem_pool.py).
+  float low = src[0], high = src[0];
+  bool valid = true;
   for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK_VALUE(std::isfinite(src[g]) && src[g] > 0.0f, fn,
-                      ": every p must be finite and > 0, got p[", g, "] = ", src[g]);
+    valid = valid && std::isfinite(src[g]) && src[g] > 0.0f;
+    low = std::min(low, src[g]);
+    high = std::max(high, src[g]);
   }
+  TORCH_CHECK_VALUE(valid, "ggem_pool: every p must be finite and > 0, got values from ", low,
+                    " to ", high);
   at::Tensor pc = at::empty({C}, p32.options());
   float* dst = pc.data_ptr<float>();
   const int64_t per_group = C / G;
@@ -190,10 +196,12 @@ std::tuple<at::Tensor, at::Tensor> ggem_pool_backward(const at::Tensor& grad_y, 
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("ggem_pool_forward"))
+// Registration: torch.ops.fastvit_kernels.ggem_pool_forward / _backward, the C++ CPU kernels of the
+// op; its fake (meta) implementation and autograd are registered by fastvit_kernels/ops/ggem_pool.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.ggem_pool");  // registers the fake implementations
   // -> (y [B, C] in x's dtype, log_mean [B, C] fp32)
   m.def("ggem_pool_forward(Tensor x, Tensor p, int groups, float eps, bool interleaved, "
         "int num_prefix_tokens) -> (Tensor, Tensor)");
@@ -202,7 +210,7 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "float eps, bool interleaved, int num_prefix_tokens) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("ggem_pool_forward", &fastvit_kernels::cpu::ggem_pool_forward);
   m.impl("ggem_pool_backward", &fastvit_kernels::cpu::ggem_pool_backward);
 }

@@ -265,10 +265,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_attention_back
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("policy_attention_forward"))
+// Registration: torch.ops.fastvit_kernels.policy_attention_forward / _backward, the C++ CPU kernels of the
+// op; its fake (meta) implementation and autograd are registered by fastvit_kernels/ops/policy_attention.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.policy_attention");  // registers the fake implementations
   // -> (out [B,H,N,D] over [B,N,H,D] memory, row_max, denom [B,H,N] fp32, row_argmax [B,H,N] int32)
   m.def("policy_attention_forward(Tensor q, Tensor k, Tensor v, Tensor policy, float scale, "
         "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -278,7 +280,7 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "bool need_dpolicy) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("policy_attention_forward", &fastvit_kernels::cpu::policy_attention_forward);
   m.impl("policy_attention_backward", &fastvit_kernels::cpu::policy_attention_backward);
 }

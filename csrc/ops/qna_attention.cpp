@@ -242,10 +242,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backwar
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("qna_attention_forward"))
+// Registration: torch.ops.fastvit_kernels.qna_attention_forward / _backward, the C++ CPU kernels of the
+// op; its fake (meta) implementation and autograd are registered by fastvit_kernels/ops/qna_attention.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.qna_attention");  // registers the fake implementations
   // -> (out [B, Ho, Wo, h, d], lse [B, Ho, Wo, Q, h] fp32)
   m.def("qna_attention_forward(Tensor cost, Tensor v, Tensor rpe, Tensor attn_scale, "
         "int kernel_size, int stride) -> (Tensor, Tensor)");
@@ -255,7 +257,7 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("qna_attention_forward", &fastvit_kernels::cpu::qna_attention_forward);
   m.impl("qna_attention_backward", &fastvit_kernels::cpu::qna_attention_backward);
 }

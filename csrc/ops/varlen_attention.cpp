@@ -48,8 +48,7 @@ void check_qkv(const char* fn, const at::Tensor& q, const at::Tensor& k, const a
 }
 
 // cu_seqlens: int64, contiguous CPU [num_seqs + 1], 0 = cu[0] < cu[1] < ... < cu[num_seqs] = T
-// (the Python op checks this too; on CPU it costs nothing to check again). Returns the longest
-// segment, which max_seqlen must cover.
+// Returns the longest segment, which max_seqlen must cover.
 int64_t check_cu_seqlens(const char* fn, const at::Tensor& cu, int64_t T, int64_t max_seqlen) {
   check_defined_cpu(fn, "cu_seqlens", cu);
   TORCH_CHECK(cu.scalar_type() == at::kLong, fn, ": cu_seqlens must be int64, got ",
@@ -59,19 +58,21 @@ int64_t check_cu_seqlens(const char* fn, const at::Tensor& cu, int64_t T, int64_
               cu.sizes());
   TORCH_CHECK(cu.is_contiguous(), fn, ": cu_seqlens must be contiguous, got strides ",
               cu.strides());
+  // The messages are the ones the Python backends give (ops/varlen_attention.py).
   const int64_t* c = cu.data_ptr<int64_t>();
   const int64_t n = cu.size(0);
-  TORCH_CHECK_VALUE(c[0] == 0, fn, ": cu_seqlens[0] must be 0, got ", c[0]);
+  TORCH_CHECK_VALUE(c[0] == 0, "varlen_attention: cu_seqlens[0] must be 0, got ", c[0]);
   int64_t longest = 0;
   for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK_VALUE(c[i] > c[i - 1], fn, ": cu_seqlens must be strictly increasing, got cu_seqlens[",
-                      i - 1, "] = ", c[i - 1], " and cu_seqlens[", i, "] = ", c[i]);
+    TORCH_CHECK_VALUE(c[i] > c[i - 1], "varlen_attention: cu_seqlens must be strictly increasing "
+                      "(every image keeps >= 1 token), got cu_seqlens[", i - 1, "] = ", c[i - 1],
+                      " >= cu_seqlens[", i, "] = ", c[i]);
     longest = std::max(longest, c[i] - c[i - 1]);
   }
-  TORCH_CHECK_VALUE(c[n - 1] == T, fn, ": cu_seqlens[-1] must be T = ", T,
-                    " (q.shape[0]), got ", c[n - 1]);
-  TORCH_CHECK_VALUE(max_seqlen >= longest, fn, ": max_seqlen must be at least the longest segment ",
-                    longest, " (from cu_seqlens), got ", max_seqlen);
+  TORCH_CHECK_VALUE(c[n - 1] == T, "varlen_attention: cu_seqlens[-1] must be the number of packed "
+                    "tokens q.shape[0] = ", T, ", got ", c[n - 1]);
+  TORCH_CHECK_VALUE(max_seqlen >= longest, "varlen_attention: max_seqlen must be >= the longest "
+                    "segment (", longest, "), got ", max_seqlen);
   return longest;
 }
 
@@ -248,10 +249,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("varlen_attention_forward"))
+// Registration: torch.ops.fastvit_kernels.varlen_attention_forward / _backward, the C++ CPU kernels of the
+// op; its fake (meta) implementation and autograd are registered by fastvit_kernels/ops/varlen_attention.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.varlen_attention");  // registers the fake implementations
   // -> (out [T, H, D], lse [T, H] fp32)
   m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, "
         "int max_seqlen, float scale) -> (Tensor, Tensor)");
@@ -260,7 +263,7 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "Tensor lse, Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("varlen_attention_forward", &fastvit_kernels::cpu::varlen_attention_forward);
   m.impl("varlen_attention_backward", &fastvit_kernels::cpu::varlen_attention_backward);
 }
