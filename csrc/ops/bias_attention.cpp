@@ -20,9 +20,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "kernels/bias_attention.h"
+#include "ops/autograd.h"
 #include "ops/checks.h"
 #include "ops/common.h"
 #include "ops/dispatch.h"
@@ -360,6 +362,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_attention_backwa
   return {dq, dk, dv, dtable32.to(table->scalar_type())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (ops/autograd.h; the Python backends' twin is in fastvit_kernels/ops/bias_attention.py)
+// ---------------------------------------------------------------------------------------------
+
+class BiasAttentionFunction : public torch::autograd::Function<BiasAttentionFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+      const at::Tensor& v, const std::optional<at::Tensor>& table,
+      const std::optional<at::Tensor>& index, double scale, const std::string& activation,
+      bool save_pre_activation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = native_op<decltype(bias_attention_forward)>("fastvit_kernels::bias_attention_forward");
+    auto [out, o_pre, lse] = op.call(q, k, v, table, index, scale, activation, save_pre_activation);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["activation"] = activation;
+    // With no activation, the output itself is the pre-activation output.
+    ctx->save_for_backward({q, k, v, table.value_or(at::Tensor()), index.value_or(at::Tensor()),
+                            activation == "none" ? out : o_pre, lse});
+    ctx->mark_non_differentiable({o_pre, lse});
+    return {out, o_pre, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o_pre = saved[5];
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    // sym_numel: under torch.compile the sizes may be symbolic.
+    TORCH_CHECK(activation == "none" || o_pre.sym_numel() > 0,
+                "bias_attention: backward needs the pre-activation output, which was not saved "
+                "because no input required grad when the forward ran");
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(o_pre);
+    const std::optional<at::Tensor> table = saved[3].defined() ? std::optional(saved[3]) : std::nullopt;
+    const std::optional<at::Tensor> index = saved[4].defined() ? std::optional(saved[4]) : std::nullopt;
+    static const auto op = native_op<decltype(bias_attention_backward)>("fastvit_kernels::bias_attention_backward");
+    auto [dq, dk, dv, dtable] = op.call(grad_out, q, k, v, table, index, o_pre, saved[6],
+                                        ctx->saved_data["scale"].toDouble(), activation);
+    return {dq, dk, dv, table ? dtable : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index, double scale,
+    const std::string& activation, bool save_pre_activation) {
+  auto out = BiasAttentionFunction::apply(q, k, v, table, index, scale, activation,
+                                          save_pre_activation);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastvit_kernels
@@ -383,4 +437,8 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
 TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("bias_attention_forward", &fastvit_kernels::cpu::bias_attention_forward);
   m.impl("bias_attention_backward", &fastvit_kernels::cpu::bias_attention_backward);
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels, Autograd, m) {
+  m.impl("bias_attention_forward", &fastvit_kernels::cpu::bias_attention_forward_autograd);
 }

@@ -13,9 +13,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "kernels/varlen_attention.h"
+#include "ops/autograd.h"
 #include "ops/checks.h"
 #include "ops/common.h"
 #include "ops/dispatch.h"
@@ -244,6 +246,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (ops/autograd.h; the Python backends' twin is in fastvit_kernels/ops/varlen_attention.py)
+// ---------------------------------------------------------------------------------------------
+
+class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttentionFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                int64_t max_seqlen, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = native_op<decltype(varlen_attention_forward)>("fastvit_kernels::varlen_attention_forward");
+    auto [out, lse] = op.call(q, k, v, cu_seqlens, max_seqlen, scale);
+    ctx->saved_data["max_seqlen"] = max_seqlen;
+    ctx->saved_data["scale"] = scale;
+    ctx->save_for_backward({q, k, v, out, lse, cu_seqlens});
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[3]);
+    static const auto op = native_op<decltype(varlen_attention_backward)>("fastvit_kernels::varlen_attention_backward");
+    auto [dq, dk, dv] = op.call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                ctx->saved_data["max_seqlen"].toInt(), ctx->saved_data["scale"].toDouble());
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    int64_t max_seqlen, double scale) {
+  auto out = VarlenAttentionFunction::apply(q, k, v, cu_seqlens, max_seqlen, scale);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastvit_kernels
@@ -266,4 +306,8 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
 TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("varlen_attention_forward", &fastvit_kernels::cpu::varlen_attention_forward);
   m.impl("varlen_attention_backward", &fastvit_kernels::cpu::varlen_attention_backward);
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels, Autograd, m) {
+  m.impl("varlen_attention_forward", &fastvit_kernels::cpu::varlen_attention_forward_autograd);
 }

@@ -10,10 +10,11 @@ Each op `<op>` has two pairs of torch.library ops in the `fastvit_kernels` names
                                                `str backend` ("reference" or "triton"): the
                                                backends written in Python, on any device.
 
-Python registers, for both pairs, the fake (meta) implementations and the autograd formula. The
-public function (ops/<op>.py) chooses the backend once per call and calls the matching forward;
-autograd records which one ran, so the backward runs on the forward's backend even when the
-backward happens outside a `use_backend` block or in another thread.
+Python registers the fake (meta) implementations of both pairs and the autograd of the Python
+pair; the native pair's autograd is C++ (csrc/ops/<op>.cpp), so a native op never calls back into
+Python. The public function (ops/<op>.py) chooses the backend once per call and calls the matching
+forward; autograd records which one ran, so the backward runs on the forward's backend even when
+the backward happens outside a `use_backend` block or in another thread.
 """
 
 from typing import Callable, Optional, Sequence
@@ -86,12 +87,9 @@ class DispatcherOps:
             # home of the fakes (m.set_python_module in csrc/ops/<op>.cpp).
             torch.library.register_fake(self.native_forward, fake_forward, _stacklevel=2)
             torch.library.register_fake(self.native_backward, fake_backward, _stacklevel=2)
-
-            def setup_native(ctx, inputs, output):
-                ctx.backend = NATIVE_BACKEND
-                setup_context(ctx, inputs, output)
-
-            torch.library.register_autograd(self.native_forward, backward, setup_context=setup_native)
+            # Their autograd is C++ too (csrc/ops/<op>.cpp), so that no call of a native op, with
+            # grad mode on or off, enters Python: `backward` and `setup_context` serve the Python
+            # pair only.
 
     def overloads(self, backend: str):
         """(forward OpOverload, backward OpOverload, extra trailing arguments) of `backend`."""
