@@ -153,8 +153,9 @@ def standard_backends(
     native_limits: Callable[..., List[str]] = _NO_LIMITS,
     triton_limits: Optional[Callable[..., List[str]]] = None,
 ) -> OpBackends:
-    """The three backends every op declares the same way; `op` names the C++ entry points
-    (`_C.<op>_forward`), the Triton module (`fastvit_kernels.triton.<op>`) and the messages.
+    """The three backends every op declares the same way; `op` names the C++ kernels
+    (`_native.kernel("<op>_forward")`), the Triton module (`fastvit_kernels.triton.<op>`) and the
+    messages.
 
     The why_not functions take the op's dispatch inputs, the first being its main tensor (its
     device decides). native_limits(*inputs) lists what the C++ kernel cannot take (dtype, sizes);
