@@ -25,6 +25,7 @@ row's images/s over the best engine of the first group at the same (model, dtype
 
 import contextlib
 import copy
+import gc
 import os
 import sys
 import tempfile
@@ -37,7 +38,10 @@ from fastvit_kernels.bench import common
 MODELS = ("levit_128s", "levit_256", "levit_384", "deit_s", "qna_vit_tiny")
 PEERS = ("eager", "compile", "onnxruntime", "openvino")
 FVK = ("fvk", "fvk.compile", "fvk.aoti")
-ENGINES = PEERS + FVK
+# Run order: the PyTorch engines first, then ONNX Runtime and OpenVINO, whose thread pools (ORT's
+# spin after each run) would otherwise take cores from PyTorch's OpenMP threads; each engine's
+# session is freed after its row.
+ENGINES = ("eager", "compile") + FVK + ("onnxruntime", "openvino")
 SERVE_DTYPES = ("float32", "bfloat16")
 # Output tolerance against eager float32 (max relative error): bf16 runs every layer in bf16.
 SERVE_TOL = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 3e-2}
@@ -210,6 +214,7 @@ def run(models: Sequence[str], *, dtypes: Sequence[torch.dtype], batches: Option
                         group.append(common.measure_model(
                             row, prepare, cpu,
                             images=batch, quick=quick, min_run_time=1.0 if quick else 3.0, check=check))
+                        gc.collect()
                 add_peer_ratios(group)
                 rows += group
     return rows
