@@ -230,10 +230,10 @@ def add_peer_ratios(group: List[Dict]) -> None:
         row["x_best_peer"] = row["img_per_s"] / best["img_per_s"] if best and row.get("img_per_s") else None
 
 
-COLUMNS = [
-    common.Column("case", "model", left=True),
-    common.Column("dtype", "dtype", left=True),
-    common.Column("B", "batch"),
+# (model, dtype, batch): the key of both tables.
+KEY_COLUMNS = [common.Column("case", "model", left=True), common.Column("dtype", "dtype", left=True),
+               common.Column("B", "batch")]
+COLUMNS = KEY_COLUMNS + [
     common.Column("impl", "engine", left=True),
     common.Column("img_per_s", "img/s", "{:.1f}"),
     common.Column("x_best_peer", "x best peer", "{:.2f}"),
@@ -271,10 +271,7 @@ def summary(rows: List[Dict]) -> List[Dict]:
     return out
 
 
-SUMMARY_COLUMNS = [
-    common.Column("case", "model", left=True),
-    common.Column("dtype", "dtype", left=True),
-    common.Column("B", "batch"),
+SUMMARY_COLUMNS = KEY_COLUMNS + [
     common.Column("best_peer", "best peer", left=True),
     common.Column("peer_img_per_s", "img/s", "{:.1f}"),
     common.Column("best_fvk", "best fastvit_kernels", left=True),

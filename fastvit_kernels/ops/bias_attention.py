@@ -33,16 +33,9 @@ MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def bias_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias_table: Optional[Tensor] = None,
-    bias_index: Optional[Tensor] = None,
-    *,
-    scale: Optional[float] = None,
-    activation: Optional[str] = None,
-) -> Tensor:
+def bias_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Optional[Tensor] = None,
+                   bias_index: Optional[Tensor] = None, *, scale: Optional[float] = None,
+                   activation: Optional[str] = None) -> Tensor:
     """softmax(q kᵀ · scale + bias_table[:, bias_index]) v, then an optional Hardswish.
 
     Args:

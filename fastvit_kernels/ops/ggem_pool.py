@@ -33,15 +33,8 @@ MIN_EPS = 1.1754943508222875e-38
 # ---------------------------------------------------------------------------------------------
 
 
-def ggem_pool(
-    x: Tensor,
-    p: Tensor,
-    *,
-    groups: int,
-    eps: float = 1e-6,
-    layout: str = "contiguous",
-    num_prefix_tokens: int = 0,
-) -> Tensor:
+def ggem_pool(x: Tensor, p: Tensor, *, groups: int, eps: float = 1e-6, layout: str = "contiguous",
+              num_prefix_tokens: int = 0) -> Tensor:
     """Group generalized-mean pooling: y[b, c] = (mean_n max(x[b, n, c], eps) ^ p_g) ^ (1 / p_g).
 
     Args:
