@@ -189,8 +189,6 @@ inline Columns columns_of(const PolicyAttentionInputs& a, int64_t b) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-// Query rows handled together: their scores stay in L1 between the two products.
-constexpr int64_t kRowGroup = kW == 1 ? 8 : 2 * kMaxMR;
 // Larger than any key index (key indices < kPolicyMaxTokens = 2^24 are exact in fp32).
 constexpr float kNoKey = 3.0e9f;
 
@@ -201,11 +199,12 @@ struct FwdScratch {
   float* vsum;   // sum_j v_j [Dp]
   float* pkrow;  // this batch's pk, with the current row's diagonal set to 1 [ld]
   float* keyf;   // key index of each column as a float, kNoKey for the padding [ld]
-  float* qs;     // q * scale [kRowGroup][Dp]
-  float* s;      // scores, then A [kRowGroup][ld]
-  float* o;      // output rows [kRowGroup][Dp]
+  float* qs;     // q * scale [kRowGroup<T>][Dp]
+  float* s;      // scores, then A [kRowGroup<T>][ld]
+  float* o;      // output rows [kRowGroup<T>][Dp]
   float* blk;    // transpose staging [kW][Dp]
 
+  template <ElemType T>
   int64_t carve(float* base, int64_t ld, int64_t Dp) {
     Carver c(base);
     kt = c.take(Dp * ld);
@@ -213,9 +212,9 @@ struct FwdScratch {
     vsum = c.take(Dp);
     pkrow = c.take(ld);
     keyf = c.take(ld);
-    qs = c.take(kRowGroup * Dp);
-    s = c.take(kRowGroup * ld);
-    o = c.take(kRowGroup * Dp);
+    qs = c.take(kRowGroup<T> * Dp);
+    s = c.take(kRowGroup<T> * ld);
+    o = c.take(kRowGroup<T> * Dp);
     blk = c.take(kW * Dp);
     return c.used();
   }
@@ -236,8 +235,8 @@ inline void forward_rows(const PolicyAttentionFwdArgs& a, const Columns& col, in
   MaskEpi s_epi{w.s, ld, a.col_mask};
   gemm(rows, ld / kW, Dp, w.qs, Dp, 1, w.kt, ld, nullptr, 0, s_epi);
 
-  float mx_[kRowGroup], den_[kRowGroup], extra_[kRowGroup];
-  int64_t arg_[kRowGroup], xcol_[kRowGroup];
+  float mx_[kRowGroup<T>], den_[kRowGroup<T>], extra_[kRowGroup<T>];
+  int64_t arg_[kRowGroup<T>], xcol_[kRowGroup<T>];
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = w.s + r * ld;
     vf mv = vload(sr);
@@ -315,8 +314,8 @@ template <ElemType T>
 inline void forward_impl(const PolicyAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
   const int64_t ld = a.ld, Dp = round_up(a.D, kW);
   FwdScratch w{};
-  AlignedBuffer mem(w.carve(nullptr, ld, Dp));
-  w.carve(mem.data(), ld, Dp);
+  AlignedBuffer mem(w.carve<T>(nullptr, ld, Dp));
+  w.carve<T>(mem.data(), ld, Dp);
 
   int64_t packed_bh = -1;
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -331,8 +330,8 @@ inline void forward_impl(const PolicyAttentionFwdArgs& a, int64_t task_begin, in
     }
     const int64_t i_begin = (task % a.q_blocks) * a.q_block;
     const int64_t i_end = std::min(a.N, i_begin + a.q_block);
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowGroup)
-      forward_rows<T>(a, col, b, h, i0, std::min(kRowGroup, i_end - i0), w);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowGroup<T>)
+      forward_rows<T>(a, col, b, h, i0, std::min(kRowGroup<T>, i_end - i0), w);
   }
 }
 

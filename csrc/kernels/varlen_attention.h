@@ -135,9 +135,6 @@ inline void mask_scores(float* s, int64_t rows, int64_t ld, int64_t n, const flo
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-// Query rows handled together: their scores stay in L1 between the two products.
-constexpr int64_t kRowGroup = kW == 1 ? 8 : 2 * kMaxMR;
-static_assert(kRowGroup % kW == 0, "row statistics are processed in whole vectors");
 
 // Per-thread forward buffers, sized for the longest segment (Np = round_up(max_seqlen, kW),
 // Dp = round_up(D, kW)); a segment of n keys uses leading dimension round_up(n, kW).
@@ -145,24 +142,25 @@ struct FwdScratch {
   float* kt;       // k^T [Dp][Np]
   float* vp;       // v [max_seqlen][Dp]
   float* mask;     // key mask [Np]
-  float* qs;       // q * scale [kRowGroup][D]
-  float* s;        // scores, then probabilities [kRowGroup][Np]
-  float* o;        // output rows [kRowGroup][Dp]
-  float* row_sum;  // softmax denominators, then their inverses [kRowGroup]
-  float* lse;      // row maxima, then lse [kRowGroup]
+  float* qs;       // q * scale [kRowGroup<T>][D]
+  float* s;        // scores, then probabilities [kRowGroup<T>][Np]
+  float* o;        // output rows [kRowGroup<T>][Dp]
+  float* row_sum;  // softmax denominators, then their inverses [kRowGroup<T>]
+  float* lse;      // row maxima, then lse [kRowGroup<T>]
   float* blk;      // transpose staging [kW][Dp]
 
+  template <ElemType T>
   int64_t carve(float* base, int64_t N, int64_t D) {
     const int64_t Np = round_up(N, kW), Dp = round_up(D, kW);
     Carver c(base);
     kt = c.take(Dp * Np);
     vp = c.take(N * Dp);
     mask = c.take(Np);
-    qs = c.take(kRowGroup * D);
-    s = c.take(kRowGroup * Np);
-    o = c.take(kRowGroup * Dp);
-    row_sum = c.take(kRowGroup);
-    lse = c.take(kRowGroup);
+    qs = c.take(kRowGroup<T> * D);
+    s = c.take(kRowGroup<T> * Np);
+    o = c.take(kRowGroup<T> * Dp);
+    row_sum = c.take(kRowGroup<T>);
+    lse = c.take(kRowGroup<T>);
     blk = c.take(kW * Dp);
     return c.used();
   }
@@ -185,7 +183,7 @@ inline void forward_rows(const VarlenAttentionFwdArgs& a, int64_t start, int64_t
   mask_scores(w.s, rows, Np, n, w.mask);
 
   // Softmax numerators in place; lse and 1 / sum per row.
-  softmax_rows(w.s, rows, Np, kRowGroup, w.lse, w.row_sum);
+  softmax_rows(w.s, rows, Np, kRowGroup<T>, w.lse, w.row_sum);
   for (int64_t r = 0; r < rows; ++r) a.lse[(start + i0 + r) * H + h] = w.lse[r];
 
   // O = P v / sum, stored in the output dtype.
@@ -199,8 +197,8 @@ template <ElemType T>
 inline void forward_impl(const VarlenAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
   const int64_t D = a.D, Dp = round_up(D, kW);
   FwdScratch w{};
-  AlignedBuffer mem(w.carve(nullptr, a.max_seqlen, D));
-  w.carve(mem.data(), a.max_seqlen, D);
+  AlignedBuffer mem(w.carve<T>(nullptr, a.max_seqlen, D));
+  w.carve<T>(mem.data(), a.max_seqlen, D);
 
   int64_t packed_seg = -1, packed_h = -1;
   for (int64_t ti = task_begin; ti < task_end; ++ti) {
@@ -215,7 +213,7 @@ inline void forward_impl(const VarlenAttentionFwdArgs& a, int64_t task_begin, in
           prefetch_rows<T>(a.k, a.k_stride, ns, nt.head, nn, D);
           prefetch_rows<T>(a.v, a.v_stride, ns, nt.head, nn, D);
           prefetch_rows<T>(a.q, a.q_stride, ns + nt.q_begin, nt.head,
-                           std::min<int64_t>(nt.q_end - nt.q_begin, kRowGroup), D);
+                           std::min<int64_t>(nt.q_end - nt.q_begin, kRowGroup<T>), D);
         }
       }
       const int64_t Np = round_up(n, kW);
@@ -225,8 +223,8 @@ inline void forward_impl(const VarlenAttentionFwdArgs& a, int64_t task_begin, in
       packed_seg = t.seg;
       packed_h = t.head;
     }
-    for (int64_t i0 = t.q_begin; i0 < t.q_end; i0 += kRowGroup)
-      forward_rows<T>(a, start, n, t.head, i0, std::min(kRowGroup, t.q_end - i0), w);
+    for (int64_t i0 = t.q_begin; i0 < t.q_end; i0 += kRowGroup<T>)
+      forward_rows<T>(a, start, n, t.head, i0, std::min(kRowGroup<T>, t.q_end - i0), w);
   }
 }
 
