@@ -15,7 +15,7 @@ import test_bias_attention as bias_tests
 import test_policy_attention as policy_tests
 import test_varlen_attention as varlen_tests
 from fastvit_kernels import _native
-from fastvit_kernels.ops import bias_attention
+from fastvit_kernels.ops import bias_attention, policy_attention, varlen_attention
 from helpers import running_on
 
 LEVELS = ("amx", "avx512", "avx2", "scalar")
@@ -114,13 +114,32 @@ def bias_run(isa, dtype):
     return [out.detach()] + [t.grad for t in leaves]
 
 
+def policy_run(isa, dtype):
+    q, k, v, policy = policy_tests.make_inputs(2, 3, 197, 64, dtype=dtype, seed=1)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with running_on("cpu", isa):
+        out = policy_attention(*leaves, policy)
+        out.backward(torch.ones_like(out))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def varlen_run(isa, dtype):
+    q, k, v, cu = varlen_tests.make_inputs([197, 49], 3, 64, dtype=dtype, seed=1)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with running_on("cpu", isa):
+        out = varlen_attention(*leaves, cu, 197)
+        out.backward(torch.ones_like(out))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
 @pytest.mark.parametrize("isa", [p for p in LEVEL_PARAMS if p.values[0] == "amx"])
-def test_amx_level_changes_only_bf16_products(isa):
+@pytest.mark.parametrize("run", [bias_run, policy_run, varlen_run], ids=["bias", "policy", "varlen"])
+def test_amx_level_changes_only_bf16_products(isa, run):
     if "avx512" not in _native.native.supported_isas():
         pytest.skip("no avx512 level to compare with")
     # fp32 inputs run the avx512 kernels at the amx level: bitwise the same results.
-    for a, b in zip(bias_run("amx", torch.float32), bias_run("avx512", torch.float32)):
+    for a, b in zip(run("amx", torch.float32), run("avx512", torch.float32)):
         assert torch.equal(a, b)
-    # bf16 inputs take the tile products (shape large enough for tiles_pay): not bitwise the same.
-    amx, avx512 = bias_run("amx", BF16), bias_run("avx512", BF16)
+    # bf16 inputs take the tile products (shapes large enough for tiles_pay): not bitwise the same.
+    amx, avx512 = run("amx", BF16), run("avx512", BF16)
     assert any(not torch.equal(a, b) for a, b in zip(amx, avx512)), "the amx level ran no bf16 product"
