@@ -272,11 +272,8 @@ inline void tile_block_run(const uint16_t* a16, int64_t Kp, const uint32_t* b, i
 // costs a few hundred cycles that the FMA kernel does not pay, so a 16 x 16 x 16 score product runs
 // faster on gemm(). Decided from the product's shape only, never from M (which follows the task
 // split), so every row's result is the same for any thread count.
-inline int64_t tile_min_work() {
-  static const int64_t v = [] { const char* e = std::getenv("FVK_TILE_MIN_WORK"); return e ? std::atoll(e) : 128; }();
-  return v;
-}
-inline bool tiles_pay(int64_t NVt, int64_t K) { return NVt * K >= tile_min_work(); }
+constexpr int64_t kTileMinWork = 128;  // NVt * K
+inline bool tiles_pay(int64_t NVt, int64_t K) { return NVt * K >= kTileMinWork; }
 
 // C (M rows x NVt vectors) = A (M x K, strides ars / acs, one of them 1) * B (K rows of ldb
 // floats) (+ C0), in bf16 with fp32 accumulation; B16: B's VNNI twin (leading dimension ldb, at
