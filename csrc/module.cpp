@@ -1,7 +1,7 @@
 // The Python module fastvit_kernels._C: what the build and the CPU provide, and the choice of the
 // CPU ISA. The ops themselves are registered with PyTorch's dispatcher by their own files
-// (ops/<op>.cpp, namespace fastvit_kernels_cpu); loading this module runs those registrations,
-// and Python calls them as torch.ops.fastvit_kernels_cpu.<op>_forward / _backward.
+// (ops/<op>.cpp); loading this module runs those registrations, and Python calls them as
+// torch.ops.fastvit_kernels.<op>_forward / _backward.
 //
 // Only pybind11 here (no torch/extension.h: nothing takes or returns a tensor). A c10::Error from
 // set_cpu_isa still reaches Python as the right exception through the translator torch registers
@@ -73,7 +73,7 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace fc = fastvit_kernels::cpu;
   m.doc() = "fastvit_kernels native CPU kernels: build and ISA information (the ops are "
-            "torch.ops.fastvit_kernels_cpu.*)";
+            "torch.ops.fastvit_kernels.*)";
   m.def("cpu_isa", [] { return std::string(fc::isa_name(fc::current_cpu_isa())); },
         "The CPU ISA the kernels will use now (amx, avx512, avx2 or scalar)");
   m.def("compiled_isas", &fc::compiled_isas, "CPU ISAs with kernels in this build, best first");
