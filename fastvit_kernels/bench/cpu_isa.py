@@ -1,24 +1,26 @@
-"""bf16 attention kernels, amx level vs avx512 level, kernel level (the C++ ops themselves,
-torch.ops.fastvit_kernels_cpu.*, without the Python op layer or autograd).
+"""bf16 attention kernels at the amx CPU ISA level against the avx512 level (kernel level).
 
-    PYTHONPATH=. python benchmarks/cpu_isa_bf16.py [--threads 1] [--reps 15]
+The C++ ops themselves (torch.ops.fastvit_kernels.<op>_forward / _backward, without the Python
+op layer or autograd): forward and forward+backward of bias_attention (LeViT stage-1 shapes),
+policy_attention and varlen_attention (DeiT-S-like), batch 1 and 32. Each (case, ISA) is timed as
+the minimum over --reps runs, the ISAs alternating run by run so that load drift hits both alike;
+rows carry the load average when measured.
 
-Forward and forward+backward of bias_attention (LeViT stage-1 shapes), policy_attention and
-varlen_attention (DeiT-S-like), batch 1 and 32. Each (case, ISA) is timed as the minimum over
-`reps` runs, the ISAs alternating run by run so that load drift hits both alike. Prints one line
-per case with the `uptime` load average before and after.
+    python -m fastvit_kernels.bench.cpu_isa [--threads 1] [--reps 15]
 """
 
-import argparse
 import os
+import sys
 import time
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 import fastvit_kernels  # noqa: F401  (registers the ops)
 from fastvit_kernels import _native
+from fastvit_kernels.bench import common
 
-OPS = torch.ops.fastvit_kernels_cpu
+OPS = torch.ops.fastvit_kernels
 BF16 = torch.bfloat16
 
 
@@ -109,25 +111,46 @@ def measure(fn, isas, reps):
     return best
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=15)
-    args = parser.parse_args()
+def run(ctx: common.Context) -> List[Dict]:
+    args = ctx.args
     torch.set_num_threads(args.threads)
     isas = ["avx512", "amx"]
     missing = [i for i in isas if i not in _native.native.supported_isas()]
     if missing:
-        raise SystemExit(f"this machine lacks {missing}")
-    print(f"threads={args.threads} reps={args.reps} min-of-N; loadavg {os.getloadavg()}")
-    print(f"{'case':50s} {'pass':8s} {'avx512 us':>10s} {'amx us':>10s} {'avx512/amx':>10s}  load1")
+        raise SystemExit(f"this machine or build lacks the ISA levels {missing}")
+    rows = []
     for name, (fwd, fwd_bwd) in cases():
         for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             best = measure(fn, isas, args.reps)
-            a, m = best["avx512"] * 1e6, best["amx"] * 1e6
-            print(f"{name:50s} {label:8s} {a:10.0f} {m:10.0f} {a / m:10.2f}  {os.getloadavg()[0]:.2f}",
-                  flush=True)
+            row = common.make_row(ctx.env, case=name, **{"pass": label}, impl="amx", dtype="bfloat16",
+                                  threads=args.threads, avx512_us=best["avx512"] * 1e6, amx_us=best["amx"] * 1e6,
+                                  load1=round(os.getloadavg()[0], 2))
+            row["amx_speedup"] = row["avx512_us"] / row["amx_us"]
+            common.log(f"{name} {label}: {row['amx_speedup']:.2f}x")
+            rows.append(row)
+    return rows
+
+
+COLUMNS = [
+    common.Column("case", "case", left=True),
+    common.Column("pass", "pass", left=True),
+    common.Column("avx512_us", "avx512 µs", "{:.0f}"),
+    common.Column("amx_us", "amx µs", "{:.0f}"),
+    common.Column("amx_speedup", "avx512/amx", "{:.2f}"),
+    common.Column("load1", "load"),
+]
+
+
+def add_options(parser) -> None:
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    parser.add_argument("--reps", type=int, default=15, help="timed runs per case and ISA (min taken)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return common.main(argv, __doc__, name="bench_cpu_isa", run=run,
+                       report=lambda rows, ctx: common.format_table(rows, COLUMNS), add_options=add_options,
+                       dtype_help="ignored: bfloat16")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
