@@ -10,7 +10,7 @@ import torch
 from fastvit_kernels.bench import common
 
 MODULES = ("__main__", "levit", "bias_attention", "qna_attention", "qna_vit", "ggem_pool",
-           "policy_attention", "varlen_attention", "dynamic_vit", "serve", "overhead")
+           "policy_attention", "varlen_attention", "dynamic_vit", "serve", "overhead", "cpu_isa")
 COMMON_OPTIONS = ("--device", "--dtype", "--batch", "--quick", "--out")
 
 
