@@ -241,7 +241,8 @@ std::tuple<at::Tensor, at::Tensor> ggem_pool_forward_autograd(const at::Tensor& 
 
 // ---------------------------------------------------------------------------------------------
 // Registration: torch.ops.fastvit_kernels.ggem_pool_forward / _backward, the C++ CPU kernels of the
-// op; its fake (meta) implementation and autograd are registered by fastvit_kernels/ops/ggem_pool.py.
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/ggem_pool.py.
 // ---------------------------------------------------------------------------------------------
 
 TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {

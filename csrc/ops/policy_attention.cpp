@@ -309,7 +309,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_attention_forw
 
 // ---------------------------------------------------------------------------------------------
 // Registration: torch.ops.fastvit_kernels.policy_attention_forward / _backward, the C++ CPU kernels of the
-// op; its fake (meta) implementation and autograd are registered by fastvit_kernels/ops/policy_attention.py.
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/policy_attention.py.
 // ---------------------------------------------------------------------------------------------
 
 TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {

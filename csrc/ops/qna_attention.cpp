@@ -289,7 +289,8 @@ std::tuple<at::Tensor, at::Tensor> qna_attention_forward_autograd(
 
 // ---------------------------------------------------------------------------------------------
 // Registration: torch.ops.fastvit_kernels.qna_attention_forward / _backward, the C++ CPU kernels of the
-// op; its fake (meta) implementation and autograd are registered by fastvit_kernels/ops/qna_attention.py.
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/qna_attention.py.
 // ---------------------------------------------------------------------------------------------
 
 TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {

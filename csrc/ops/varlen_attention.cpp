@@ -290,7 +290,8 @@ std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_autograd(
 
 // ---------------------------------------------------------------------------------------------
 // Registration: torch.ops.fastvit_kernels.varlen_attention_forward / _backward, the C++ CPU kernels of the
-// op; its fake (meta) implementation and autograd are registered by fastvit_kernels/ops/varlen_attention.py.
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/varlen_attention.py.
 // ---------------------------------------------------------------------------------------------
 
 TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {

@@ -10,26 +10,12 @@ package calls).
     python -m fastvit_kernels.bench.overhead
 """
 
-import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
 from fastvit_kernels.bench import common
-
-
-def median_us(fn: Callable[[], object], calls: int, repeats: int = 7) -> float:
-    for _ in range(calls // 10 + 10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
 
 
 def cases(grad: bool) -> Dict[str, Callable[[], object]]:
@@ -68,7 +54,7 @@ def run(env: Dict, quick: bool) -> List[Dict]:
             for name, fn in cases(grad).items():
                 row = common.make_row(env, case=name, impl="grad" if grad else "no grad")
                 try:
-                    row["us"] = median_us(fn, 300 if quick else 2000)
+                    row["us"] = common.benchmark_ms(fn, torch.device("cpu"), quick=quick)["ms"] * 1e3
                 except Exception as error:  # an op missing on this build
                     row["error"] = common.short_error(error)
                 rows.append(row)
