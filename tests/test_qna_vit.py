@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import fastvit_kernels
 from fastvit_kernels.models import QnAViT, qna_vit_tiny
 from fastvit_kernels.models.qna_vit import QnAViTStage, WindowAttention, swin_bias_index
 from fastvit_kernels.reference.qna_attention import output_size
