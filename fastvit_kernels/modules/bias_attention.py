@@ -22,7 +22,10 @@ Notes on behaviour:
     applied by `proj` as in timm.
   * Conv layout: the op's output memory is [B, N, H, Dv] = channels-last [B, H·Dv, R0, R1], so
     `proj` receives a channels-last tensor (a view, no copy); values are the same as timm's.
-  * `forward` has no data-dependent Python control flow, so it compiles without graph breaks.
+  * `forward` has no data-dependent Python control flow, so it compiles without graph breaks;
+    `torch.fx.symbolic_trace` records the op and the token-count check as calls (both are
+    `torch.fx.wrap`ped); `torch.jit.script` calls the native dispatcher op directly
+    (docs/patching.md, "Workflows").
 """
 
 import copy
@@ -33,7 +36,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fastvit_kernels import _native
 from fastvit_kernels.ops import bias_attention
+
+# FX records these as calls (evaluated when the traced module runs) instead of tracing into them.
+torch.fx.wrap("bias_attention")
+torch.fx.wrap("check_token_count")
 
 __all__ = ["BiasAttention", "ShrinkAttention", "LinearNorm", "ConvNorm", "Subsample", "levit_bias_index"]
 
@@ -46,6 +54,16 @@ def _pair(value: Resolution) -> Tuple[int, int]:
             raise ValueError(f"resolution must be an int or a pair of ints, got {value!r}")
         return int(value[0]), int(value[1])
     return int(value), int(value)
+
+
+def check_token_count(module: str, resolution: Tuple[int, int], tokens: int) -> None:
+    """Raise ValueError unless `tokens` fills the R0×R1 grid the module was built for."""
+    expected = resolution[0] * resolution[1]
+    if tokens != expected:
+        raise ValueError(
+            f"{module} was built for a {resolution[0]}x{resolution[1]} token grid ({expected} tokens), "
+            f"got {tokens} tokens"
+        )
 
 
 def levit_bias_index(resolution: Tuple[int, int], stride: int = 1, device=None) -> Tensor:
@@ -205,17 +223,31 @@ class _LevitBiasAttentionBase(nn.Module):
         return self.proj.ln(x) if fused is not None else self.proj(x)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, fused: Optional[str]) -> Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript cannot call the Python wrapper: it calls the native dispatcher op, whose
+            # autograd is C++ (the pre-activation output is kept only when a backward can follow).
+            activation = fused if fused is not None else "none"
+            needs_grad = torch.is_grad_enabled() and (
+                q.requires_grad or k.requires_grad or v.requires_grad or self.attention_biases.requires_grad
+            )
+            return torch.ops.fastvit_kernels.bias_attention_forward(
+                q, k, v, self.attention_biases, self.attention_bias_idxs, self.scale, activation,
+                activation != "none" and needs_grad,
+            )[0]
         return bias_attention(
             q, k, v, self.attention_biases, self.attention_bias_idxs, scale=self.scale, activation=fused
         )
 
-    def _check_tokens(self, n: int) -> None:
-        expected = self.resolution[0] * self.resolution[1]
-        if n != expected:
-            raise ValueError(
-                f"{type(self).__name__} was built for a {self.resolution[0]}x{self.resolution[1]} token "
-                f"grid ({expected} tokens), got {n} tokens"
+    def __prepare_scriptable__(self):
+        # Called by torch.jit.script before compiling forward: say why scripting cannot work here
+        # instead of TorchScript's "unknown builtin op".
+        if not _native.has_kernel("bias_attention_forward"):
+            raise RuntimeError(
+                f"torch.jit.script of {type(self).__name__} needs the native CPU kernels (TorchScript "
+                f"calls torch.ops.fastvit_kernels.bias_attention_forward), which are not available: "
+                f"{_native.load_error}. Rebuild the package, or use torch.compile / torch.export instead."
             )
+        return self
 
     # -- timm conversion --------------------------------------------------------------------------
 
@@ -295,7 +327,7 @@ class BiasAttention(_LevitBiasAttentionBase):
         if self.use_conv:
             B, C, R0, R1 = x.shape
             N = R0 * R1
-            self._check_tokens(N)
+            check_token_count("BiasAttention", self.resolution, N)
             # channels are laid out per head: [B, H, 2·Dk + Dv, N]
             q, k, v = self.qkv(x).view(B, H, -1, N).split([Dk, Dk, Dv], dim=2)
             out = self._attend(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3), fused)
@@ -303,7 +335,7 @@ class BiasAttention(_LevitBiasAttentionBase):
             x = out.transpose(1, 2).reshape(B, R0, R1, self.val_attn_dim).permute(0, 3, 1, 2)
         else:
             B, N, C = x.shape
-            self._check_tokens(N)
+            check_token_count("BiasAttention", self.resolution, N)
             q, k, v = self.qkv(x).view(B, N, H, -1).split([Dk, Dk, Dv], dim=3)
             out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), fused)
             x = out.transpose(1, 2).reshape(B, N, self.val_attn_dim)
@@ -370,7 +402,7 @@ class ShrinkAttention(_LevitBiasAttentionBase):
     @property
     def query_resolution(self) -> Tuple[int, int]:
         """The query grid: ceil(R0 / stride) × ceil(R1 / stride)."""
-        return tuple((r - 1) // self.stride + 1 for r in self.resolution)
+        return (self.resolution[0] - 1) // self.stride + 1, (self.resolution[1] - 1) // self.stride + 1
 
     def _compute_attention_bias_idxs(self, device=None) -> Tensor:
         """idx(i, j) = |s·qy_i − ky_j|·R1 + |s·qx_i − kx_j| (s = stride)."""
@@ -382,7 +414,7 @@ class ShrinkAttention(_LevitBiasAttentionBase):
         if self.use_conv:
             B, C, R0, R1 = x.shape
             N = R0 * R1
-            self._check_tokens(N)
+            check_token_count("ShrinkAttention", self.resolution, N)
             Q0, Q1 = (R0 - 1) // self.stride + 1, (R1 - 1) // self.stride + 1
             k, v = self.kv(x).view(B, H, -1, N).split([Dk, Dv], dim=2)
             q = self.q(x).view(B, H, Dk, -1)
@@ -390,7 +422,7 @@ class ShrinkAttention(_LevitBiasAttentionBase):
             x = out.transpose(1, 2).reshape(B, Q0, Q1, self.val_attn_dim).permute(0, 3, 1, 2)
         else:
             B, N, C = x.shape
-            self._check_tokens(N)
+            check_token_count("ShrinkAttention", self.resolution, N)
             k, v = self.kv(x).view(B, N, H, -1).split([Dk, Dv], dim=3)
             q = self.q(x).view(B, -1, H, Dk)
             out = self._attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), fused)

@@ -20,8 +20,12 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from fastvit_kernels import _native
 from fastvit_kernels.ops import ggem_pool
 from fastvit_kernels.ops.ggem_pool import LAYOUTS
+
+# FX records the op as a call (evaluated when the traced module runs) instead of tracing into it.
+torch.fx.wrap("ggem_pool")
 
 __all__ = ["GGeM"]
 
@@ -74,6 +78,11 @@ class GGeM(nn.Module):
             self.register_buffer("p", initial)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():
+            # TorchScript cannot call the Python wrapper: it calls the native dispatcher op (C++ autograd).
+            return torch.ops.fastvit_kernels.ggem_pool_forward(
+                x, self.p, self.groups, self.eps, self.layout == "interleaved", self.num_prefix_tokens
+            )[0]
         return ggem_pool(
             x,
             self.p,
@@ -82,6 +91,16 @@ class GGeM(nn.Module):
             layout=self.layout,
             num_prefix_tokens=self.num_prefix_tokens,
         )
+
+    def __prepare_scriptable__(self):
+        # Called by torch.jit.script before compiling forward: say why scripting cannot work here.
+        if not _native.has_kernel("ggem_pool_forward"):
+            raise RuntimeError(
+                "torch.jit.script of GGeM needs the native CPU kernels (TorchScript calls "
+                f"torch.ops.fastvit_kernels.ggem_pool_forward), which are not available: {_native.load_error}. "
+                "Rebuild the package, or use torch.compile / torch.export instead."
+            )
+        return self
 
     def extra_repr(self) -> str:
         text = f"dim={self.dim}, groups={self.groups}, eps={self.eps:g}, layout={self.layout!r}"

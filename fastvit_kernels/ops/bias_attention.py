@@ -53,6 +53,9 @@ def bias_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Optional[Tensor]
     _check_inputs(q, k, v, bias_table, bias_index, scale, activation)
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    if torch.onnx.is_in_onnx_export():
+        # ONNX exporters trace the reference math into standard ONNX operators (docs/patching.md, "ONNX").
+        return reference.bias_attention(q, k, v, bias_table, bias_index, scale, activation)
     # The pre-activation output is kept only when a backward can follow.
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias_table)

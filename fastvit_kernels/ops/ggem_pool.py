@@ -51,6 +51,9 @@ def ggem_pool(x: Tensor, p: Tensor, *, groups: int, eps: float = 1e-6, layout: s
         and in the log domain, so large p (10) and x near eps stay finite.
     """
     _check_inputs(x, p, groups, eps, layout, num_prefix_tokens)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX exporters trace the reference math into standard ONNX operators (docs/patching.md, "ONNX").
+        return reference.ggem_pool_stable(x, p, groups, eps, layout, num_prefix_tokens)
     backend = select_backend(x, p)
     y, _ = OPS.forward(backend.name, x, p, int(groups), float(eps), layout == "interleaved", int(num_prefix_tokens))
     return y

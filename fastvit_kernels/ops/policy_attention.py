@@ -64,6 +64,9 @@ def policy_attention(
     _check_inputs(q, k, v, policy, scale, eps)
     D = q.shape[3]
     scale = float(D ** -0.5) if scale is None else float(scale)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX exporters trace the reference math into standard ONNX operators (docs/patching.md, "ONNX").
+        return reference.policy_attention_eager(q, k, v, policy, scale, eps)
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # The kernels read a float32 [B, N] policy; autograd carries dpolicy back through .to().
     policy = policy.reshape(policy.shape[0], policy.shape[1]).to(stat_dtype).contiguous()

@@ -68,6 +68,9 @@ def qna_attention(
         rpe = torch.zeros(kk, Q, H, dtype=torch.float32, device=cost.device)
     if attn_scale is None:
         attn_scale = torch.ones(kk, Q, H, dtype=torch.float32, device=cost.device)
+    if torch.onnx.is_in_onnx_export():
+        # ONNX exporters trace the reference math into standard ONNX operators (docs/patching.md, "ONNX").
+        return reference.qna_attention(cost, v, rpe, attn_scale, kernel_size, stride)
     backend = select_backend(cost, v, rpe, attn_scale, kernel_size, stride)
     out, _ = OPS.forward(backend.name, cost, v, rpe, attn_scale, int(kernel_size), int(stride))
     return out
