@@ -15,12 +15,11 @@ by ~1e-3: if a new kernel trips that, check with another seed before suspecting 
 Cost: this machine has 2 cores. Every `levit*` variant is compared at 224×224 (batch 2, training
 mode, output and every parameter gradient); the second input size (a non-square, odd token grid)
 runs on a representative subset: linear and conv layouts, Hardswish and SiLU, stride-16 and
-stride-8 stems (about 4 min of CPU time for this file). Set FASTVIT_KERNELS_FULL_SWEEP=1 to run
-the second size on every variant too.
+stride-8 stems (about 4 min of CPU time for this file). The second size on every variant is
+marked `sweep` (run with `-m sweep`).
 """
 
 import copy
-import os
 
 import pytest
 import torch
@@ -46,7 +45,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:fastvit_kernels. the native CPU 
 
 TIMM_CLASSES = (levit.Attention, levit.AttentionDownsample)
 ALL_MODELS = timm.list_models("levit*")
-FULL_SWEEP = os.environ.get("FASTVIT_KERNELS_FULL_SWEEP", "") not in ("", "0")
 # Second size: 176×112 gives token grids 11×7 → 6×4 → 3×2 with the stride-16 stem (odd and
 # non-square at every stage) and 22×14 → 11×7 → 6×4 with the stride-8 stem.
 SECOND_SIZE = (176, 112)
@@ -197,7 +195,8 @@ def test_patched_matches_timm_224(name):
     compare_train_step(ref, ours, image((224, 224)))
 
 
-@pytest.mark.parametrize("name", ALL_MODELS if FULL_SWEEP else SECOND_SIZE_SUBSET)
+@pytest.mark.parametrize(
+    "name", [n if n in SECOND_SIZE_SUBSET else pytest.param(n, marks=pytest.mark.sweep) for n in ALL_MODELS])
 def test_patched_matches_timm_non_square(name):
     ref, ours = build_pair(name, img_size=SECOND_SIZE)
     x = image(SECOND_SIZE)

@@ -446,7 +446,7 @@ class DynamicViT(_Base):
     def _head_from_cls(self, cls: Tensor) -> Tensor:
         return self.head(self.head_drop(self.fc_norm(cls)))
 
-    def forward(self, x: Tensor, *, gumbel_noise: GumbelNoise = None):
+    def forward(self, x: Tensor, gumbel_noise: GumbelNoise = None):
         """Training: (logits, decisions) or, with distill, (logits, features, prev_decision,
         decisions); inference: logits. See the module docstring."""
         if self.training:

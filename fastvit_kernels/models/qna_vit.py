@@ -135,7 +135,8 @@ def swin_bias_index(window: int, size: Tuple[int, int], device=None) -> Tensor:
         coords = torch.stack([rows.flatten(), cols.flatten()])  # [2, N]
         rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # [2, N, N], in [0, 2w-2]
         index = (rel[0] * (2 * window - 1) + rel[1]).to(device)
-        _index_cache[key] = index
+        if not torch.compiler.is_compiling():  # a tensor made while tracing must not outlive the trace
+            _index_cache[key] = index
     return index
 
 

@@ -226,6 +226,11 @@ class _LevitBiasAttentionBase(nn.Module):
         if torch.jit.is_scripting():
             # TorchScript cannot call the Python wrapper: it calls the native dispatcher op, whose
             # autograd is C++ (the pre-activation output is kept only when a backward can follow).
+            if q.device.type != "cpu":
+                raise RuntimeError(
+                    "BiasAttention under TorchScript runs the native CPU kernels only; on CUDA use the "
+                    "module itself (eager or torch.compile)"
+                )
             activation = fused if fused is not None else "none"
             needs_grad = torch.is_grad_enabled() and (
                 q.requires_grad or k.requires_grad or v.requires_grad or self.attention_biases.requires_grad

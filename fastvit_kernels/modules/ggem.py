@@ -80,6 +80,11 @@ class GGeM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if torch.jit.is_scripting():
             # TorchScript cannot call the Python wrapper: it calls the native dispatcher op (C++ autograd).
+            if x.device.type != "cpu":
+                raise RuntimeError(
+                    "GGeM under TorchScript runs the native CPU kernels only; on CUDA use the module "
+                    "itself (eager or torch.compile)"
+                )
             return torch.ops.fastvit_kernels.ggem_pool_forward(
                 x, self.p, self.groups, self.eps, self.layout == "interleaved", self.num_prefix_tokens
             )[0]

@@ -96,7 +96,7 @@ def _check_inputs(q, k, v, policy, scale, eps) -> None:
         if t.device != q.device:
             _fail(f"{name}.device", f"q's device {q.device}", t.device)
     B, H, N, D = q.shape
-    if min(B, H, N, D) < 1:
+    if any(size < 1 for size in (B, H, N, D)):  # (min() would pin a dynamic batch in torch.export)
         _fail("every dimension of q", ">= 1", tuple(q.shape))
     if not (policy.dim() == 2 or (policy.dim() == 3 and policy.shape[2] == 1)) or tuple(policy.shape[:2]) != (B, N):
         _fail("policy.shape", f"[B, N] = [{B}, {N}] or [B, N, 1]", tuple(policy.shape))

@@ -106,7 +106,8 @@ def _check_inputs(cost, v, rpe, attn_scale, kernel_size, stride) -> None:
         _fail("v.shape[:3] (B, Hi, Wi)", f"{(B, Hi, Wi)} as in cost", tuple(v.shape[:3]))
     if v.shape[3] != H:
         _fail("v.shape[3] (heads h)", f"{H} as in cost.shape[4]", v.shape[3])
-    if min(B, Hi, Wi, Q, H, v.shape[4]) < 1:
+    # (one comparison per size: min() over symbolic sizes would pin a dynamic batch in torch.export)
+    if any(size < 1 for size in (B, Hi, Wi, Q, H, v.shape[4])):
         _fail("every dimension of cost and v", ">= 1", f"cost {tuple(cost.shape)}, v {tuple(v.shape)}")
     expected = [kernel_size * kernel_size, Q, H]
     for name, t in (("rpe", rpe), ("attn_scale", attn_scale)):

@@ -54,8 +54,12 @@ def _windows(x: Tensor, kernel_size: int, stride: int, fill: float) -> Tensor:
     rest = x.dim() - 3
     # F.pad pads the last dimensions first: leave `rest` alone, then W, then H.
     x = F.pad(x, (0, 0) * rest + (pad, pad, pad, pad), value=fill)
-    x = x.unfold(1, kernel_size, stride).unfold(2, kernel_size, stride)  # [B, Ho, Wo, *rest, k, k]
-    return x.flatten(-2)
+    # One strided slice per window position (not Tensor.unfold, which the TorchScript ONNX exporter
+    # cannot export when the batch size is dynamic).
+    rows = (x.shape[1] - kernel_size) // stride * stride + 1  # input rows spanned by the Ho outputs
+    cols = (x.shape[2] - kernel_size) // stride * stride + 1
+    return torch.stack([x[:, ty:ty + rows:stride, tx:tx + cols:stride]
+                        for ty in range(kernel_size) for tx in range(kernel_size)], dim=-1)
 
 
 def attention_weights(cost: Tensor, rpe: Tensor, kernel_size: int, stride: int) -> Tensor:
