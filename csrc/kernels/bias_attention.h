@@ -142,6 +142,17 @@ inline vf activate_grad(Activation act, vf x) {
   return act == Activation::kSilu ? vsilu_grad(x) : vhardswish_grad(x);
 }
 
+// x as bf16 products take it (rounded to nearest even), where T's products are bf16; else x.
+template <ElemType T>
+inline vf as_product_operand(vf x) {
+  if constexpr (kBf16Products<T>) {
+    uint16_t h[kW];
+    vstore_bf16(h, x);
+    return vload_bf16(h);
+  }
+  return x;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -317,7 +328,10 @@ inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, i
       vf g = vload(gr + c);
       const vf x = vload(w.tmp + c);
       if (a.activation != Activation::kNone) {
-        g = vmul(g, activate_grad(a.activation, x));
+        // With bf16 products dO' enters dP = dO' v^T in bf16: delta takes the same rounded dO',
+        // so each row of dS = P (dP - delta) still sums to ~0 (dtable sums dS; grad_out itself
+        // is already bf16).
+        g = as_product_operand<T>(vmul(g, activate_grad(a.activation, x)));
         vstore(gr + c, g);
       }
       dot = vfma(g, x, dot);
