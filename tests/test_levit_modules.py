@@ -323,7 +323,8 @@ def test_folded_module_still_fuses_its_activation(monkeypatch, use_conv, act):
     monkeypatch.setattr(module_file, "bias_attention",
                         lambda *a, **kw: calls.append(kw["activation"]) or real(*a, **kw))
     ref = randomize_(levit.Attention(32, 8, 2, attn_ratio=2, resolution=(4, 5), use_conv=use_conv,
-                                     act_layer=act)).eval()
+                                     act_layer=act))
+    ref.eval()  # (timm's train()/eval() return None)
     folded = fold_batchnorm(BiasAttention.from_timm(copy.deepcopy(ref)).eval())
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
     x = make_input((4, 5), 32, use_conv)
