@@ -8,6 +8,7 @@ import torch
 import fastvit_kernels
 from fastvit_kernels import _native
 from fastvit_kernels.ops import bias_attention
+from fastvit_kernels.ops.bias_attention import OPS
 from fastvit_kernels.reference import bias_attention as reference
 from helpers import assert_matches, backend_params, is_interpreted, running_on
 
@@ -119,7 +120,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", [None, "hardswish"])
+@pytest.mark.parametrize("activation", [None, "hardswish", "silu"])
 @pytest.mark.parametrize("bias", ["table", "fp32-table", "none"])
 def test_dtypes(backend_isa_device, dtype, activation, bias):
     backend, isa, device = backend_isa_device
@@ -133,17 +134,20 @@ def test_dtypes(backend_isa_device, dtype, activation, bias):
 
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)
 @pytest.mark.parametrize("layout", ["fused", "shrink", "conv", "contiguous"])
-def test_layouts(backend_isa_device, layout):
+@pytest.mark.parametrize("activation", ["hardswish", "silu"])
+def test_layouts(backend_isa_device, layout, activation):
     backend, isa, device = backend_isa_device
     torch.manual_seed(11)
     Nq, Nk = (49, 49) if layout == "fused" else (16, 49)
     inputs = make_inputs(2, 4, Nq, Nk, 16, 64, device=device, layout=layout, index_dtype=torch.int32)
-    run_and_compare(backend, isa, *inputs, activation="hardswish", scale=0.3)
+    run_and_compare(backend, isa, *inputs, activation=activation, scale=0.3)
 
 
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)
-def test_real_levit_index_and_large_bias(backend_isa_device):
-    """LeViT's own index pattern (14×14 grid, and the stride-2 shrink grid) with large biases."""
+@pytest.mark.parametrize("activation", ["hardswish", "silu"])
+def test_real_levit_index_and_large_bias(backend_isa_device, activation):
+    """LeViT's own index pattern (14×14 grid, and the stride-2 shrink grid) with large biases
+    (SiLU: levit_*d, levit_512*, *_s8; Hardswish: the others)."""
     backend, isa, device = backend_isa_device
     torch.manual_seed(3)
     B, H = small_batch(backend, device, 196)
@@ -152,7 +156,43 @@ def test_real_levit_index_and_large_bias(backend_isa_device):
         Nq, Nk = index.shape
         q, k, v, _, _ = make_inputs(B, H, Nq, Nk, 16, 32, device=device, layout="contiguous", bias="none")
         table = 8 * torch.randn(H, rows * cols, device=device)
-        run_and_compare(backend, isa, q, k, v, table, index, activation="hardswish")
+        run_and_compare(backend, isa, q, k, v, table, index, activation=activation)
+
+
+@pytest.mark.parametrize("backend_isa_device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_silu_epilogue_elementwise(backend_isa_device, dtype):
+    """With one query and one key, P = 1 and O = v exactly, so out = silu(v) and dv = grad ·
+    silu'(v) test the fused epilogue element by element over [-120, 120]: both tails (exp(-x)
+    beyond fp32's range below -88.7, 0 above 87.3), the zero of silu' near -1.28, and 0."""
+    backend, isa, device = backend_isa_device
+    torch.manual_seed(13)
+    specials = torch.tensor([-88.8, -88.37, -87.3, -1.2785, 0.0])
+    x = torch.cat([torch.linspace(-120, 120, 8 * 256 - specials.numel()), specials])
+    v = x.to(dtype).reshape(8, 1, 1, 256)  # [B, H, Nk, Dv]: 8 batches of one key
+    q, k = (torch.randn(8, 1, 1, 16, dtype=dtype) for _ in range(2))
+    grad = (1 + torch.rand(8, 1, 1, 256)).to(dtype)
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    with running_on(backend, isa):
+        out = bias_attention(*leaves, activation="silu")
+        out.backward(grad.to(device))
+    xd, gd = v.double(), grad.double()
+    s = torch.sigmoid(xd)
+    # fp32: a few ulp. bf16 / fp16: the rounding of the fp32 result to the dtype (half an ulp),
+    # a whole ulp in Triton's interpreter, whose float32 -> bfloat16 conversion truncates.
+    rtol = {torch.float32: 2e-6, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -10}[dtype]
+    if dtype == torch.bfloat16 and is_interpreted(backend, device):
+        rtol = 2 ** -7
+    for name, got, want in (("out", out, xd * s), ("dv", leaves[2].grad, gd * s * (1 + xd * (1 - s)))):
+        got = got.detach().cpu().double()
+        error = (got - want).abs()
+        # An absolute floor where the value is ~0: silu' crosses 0 near -1.28 (its fp32 formula
+        # cancels there) and silu underflows in the far negative tail.
+        allowed = rtol * want.abs() + 1e-6 * gd
+        worst = (error - allowed).argmax()
+        assert bool((error <= allowed).all()), (
+            f"{name}: at x = {xd.flatten()[worst].item()}: got {got.flatten()[worst].item()}, "
+            f"want {want.flatten()[worst].item()}")
 
 
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)
@@ -177,16 +217,20 @@ def test_non_contiguous_grad_and_inference(backend_isa_device):
         assert_matches(f"d{name}", got.grad, x.grad)
 
 
-def test_explicit_reference_backward_matches_autograd():
+@pytest.mark.parametrize("activation", ["none", "hardswish", "silu"])
+def test_explicit_reference_backward_matches_autograd(activation):
     """The written-out backward formulas (what the kernels implement) vs autograd, in float64."""
     torch.manual_seed(0)
     q, k, v, table, index = make_inputs(2, 3, 9, 13, 8, 16, dtype=torch.float64, layout="contiguous")
-    xs = [t.requires_grad_() for t in (q, k, v, table)]
-    out = reference.bias_attention(*xs[:3], xs[3], index, 0.4, "hardswish")
+    q, k, v, table = (t.detach() for t in (q, k, v, table))
+    xs = [t.clone().requires_grad_() for t in (q, k, v, table)]
+    out = reference.bias_attention(*xs[:3], xs[3], index, 0.4, activation)
     grad = torch.randn_like(out)
     out.backward(grad)
-    _, o_pre, lse = reference.forward(q, k, v, table, index, 0.4, "hardswish", True)
-    grads = reference.backward(grad, q, k, v, table, index, o_pre, lse, 0.4, "hardswish")
+    out_b, o_pre, lse = reference.forward(q, k, v, table, index, 0.4, activation, True)
+    torch.testing.assert_close(out_b, out.detach(), rtol=1e-12, atol=1e-14)
+    saved = out_b if activation == "none" else o_pre
+    grads = reference.backward(grad, q, k, v, table, index, saved, lse, 0.4, activation)
     for got, x in zip(grads, xs):
         torch.testing.assert_close(got, x.grad, rtol=1e-10, atol=1e-12)
 
@@ -197,6 +241,7 @@ def test_gradcheck_float64():
     q, k, v, table, index = make_inputs(1, 2, 5, 7, 4, 6, dtype=torch.float64, layout="contiguous")
     xs = [t.requires_grad_() for t in (q, k, v, table)]
     assert torch.autograd.gradcheck(lambda a, b, c, t: bias_attention(a, b, c, t, index, activation="hardswish"), xs)
+    assert torch.autograd.gradcheck(lambda a, b, c, t: bias_attention(a, b, c, t, index, activation="silu"), xs)
     assert torch.autograd.gradcheck(lambda a, b, c: bias_attention(a, b, c), xs[:3])
 
 
@@ -281,7 +326,10 @@ BAD = [
     ("table rank", dict(bias_table=torch.randn(3, 9, 1)), ValueError, r"bias_table must be a 2-D tensor"),
     ("table dtype", dict(bias_table=torch.randn(3, 9, dtype=torch.float64)), ValueError, r"bias_table.dtype"),
     ("half table", dict(bias_table=None), ValueError, r"bias_table and bias_index must be both given or both None"),
-    ("activation", dict(activation="gelu"), ValueError, r"activation must be one of \(None, 'hardswish'\), got 'gelu'"),
+    ("activation", dict(activation="gelu"), ValueError,
+     r"activation must be one of \(None, 'hardswish', 'silu'\), got 'gelu'"),
+    ("activation 'none'", dict(activation="none"), ValueError,
+     r"activation must be one of \(None, 'hardswish', 'silu'\), got 'none'"),
     ("scale", dict(scale=float("nan")), ValueError, r"scale must be None or a finite float"),
     ("empty keys", dict(k=torch.randn(2, 3, 0, 8), v=torch.randn(2, 3, 0, 16), bias_table=None, bias_index=None),
      ValueError, r"Nk\) must be at least 1"),
@@ -292,6 +340,22 @@ BAD = [
 def test_bad_input(case, kwargs, error, message):
     with pytest.raises(error, match=message):
         _call(**kwargs)
+
+
+@pytest.mark.parametrize("backend_isa_device", BACKENDS)
+def test_unknown_activation_at_the_op_level(backend_isa_device):
+    """The dispatcher ops take the activation as a string ("none", "hardswish", "silu"): every
+    backend rejects another one, forward and backward, naming the argument and the allowed values."""
+    backend, isa, device = backend_isa_device
+    q, k, v, table, index = make_inputs(1, 2, 5, 5, 16, 16, device=device)
+    forward, backward, extra = OPS.overloads(backend)
+    message = r"activation must be one of .*'none'.*'hardswish'.*'silu'.*got 'gelu'"
+    with running_on(backend, isa):
+        out, o_pre, lse = forward(q, k, v, table, index, 0.25, "silu", True, *extra)
+        with pytest.raises(ValueError, match=message):
+            forward(q, k, v, table, index, 0.25, "gelu", True, *extra)
+        with pytest.raises(ValueError, match=message):
+            backward(torch.randn_like(out), q, k, v, table, index, o_pre, lse, 0.25, "gelu", *extra)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")

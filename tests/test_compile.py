@@ -14,7 +14,7 @@ from fastvit_kernels.ops.qna_attention import OPS as QNA_OPS
 
 
 @pytest.mark.parametrize("backend_isa_device", backend_params())
-@pytest.mark.parametrize("activation", ["none", "hardswish"])
+@pytest.mark.parametrize("activation", ["none", "hardswish", "silu"])
 def test_opcheck(backend_isa_device, activation):
     backend, isa, device = backend_isa_device
     torch.manual_seed(0)

@@ -140,15 +140,16 @@ def test_shrink_attention_matches_timm(use_conv, resolution, use_pool, act, trai
     run_and_compare(ref, ours, x, training)
 
 
+@pytest.mark.parametrize("act", ACTS)
 @pytest.mark.parametrize("cls_pair", ["attention", "shrink"])
-def test_float64_matches_timm_exactly(cls_pair):
+def test_float64_matches_timm_exactly(cls_pair, act):
     """dtype= in the constructor; in float64 both compute the same math to ~1e-12."""
     if cls_pair == "attention":
-        args = dict(dim=32, key_dim=8, num_heads=2, attn_ratio=2.0, resolution=(5, 6), act_layer=nn.Hardswish)
+        args = dict(dim=32, key_dim=8, num_heads=2, attn_ratio=2.0, resolution=(5, 6), act_layer=act)
         ref, ours = levit.Attention(**args, dtype=torch.float64), BiasAttention(**args, dtype=torch.float64)
         x = torch.randn(2, 30, 32, dtype=torch.float64)
     else:
-        args = dict(in_dim=32, out_dim=40, key_dim=8, num_heads=4, resolution=(5, 6), act_layer=nn.Hardswish)
+        args = dict(in_dim=32, out_dim=40, key_dim=8, num_heads=4, resolution=(5, 6), act_layer=act)
         ref, ours = levit.AttentionDownsample(**args, dtype=torch.float64), ShrinkAttention(**args, dtype=torch.float64)
         x = torch.randn(2, 30, 32, dtype=torch.float64)
     randomize_(ref)
@@ -287,8 +288,10 @@ def test_forward_sees_bias_edits_in_eval():
     assert not torch.allclose(before, after)
 
 
-@pytest.mark.parametrize("act,expected", [(nn.Hardswish, "hardswish"), (nn.SiLU, None), (nn.GELU, None)])
-def test_hardswish_is_fused_into_the_op(monkeypatch, act, expected):
+@pytest.mark.parametrize("act,expected", [(nn.Hardswish, "hardswish"), (nn.SiLU, "silu"), (nn.GELU, None)])
+@pytest.mark.parametrize("cls_pair", ["attention", "shrink"])
+def test_activation_is_fused_into_the_op(monkeypatch, cls_pair, act, expected):
+    """Hardswish and SiLU run inside the op (forward and backward); GELU is applied by proj."""
     calls = []
     real = module_file.bias_attention
 
@@ -297,11 +300,37 @@ def test_hardswish_is_fused_into_the_op(monkeypatch, act, expected):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module_file, "bias_attention", spy)
-    ref = randomize_(levit.Attention(16, 4, 2, attn_ratio=2, resolution=3, act_layer=act))
-    ours = BiasAttention.from_timm(copy.deepcopy(ref))
-    x = torch.randn(2, 9, 16)
-    assert_close("output", ours(x), ref(x))
+    if cls_pair == "attention":
+        ref = randomize_(levit.Attention(16, 4, 2, attn_ratio=2, resolution=3, act_layer=act))
+        ours = BiasAttention.from_timm(copy.deepcopy(ref))
+    else:
+        ref = randomize_(levit.AttentionDownsample(16, 24, 4, 4, resolution=3, act_layer=act))
+        ours = ShrinkAttention.from_timm(copy.deepcopy(ref))
+    # randomize_ also re-draws proj's BatchNorm, which timm zero-initialises (its gradient
+    # would hide the activation's backward otherwise).
+    run_and_compare(ref, ours, make_input(3, 16, False), training=True)
     assert calls == [expected]
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("use_conv", LAYOUTS)
+def test_folded_module_still_fuses_its_activation(monkeypatch, use_conv, act):
+    """After BatchNorm folding proj.ln is a plain Linear / Conv2d; proj.act still runs in the op."""
+    from fastvit_kernels.patch import fold_batchnorm
+
+    calls = []
+    real = module_file.bias_attention
+    monkeypatch.setattr(module_file, "bias_attention",
+                        lambda *a, **kw: calls.append(kw["activation"]) or real(*a, **kw))
+    ref = randomize_(levit.Attention(32, 8, 2, attn_ratio=2, resolution=(4, 5), use_conv=use_conv,
+                                     act_layer=act))
+    ref.eval()  # (timm's train()/eval() return None)
+    folded = fold_batchnorm(BiasAttention.from_timm(copy.deepcopy(ref)).eval())
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+    x = make_input((4, 5), 32, use_conv)
+    with torch.no_grad():
+        assert_close("folded output", folded(x), ref(x))
+    assert calls == ["hardswish" if act is nn.Hardswish else "silu"]
 
 
 @pytest.mark.parametrize("use_conv", LAYOUTS)

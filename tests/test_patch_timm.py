@@ -207,6 +207,49 @@ def test_patched_matches_timm_non_square(name):
         assert_close("eval output", ours(x), ref(x), OUT_RTOL)
 
 
+# SiLU variants (levit_*d, levit_512*, *_s8) at 112×112 (grids 7×7 → 4×4 → 2×2, s8: 14×14 → 7×7
+# → 4×4): every attention runs SiLU inside the op.
+SILU_MODELS = ["levit_256d", "levit_conv_384_s8"]
+
+
+@pytest.mark.parametrize("name", SILU_MODELS)
+def test_silu_models_fuse_silu(monkeypatch, name):
+    from fastvit_kernels.modules import bias_attention as module_file
+
+    calls = []
+    real = module_file.bias_attention
+    monkeypatch.setattr(module_file, "bias_attention",
+                        lambda *a, **kw: calls.append(kw["activation"]) or real(*a, **kw))
+    # randomize_ re-draws the BatchNorm after each attention, which timm zero-initialises (with
+    # it at 0 no gradient would flow back through the attention and its SiLU).
+    ref, ours = build_pair(name, img_size=112)
+    n_attention = sum(isinstance(m, (BiasAttention, ShrinkAttention)) for m in ours.modules())
+    assert all(type(m.proj.act) is nn.SiLU for m in ours.modules() if isinstance(m, (BiasAttention, ShrinkAttention)))
+    compare_train_step(ref, ours, image((112, 112)))
+    assert calls == ["silu"] * n_attention
+
+
+@pytest.mark.parametrize("name", SILU_MODELS)
+def test_silu_models_fold_batchnorm(monkeypatch, name):
+    """Folded and patched, a SiLU model still fuses SiLU and keeps its outputs."""
+    torch.manual_seed(0)
+    ref = randomize_(timm.create_model(name, pretrained=False, img_size=112)).eval()
+    x = image((112, 112))
+    with torch.no_grad():
+        expected = ref(x)
+    folded = patch_timm(copy.deepcopy(ref), fold_bn=True)
+    assert num_batchnorms(folded) == 0
+    from fastvit_kernels.modules import bias_attention as module_file
+
+    calls = []
+    real = module_file.bias_attention
+    monkeypatch.setattr(module_file, "bias_attention",
+                        lambda *a, **kw: calls.append(kw["activation"]) or real(*a, **kw))
+    with torch.no_grad():
+        assert_close("patched+folded", folded(x), expected, 1e-5)
+    assert calls and set(calls) == {"silu"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------

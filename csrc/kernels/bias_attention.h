@@ -31,7 +31,8 @@
 namespace fastvit_kernels {
 namespace cpu {
 
-enum class Activation : int { kNone = 0, kHardswish = 1 };
+// The fused epilogue out = act(O) (docs/bias_attention.md, "Definition").
+enum class Activation : int { kNone = 0, kHardswish = 1, kSilu = 2 };
 
 // The bias is pre-gathered by the caller as fp32 rows of `bias_ld` floats: row (h, i) starts at
 // bias + h * bias_h_stride + i * bias_i_stride. Columns [Nk, bias_ld) hold -inf, which masks the
@@ -132,6 +133,26 @@ struct AddStoreEpi {
   }
 };
 
+// act(x) and act'(x) of the fused epilogue (not called for Activation::kNone).
+inline vf activate(Activation act, vf x) {
+  return act == Activation::kSilu ? vsilu(x) : vhardswish(x);
+}
+
+inline vf activate_grad(Activation act, vf x) {
+  return act == Activation::kSilu ? vsilu_grad(x) : vhardswish_grad(x);
+}
+
+// x as bf16 products take it (rounded to nearest even), where T's products are bf16; else x.
+template <ElemType T>
+inline vf as_product_operand(vf x) {
+  if constexpr (kBf16Products<T>) {
+    uint16_t h[kW];
+    vstore_bf16(h, x);
+    return vload_bf16(h);
+  }
+  return x;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Forward
 // ---------------------------------------------------------------------------------------------
@@ -195,8 +216,9 @@ inline void forward_rows(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, in
     float* orow = w.o + r * Dvp;
     if (a.o_pre != nullptr)
       store_row<T>(a.o_pre, offset4(a.o_pre_stride, b, h, i0 + r), Dv, orow);
-    if (a.activation == Activation::kHardswish)
-      for (int64_t c = 0; c < Dvp; c += kW) vstore(orow + c, vhardswish(vload(orow + c)));
+    if (a.activation != Activation::kNone)
+      for (int64_t c = 0; c < Dvp; c += kW)
+        vstore(orow + c, activate(a.activation, vload(orow + c)));
     store_row<T>(a.out, offset4(a.out_stride, b, h, i0 + r), Dv, orow);
   }
 }
@@ -305,8 +327,11 @@ inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, i
     for (int64_t c = 0; c < Dvp; c += kW) {
       vf g = vload(gr + c);
       const vf x = vload(w.tmp + c);
-      if (a.activation == Activation::kHardswish) {
-        g = vmul(g, vhardswish_grad(x));
+      if (a.activation != Activation::kNone) {
+        // With bf16 products dO' enters dP = dO' v^T in bf16: delta takes the same rounded dO',
+        // so each row of dS = P (dP - delta) still sums to ~0 (dtable sums dS; grad_out itself
+        // is already bf16).
+        g = as_product_operand<T>(vmul(g, activate_grad(a.activation, x)));
         vstore(gr + c, g);
       }
       dot = vfma(g, x, dot);

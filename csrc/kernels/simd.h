@@ -398,3 +398,19 @@ inline vf vhardswish_grad(vf x) {
   const vf mid = vfma(x, vset1(1.0f / 3.0f), vset1(0.5f));
   return vsel_lt(x, vset1(-3.0f), vzero(), vsel_gt(x, vset1(3.0f), vset1(1.0f), mid));
 }
+
+// silu(x) = x * sigmoid(x), as PyTorch computes it: x / (1 + exp(-x)), with vexp (~2 ulp), so
+// within a few ulp for x >= -88.37. Below that vexp clamps exp(-x) to ~2^127.5 and the result is
+// x * ~4e-39 instead of a smaller denormal or 0: off by less than 5e-39 * abs(x). NaN passes.
+inline vf vsilu(vf x) {
+  return vdiv(x, vadd(vset1(1.0f), vexp(vsub(vzero(), x))));
+}
+
+// d silu / dx = s * (1 + x * (1 - s)), s = sigmoid(x) = 1 / (1 + e), e = exp(-x). 1 - s is taken
+// as e * s, which does not cancel where s rounds to 1 (large x).
+inline vf vsilu_grad(vf x) {
+  const vf one = vset1(1.0f);
+  const vf e = vexp(vsub(vzero(), x));
+  const vf s = vdiv(one, vadd(one, e));
+  return vmul(s, vfma(x, vmul(e, s), one));
+}

@@ -59,7 +59,9 @@ void check_qkv(const char* fn, const at::Tensor& q, const at::Tensor& k, const a
 Activation parse_activation(const char* fn, const std::string& name) {
   if (name == "none") return Activation::kNone;
   if (name == "hardswish") return Activation::kHardswish;
-  TORCH_CHECK_VALUE(false, fn, ": activation must be 'none' or 'hardswish', got '", name, "'");
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK_VALUE(false, fn, ": activation must be one of 'none', 'hardswish', 'silu', got '",
+                    name, "'");
   return Activation::kNone;
 }
 
@@ -264,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
   const int64_t Nk = k.size(2), Dv = v.size(3);
 
   at::Tensor out = empty_bhnd(B, H, Nq, Dv, q.options());
-  at::Tensor o_pre = act == Activation::kHardswish && save_pre_activation
+  at::Tensor o_pre = act != Activation::kNone && save_pre_activation
                          ? empty_bhnd(B, H, Nq, Dv, q.options())
                          : at::empty({0}, q.options());
   at::Tensor lse = poisoned(at::empty({B, H, Nq}, q.options().dtype(at::kFloat)));

@@ -3,9 +3,9 @@
 `BiasAttention` replaces timm's `levit.Attention` and `ShrinkAttention` replaces timm's
 `levit.AttentionDownsample`. Both take the same constructor arguments, have the same submodules,
 parameters and buffers (so a timm state_dict loads strictly, either way) and compute the same
-function; only the attention core differs: softmax(q kᵀ·scale + bias) v (and the Hardswish that
-follows it) runs as one op that reads q, k and v in place from the fused projection and gathers
-the bias itself.
+function; only the attention core differs: softmax(q kᵀ·scale + bias) v (and the Hardswish or
+SiLU that follows it) runs as one op that reads q, k and v in place from the fused projection and
+gathers the bias itself.
 
     BiasAttention.from_timm(m)   # shares m's parameters, buffers and submodules (no copies)
     module.to_timm()             # the reverse, for unpatching
@@ -17,9 +17,11 @@ Notes on behaviour:
     device string in eval, cleared by `train()` and `_apply()` (`.to()`, `.half()`, ...)), for code
     that calls them. `forward` does not use the cache: the op gathers `attention_biases` itself on
     every call, so (unlike timm) edits to `attention_biases` in eval mode are seen at once.
-  * When `proj.act` is an `nn.Hardswish` it runs inside the op (activation="hardswish") and
-    `proj.ln` is called directly; any other activation (SiLU in the `*d`/`512`/`s8` variants) is
-    applied by `proj` as in timm.
+  * When `proj.act` is an `nn.Hardswish` (most variants) or an `nn.SiLU` (the `*d`/`512`/`s8`
+    variants) it runs inside the op (activation="hardswish" / "silu", forward and backward) and
+    `proj.ln` is called directly; any other activation is applied by `proj` as in timm. BatchNorm
+    folding (patch/batchnorm.py) keeps `proj.act` and turns `proj.ln` into a Linear / Conv2d, so
+    a folded module still fuses its activation.
   * Conv layout: the op's output memory is [B, N, H, Dv] = channels-last [B, H·Dv, R0, R1], so
     `proj` receives a channels-last tensor (a view, no copy); values are the same as timm's.
   * `forward` has no data-dependent Python control flow, so it compiles without graph breaks;
@@ -46,6 +48,9 @@ torch.fx.wrap("check_token_count")
 __all__ = ["BiasAttention", "ShrinkAttention", "LinearNorm", "ConvNorm", "Subsample", "levit_bias_index"]
 
 Resolution = Union[int, Tuple[int, int]]
+
+# proj.act classes the op runs as its epilogue (docs/bias_attention.md, "Definition").
+_FUSED_ACTIVATIONS = ((nn.Hardswish, "hardswish"), (nn.SiLU, "silu"))
 
 
 def _pair(value: Resolution) -> Tuple[int, int]:
@@ -217,7 +222,11 @@ class _LevitBiasAttentionBase(nn.Module):
     # -- the op -----------------------------------------------------------------------------------
 
     def _fused_activation(self) -> Optional[str]:
-        return "hardswish" if isinstance(self.proj.act, nn.Hardswish) else None
+        """The op's activation for `proj.act`, or None when the op cannot fuse it."""
+        for cls, name in _FUSED_ACTIVATIONS:
+            if isinstance(self.proj.act, cls):
+                return name
+        return None
 
     def _project(self, x: Tensor, fused: Optional[str]) -> Tensor:
         return self.proj.ln(x) if fused is not None else self.proj(x)

@@ -20,7 +20,7 @@ from fastvit_kernels.ops._library import DispatcherOps
 from fastvit_kernels.reference import bias_attention as reference
 
 OP_NAME = "bias_attention"
-ACTIVATIONS = (None, "hardswish")
+ACTIVATIONS = (None, "hardswish", "silu")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # float64 runs on the reference backend only: it is there for gradcheck and oracles.
 DTYPES_WITH_REFERENCE = DTYPES + (torch.float64,)
@@ -36,7 +36,7 @@ MAX_HEAD_DIM = 256
 def bias_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Optional[Tensor] = None,
                    bias_index: Optional[Tensor] = None, *, scale: Optional[float] = None,
                    activation: Optional[str] = None) -> Tensor:
-    """softmax(q kᵀ · scale + bias_table[:, bias_index]) v, then an optional Hardswish.
+    """softmax(q kᵀ · scale + bias_table[:, bias_index]) v, then an optional Hardswish or SiLU.
 
     Args:
         q: [B, H, Nq, Dk]; k: [B, H, Nk, Dk]; v: [B, H, Nk, Dv]. Any strides (per-head views
@@ -44,7 +44,8 @@ def bias_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Optional[Tensor]
         bias_table: [H, T] learnable relative-position biases (the inputs' dtype or float32).
         bias_index: [Nq, Nk] integer tensor with values in [0, T). Both None: no bias.
         scale: multiplies q·k; defaults to Dk ** -0.5.
-        activation: None or "hardswish" (LeViT applies it to the attention output).
+        activation: None, "hardswish" or "silu" (LeViT applies one to the attention output;
+            fused, forward and backward).
 
     Returns:
         [B, H, Nq, Dv] in q's dtype, whose memory is laid out [B, Nq, H, Dv], so

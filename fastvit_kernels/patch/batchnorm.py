@@ -3,6 +3,10 @@
 Each LinearNorm / ConvNorm (a layer, then BatchNorm) and NormLinear (BatchNorm, then a layer)
 becomes one layer with a bias; in LeViT's stem each folded convolution and its Hardswish then
 become one ConvHardswish. The math is in docs/patching.md ("BatchNorm folding").
+
+The attention modules' `proj` keeps its activation: a patched BiasAttention / ShrinkAttention
+still runs a Hardswish or SiLU inside the op and calls the folded `proj.ln` (now a Linear or
+Conv2d with bias) directly (modules/bias_attention.py).
 """
 
 from typing import List, Optional, Tuple

@@ -9,14 +9,14 @@ Shapes: q [B, H, Nq, Dk], k [B, H, Nk, Dk], v [B, H, Nk, Dv], table [H, T], inde
     S[b, h, i, j] = (q_i . k_j) * scale + table[h, index[i, j]]
     P = softmax_j(S)
     O = P @ v
-    out = activation(O)          # activation is None or hardswish
+    out = activation(O)          # activation is None, hardswish or silu
 
 Backend contract (shared by the reference, the C++ and the Triton backends; the arguments are
-the op schema's, passed on unchanged — activation is the string "none" or "hardswish"):
+the op schema's, passed on unchanged — activation is the string "none", "hardswish" or "silu"):
     forward(q, k, v, table, index, scale, activation, save_pre_activation)
         -> out     [B, H, Nq, Dv] in q's dtype, memory laid out [B, Nq, H, Dv]
            o_pre   same layout, the output before the activation; a 0-element tensor unless
-                   activation is "hardswish" and save_pre_activation is True
+                   activation is not "none" and save_pre_activation is True
            lse     [B, H, Nq] float32, log(sum_j exp(S[i, j])): the softmax statistics
     backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation)
         -> dq, dk, dv  shaped like q, k, v, memory laid out [B, N, H, D]
@@ -52,15 +52,37 @@ def bias_attention(
     scores = (q @ k.transpose(-2, -1)) * scale
     if table is not None:
         scores = scores + gather_bias(table, index).to(scores.dtype)
-    out = scores.softmax(dim=-1) @ v
+    return activate(scores.softmax(dim=-1) @ v, activation)
+
+
+# Activation names of the backend contract (the public function's None is "none").
+ACTIVATIONS = ("none", "hardswish", "silu")
+
+
+def _check_activation(activation: Optional[str]) -> None:
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"bias_attention: activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def activate(x: Tensor, activation: Optional[str]) -> Tensor:
+    """The epilogue: x (None or "none"), hardswish(x) or silu(x) = x · sigmoid(x)."""
+    _check_activation(activation)
     if activation == "hardswish":
-        out = F.hardswish(out)
-    return out
+        return F.hardswish(x)
+    if activation == "silu":
+        return F.silu(x)
+    return x
 
 
 def hardswish_grad(x: Tensor) -> Tensor:
     """d hardswish(x) / dx = 0 below -3, 1 above 3, (2x + 3) / 6 between (PyTorch's convention)."""
     return torch.where(x < -3, 0.0, torch.where(x > 3, 1.0, (2 * x + 3) / 6))
+
+
+def silu_grad(x: Tensor) -> Tensor:
+    """d silu(x) / dx = s · (1 + x · (1 − s)) with s = sigmoid(x)."""
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
 
 
 def forward(
@@ -74,6 +96,7 @@ def forward(
     save_pre_activation: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Backend forward: fp32 math for every input dtype (float64 stays float64)."""
+    _check_activation(activation)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, H, Nq, _ = q.shape
     Dv = v.shape[-1]
@@ -83,14 +106,11 @@ def forward(
     lse = torch.logsumexp(scores, dim=-1)
     o = torch.exp(scores - lse[..., None]) @ v.to(acc)
     out = empty_bhnd(B, H, Nq, Dv, q)
+    out.copy_(activate(o, activation))
     o_pre = q.new_empty(0)
-    if activation == "hardswish":
-        out.copy_(F.hardswish(o))
-        if save_pre_activation:
-            o_pre = empty_bhnd(B, H, Nq, Dv, q)
-            o_pre.copy_(o)
-    else:
-        out.copy_(o)
+    if activation != "none" and save_pre_activation:
+        o_pre = empty_bhnd(B, H, Nq, Dv, q)
+        o_pre.copy_(o)
     return out, o_pre, lse.to(torch.float32) if acc == torch.float32 else lse
 
 
@@ -107,6 +127,7 @@ def backward(
     activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backend backward, written out (the kernels implement these same formulas)."""
+    _check_activation(activation)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[-1]
@@ -114,6 +135,8 @@ def backward(
     do = grad_out.to(acc)
     if activation == "hardswish":
         do = do * hardswish_grad(o)
+    elif activation == "silu":
+        do = do * silu_grad(o)
     scores = (qa @ ka.transpose(-2, -1)) * scale
     if table is not None:
         scores = scores + gather_bias(table, index).to(acc)

@@ -6,8 +6,9 @@ Math and backend contract: `fastvit_kernels/reference/bias_attention.py`. In sho
 Kernels (all read q, k, v, grad_out, o_pre, index and table through their strides, so per-head
 views of LeViT's fused qkv buffer need no copy):
   _fwd_kernel        one program per (query block, b·h): online softmax over key blocks, bias
-                     gathered in the kernel, Hardswish fused; writes out, o_pre (optional), lse.
-  _bwd_pre_kernel    delta = rowsum(dO' · o_pre) with dO' = grad_out · hardswish'(o_pre); also
+                     gathered in the kernel, Hardswish or SiLU fused; writes out, o_pre
+                     (optional), lse.
+  _bwd_pre_kernel    delta = rowsum(dO' · o_pre) with dO' = grad_out · act'(o_pre); also
                      stores dO' when there is an activation so the next two kernels read it once.
   _bwd_dkdv_kernel   one program per (key block, b·h), looping over query blocks.
   _bwd_dq_kernel     one program per (query block, h, batch chunk), looping over the chunk's
@@ -61,6 +62,18 @@ def _hardswish_grad(x):
 
 
 @triton.jit
+def _silu(x):
+    return x * tl.sigmoid(x)
+
+
+@triton.jit
+def _silu_grad(x):
+    # s · (1 + x · (1 − s)), s = sigmoid(x) (docs/bias_attention.md, "Backward").
+    s = tl.sigmoid(x)
+    return s * (1.0 + x * (1.0 - s))
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, TABLE, INDEX, OUT, OPRE, LSE,
     s_qb, s_qh, s_qn, s_qd,
@@ -70,8 +83,8 @@ def _fwd_kernel(
     s_ob, s_oh, s_on, s_od,
     s_pb, s_ph, s_pn, s_pd,
     H, NQ, NK, DK, DV, scale,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, IEEE: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HARDSWISH: tl.constexpr, SILU: tl.constexpr, SAVE_PRE: tl.constexpr,
+    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
 ):
     tl.static_assert(BM >= 16)  # the GPU's minimum dot size
     tl.static_assert(BN >= 16)
@@ -134,8 +147,10 @@ def _fwd_kernel(
     if SAVE_PRE:
         tl.store(OPRE + b * s_pb + h * s_ph + offs_m[:, None] * s_pn + offs_dv[None, :] * s_pd,
                  o.to(OPRE.dtype.element_ty), mask=o_mask)
-    if ACT:
+    if HARDSWISH:
         o = _hardswish(o)
+    if SILU:
+        o = _silu(o)
     tl.store(OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_dv[None, :] * s_od,
              o.to(OUT.dtype.element_ty), mask=o_mask)
 
@@ -146,7 +161,7 @@ def _bwd_pre_kernel(
     s_gb, s_gh, s_gn, s_gd,
     s_pb, s_ph, s_pn, s_pd,
     H, NQ, DV,
-    ACT: tl.constexpr, BM: tl.constexpr, BDV: tl.constexpr,
+    HARDSWISH: tl.constexpr, SILU: tl.constexpr, BM: tl.constexpr, BDV: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_m = tl.cdiv(NQ, BM)
@@ -162,9 +177,13 @@ def _bwd_pre_kernel(
                 mask=mask, other=0.0).to(tl.float32)
     o = tl.load(OPRE + b * s_pb + h * s_ph + offs_m[:, None] * s_pn + offs_dv[None, :] * s_pd,
                 mask=mask, other=0.0).to(tl.float32)
-    if ACT:
+    if HARDSWISH or SILU:
         # dO' laid out contiguous [B, H, NQ, DV], in the dtype the dots take.
-        g = (g * _hardswish_grad(o)).to(DO.dtype.element_ty)
+        if HARDSWISH:
+            g = g * _hardswish_grad(o)
+        else:
+            g = g * _silu_grad(o)
+        g = g.to(DO.dtype.element_ty)
         tl.store(DO + (bh * NQ + offs_m[:, None]) * DV + offs_dv[None, :], g, mask=mask)
         g = g.to(tl.float32)
     # delta = rowsum(dO' * o) = rowsum(P * dP), from the same (rounded) dO' the dots use, so that
@@ -355,6 +374,7 @@ def _bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------
 
 _MAX_HEAD_DIM = 256
+_ACTIVATIONS = ("none", "hardswish", "silu")  # the schema's names (reference/bias_attention.py)
 
 
 
@@ -386,6 +406,12 @@ def _config(kernel: str, Nq: int, Nk: int, bdk: int, bdv: int, dtype: torch.dtyp
 
 
 
+def _check_activation(activation: str) -> None:
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"bias_attention (triton): activation must be one of {_ACTIVATIONS}, "
+                         f"got {activation!r}")
+
+
 def _bias_args(table: Optional[Tensor], index: Optional[Tensor], dummy: Tensor):
     """(table, index, 4 strides); a dummy pointer when there is no bias (never read)."""
     if table is None:
@@ -403,12 +429,10 @@ def forward(
     activation: str,
     save_pre_activation: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    if activation not in ("none", "hardswish"):
-        raise ValueError(f"bias_attention (triton): unknown activation {activation!r}")
+    _check_activation(activation)
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    act = activation == "hardswish"
-    save_pre = act and bool(save_pre_activation)
+    save_pre = activation != "none" and bool(save_pre_activation)
     out = empty_bhnd(B, H, Nq, Dv, q)
     o_pre = empty_bhnd(B, H, Nq, Dv, q) if save_pre else q.new_empty(0)
     lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
@@ -426,7 +450,8 @@ def forward(
         q, k, v, tbl, idx, out, pre, lse,
         *q.stride(), *k.stride(), *v.stride(), *t_strides, *out.stride(), *pre.stride(),
         H, Nq, Nk, Dk, Dv, float(scale),
-        HAS_BIAS=table is not None, ACT=act, SAVE_PRE=save_pre, IEEE=fp32_dots(q.dtype),
+        HAS_BIAS=table is not None, HARDSWISH=activation == "hardswish", SILU=activation == "silu",
+        SAVE_PRE=save_pre, IEEE=fp32_dots(q.dtype),
         BDK=bdk, BDV=bdv, **cfg,
     )
     return out, o_pre, lse
@@ -459,9 +484,8 @@ def backward(
     scale: float,
     activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    if activation not in ("none", "hardswish"):
-        raise ValueError(f"bias_attention (triton): unknown activation {activation!r}")
-    act = activation == "hardswish"
+    _check_activation(activation)
+    act = activation != "none"
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     dq = empty_bhnd(B, H, Nq, Dk, q)
@@ -497,7 +521,8 @@ def backward(
         grad_out, o_pre, do, delta,
         *grad_out.stride(), *o_pre.stride(),
         H, Nq, Dv,
-        ACT=act, BM=bm_pre, BDV=bdv, num_warps=8 if bdv >= 128 else 4,
+        HARDSWISH=activation == "hardswish", SILU=activation == "silu", BM=bm_pre, BDV=bdv,
+        num_warps=8 if bdv >= 128 else 4,
     )
 
     # 2. dk, dv.
@@ -557,10 +582,11 @@ def compile_variants() -> Iterator[CompileVariant]:
     """Every kernel configuration forward and backward launch, recorded on meta tensors: each
     dtype; head widths Dk and Dv each of every padded width 16..256 (_MAX_HEAD_DIM); Nq and Nk
     of SEQ_LENGTHS (every block size _config can choose, and one or several key blocks for dq);
-    without and with a bias; no activation, and hardswish with and without o_pre. Inputs are laid
-    out as LeViT's linear modules pass them (_levit_inputs), the bias in the inputs' dtype with
-    int64 indices. Pointer types and strides that change no configuration are recorded for one
-    LeViT shrink shape per dtype: a float32 table (autocast), int32 indices, the conv layout."""
+    without and with a bias; no activation, and hardswish and silu each with and without o_pre.
+    Inputs are laid out as LeViT's linear modules pass them (_levit_inputs), the bias in the
+    inputs' dtype with int64 indices. Pointer types and strides that change no configuration are
+    recorded for one LeViT shrink shape per dtype: a float32 table (autocast), int32 indices, the
+    conv layout."""
 
     def run(q, k, v, table_dtype, index_dtype, activation, save_pre):
         Nq, Nk = q.shape[2], k.shape[2]
@@ -573,7 +599,8 @@ def compile_variants() -> Iterator[CompileVariant]:
             backward(out, q, k, v, table, index, out if activation == "none" else o_pre, lse, 0.25,
                      activation)
 
-    activations = [("none", False), ("hardswish", False), ("hardswish", True)]
+    activations = [("none", False), ("hardswish", False), ("hardswish", True), ("silu", False),
+                   ("silu", True)]
     widths = head_widths(_MAX_HEAD_DIM)
     with recorded_launches() as variants:
         for dtype in FLOAT_DTYPES:
