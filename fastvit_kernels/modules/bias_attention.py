@@ -49,10 +49,6 @@ __all__ = ["BiasAttention", "ShrinkAttention", "LinearNorm", "ConvNorm", "Subsam
 
 Resolution = Union[int, Tuple[int, int]]
 
-# proj.act classes the op runs as its epilogue (docs/bias_attention.md, "Definition").
-_FUSED_ACTIVATIONS = ((nn.Hardswish, "hardswish"), (nn.SiLU, "silu"))
-
-
 def _pair(value: Resolution) -> Tuple[int, int]:
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
@@ -222,10 +218,12 @@ class _LevitBiasAttentionBase(nn.Module):
     # -- the op -----------------------------------------------------------------------------------
 
     def _fused_activation(self) -> Optional[str]:
-        """The op's activation for `proj.act`, or None when the op cannot fuse it."""
-        for cls, name in _FUSED_ACTIVATIONS:
-            if isinstance(self.proj.act, cls):
-                return name
+        """The op's activation for `proj.act`, or None when the op cannot fuse it. (One isinstance
+        per class, not a loop over a table: TorchScript compiles this.)"""
+        if isinstance(self.proj.act, nn.Hardswish):
+            return "hardswish"
+        if isinstance(self.proj.act, nn.SiLU):
+            return "silu"
         return None
 
     def _project(self, x: Tensor, fused: Optional[str]) -> Tensor:
