@@ -6,6 +6,7 @@
 // fastvit_kernels/reference/qna_attention.py.
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <tuple>
 #include <utility>
 
@@ -111,6 +112,34 @@ RowTasks row_tasks(const QnaAttentionInputs& a, int64_t budget_bytes, int64_t fl
   return {per_task, (a.Ho + per_task - 1) / per_task};
 }
 
+// The pixel-lane kernels (kernels/qna_attention.h, "Pixel lanes") from this window size on.
+constexpr int64_t kMinPixelLaneKernel = 5;
+
+bool use_pixel_lanes(const QnaAttentionInputs& a) {
+  if (const char* force = std::getenv("FVK_QNA_PIXEL_LANES"))  // development A/B only
+    return force[0] == '1';
+  return a.kernel_size >= kMinPixelLaneKernel;
+}
+
+// Tasks of the pixel-lane kernels: as row_tasks, but sized by their planes: per output row of a
+// task, stride^2 plane rows of pitch P of every input-side channel, and P positions of every
+// output-side channel; the window adds (max_shift - min_shift) plane rows.
+constexpr int64_t kPixelPlaneBytes = int64_t{768} << 10;
+
+RowTasks pixel_row_tasks(const QnaAttentionInputs& a, int64_t in_channels, int64_t out_channels,
+                         int64_t min_rows) {
+  const int64_t P = qna_plane_pitch(a), s2 = a.stride * a.stride;
+  const int64_t halo = qna_max_shift(a) - qna_min_shift(a);
+  const int64_t row_bytes = (in_channels * s2 + out_channels) * P * int64_t{sizeof(float)};
+  const int64_t halo_bytes = in_channels * s2 * halo * P * int64_t{sizeof(float)};
+  const int64_t rows_fitting = (kPixelPlaneBytes - halo_bytes) / std::max<int64_t>(1, row_bytes);
+  const int64_t blocks_wanted = (kMinTasks + a.B - 1) / a.B;
+  const int64_t rows_parallel = (a.Ho + blocks_wanted - 1) / blocks_wanted;
+  const int64_t per_task =
+      std::min(a.Ho, std::max({int64_t{1}, min_rows, std::min(rows_parallel, rows_fitting)}));
+  return {per_task, (a.Ho + per_task - 1) / per_task};
+}
+
 // dcost / dv of the input rows two neighbouring tasks share: the upper task's bottom edge slot
 // plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs).
 template <typename scalar_t>
@@ -161,8 +190,11 @@ std::tuple<at::Tensor, at::Tensor> qna_attention_forward(
       poisoned(at::empty({a.B, a.Ho, a.Wo, a.Q, a.H}, cost.options().dtype(at::kFloat)));
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
-  // Packed per input pixel: cost and exp(cost - M), v.
-  a.tasks = row_tasks(a, kForwardPackedBytes, 2 * a.Q * a.H + a.H * a.D, 1);
+  // Packed per input pixel: cost and exp(cost - M), v (and the output-side planes).
+  a.pixel_lanes = use_pixel_lanes(a);
+  a.tasks = a.pixel_lanes
+                ? pixel_row_tasks(a, 2 * a.Q * a.H + a.H * a.D, a.Q * a.H + a.H * a.D, 1)
+                : row_tasks(a, kForwardPackedBytes, 2 * a.Q * a.H + a.H * a.D, 1);
   run_tasks(&KernelTable::qna_attention_forward, a, a.B * a.tasks.tasks_per_image);
   return {out, lse};
 }
@@ -200,8 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backwar
   a.dv = dv.data_ptr();
   // Packed per input pixel: cost and exp(cost - M), v, and the dcost / dv accumulators. At least
   // ceil(k / stride) rows per task, so that no input row is read by three tasks.
-  a.tasks = row_tasks(a, kBackwardPackedBytes, 3 * a.Q * a.H + 2 * a.H * a.D,
-                      (kernel_size + stride - 1) / stride);
+  const int64_t min_rows = (kernel_size + stride - 1) / stride;
+  a.pixel_lanes = use_pixel_lanes(a);
+  a.tasks = a.pixel_lanes
+                ? pixel_row_tasks(a, 3 * a.Q * a.H + 2 * a.H * a.D, a.H * a.D, min_rows)
+                : row_tasks(a, kBackwardPackedBytes, 3 * a.Q * a.H + 2 * a.H * a.D, min_rows);
   const int64_t tasks = a.B * a.tasks.tasks_per_image;
   const int64_t taps = kernel_size * kernel_size;
   at::Tensor partial = poisoned(at::empty({tasks, 2, taps, a.Q, a.H}, f32));
