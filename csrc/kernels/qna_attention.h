@@ -868,7 +868,7 @@ struct Planes {
     R = rows_per_task;
     NR = R + max_shift - min_shift;
     lead = -min_shift;
-    Lp = round_up(lead + NR * P + max_shift + (kNJ + 1) * kW, kW);
+    Lp = round_up(lead + NR * P, kW);
     chs = s * s * Lp;
     olen = round_up(R * P, kNJ * kW);
     ostride = olen + kW;
@@ -922,146 +922,204 @@ struct Tables {
 // valid ? x : 0 for a 0 / 1 lane mask.
 inline vf keep(vf valid, vf x) { return vsel_lt(vzero(), valid, x, vzero()); }
 
-// The input rows of a task as planes: channel c of the F = outer * inner of a pixel of x at
-// planes + c * chs; phase (ry, rx), row Yrel, column X at (ry * s + rx) * Lp + lead + Yrel * P + X,
-// for the input pixel ((y_first + Yrel) * s + ry, X * s + rx). Every position is written: data
-// or `gap`. staging: kW * round_up(F, kW) floats.
+// Input planes of a task: channel c of the F = outer * inner of a pixel of x at
+// planes + c * chs; phase (ry, rx) at (ry * s + rx) * Lp; there, row Yrel and column X at
+// lead + Yrel * P + X, for input pixel ((y_first + Yrel) * s + ry, X * s + rx). Position p of a
+// phase plane holds that pixel when it is in the image, else `gap`.
+struct InputPosition {
+  int64_t y, x;  // y < 0: a gap
+};
+
+inline InputPosition input_position(const Planes& g, int64_t phase, int64_t p, int64_t y_first,
+                                    int64_t Hi) {
+  const int64_t rel = p - g.lead;
+  if (rel < 0) return {-1, 0};
+  const int64_t ry = phase / g.s, rx = phase % g.s, Yrel = rel / g.P, X = rel % g.P;
+  const int64_t y = (y_first + Yrel) * g.s + ry;
+  if (Yrel >= g.NR || X >= g.columns[rx] || y < 0 || y >= Hi) return {-1, 0};
+  return {y, X * g.s + rx};
+}
+
+// Every position of the planes is written, kW positions at a time: their pixels (or gap) into
+// staging ([kW][round_up(F, kW)]), then one transpose per kW channels. fp32 pixels with dense
+// channels in a row go straight from the tensor.
 template <ElemType T>
 inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64_t Hi,
                               int64_t outer, int64_t inner, const Planes& g, int64_t y_first,
                               float gap, float* staging, float* planes) {
   const int64_t F = outer * inner, Fp = round_up(F, kW);
-  std::fill(planes, planes + Fp * g.chs, gap);
-  for (int64_t ry = 0; ry < g.s; ++ry) {
-    for (int64_t Yrel = 0; Yrel < g.NR; ++Yrel) {
-      const int64_t y = (y_first + Yrel) * g.s + ry;
-      if (y < 0 || y >= Hi) continue;
-      for (int64_t rx = 0; rx < g.s; ++rx) {
-        const int64_t n = g.columns[rx];
-        // In increasing X: a last partial block writes `gap` past the row's data, which is gap
-        // or the next row's start (written after).
-        for (int64_t X0 = 0; X0 < n; X0 += kW) {
-          const int64_t count = std::min<int64_t>(kW, n - X0);
-          for (int64_t i = 0; i < kW; ++i) {
-            float* row = staging + i * Fp;
-            if (i < count) {
-              load_block<T>(x, b * st[0] + y * st[1] + ((X0 + i) * g.s + rx) * st[2], st[3], st[4],
-                            outer, inner, row);
-              std::fill(row + F, row + Fp, gap);
-            } else {
-              std::fill(row, row + Fp, gap);
-            }
-          }
-          float* dst = planes + (ry * g.s + rx) * g.Lp + g.lead + Yrel * g.P + X0;
-          for (int64_t c0 = 0; c0 < Fp; c0 += kW)
-            transpose_block(staging + c0, Fp, dst + c0 * g.chs, g.chs);
+  const bool dense = T == ElemType::kFloat32 && st[4] == 1 && st[3] == inner && F % kW == 0;
+  const vf gapv = vset1(gap);
+  for (int64_t phase = 0; phase < g.s * g.s; ++phase) {
+    float* plane = planes + phase * g.Lp;
+    for (int64_t p0 = 0; p0 < g.Lp; p0 += kW) {
+      InputPosition src[kW];
+      int64_t pixels = 0;
+      for (int64_t i = 0; i < kW; ++i) {
+        src[i] = input_position(g, phase, p0 + i, y_first, Hi);
+        pixels += src[i].y >= 0;
+      }
+      if (pixels == 0) {
+        for (int64_t c = 0; c < Fp; ++c) vstore(plane + c * g.chs + p0, gapv);
+        continue;
+      }
+      if (dense && pixels == kW && src[kW - 1].y == src[0].y) {  // kW pixels of one row
+        const float* s0 = static_cast<const float*>(x) + b * st[0] + src[0].y * st[1] + src[0].x * st[2];
+        for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+          transpose_block(s0 + c0, g.s * st[2], plane + c0 * g.chs + p0, g.chs);
+        continue;
+      }
+      for (int64_t i = 0; i < kW; ++i) {
+        float* row = staging + i * Fp;
+        if (src[i].y >= 0) {
+          load_block<T>(x, b * st[0] + src[i].y * st[1] + src[i].x * st[2], st[3], st[4], outer,
+                        inner, row);
+          std::fill(row + F, row + Fp, gap);
+        } else {
+          std::fill(row, row + Fp, gap);
         }
       }
-    }
-  }
-}
-
-// The reverse for one input row y = (y_first + Yrel) * s + ry: pixel x's F channels to
-// dst + off + x * pixel_stride (rounded to T).
-template <ElemType T>
-inline void unpack_input_row(const float* planes, int64_t F, const Planes& g, int64_t Yrel,
-                             int64_t ry, float* staging, void* dst, int64_t off,
-                             int64_t pixel_stride) {
-  const int64_t Fp = round_up(F, kW);
-  for (int64_t rx = 0; rx < g.s; ++rx) {
-    const int64_t n = g.columns[rx];
-    for (int64_t X0 = 0; X0 < n; X0 += kW) {
-      const float* src = planes + (ry * g.s + rx) * g.Lp + g.lead + Yrel * g.P + X0;
       for (int64_t c0 = 0; c0 < Fp; c0 += kW)
-        transpose_block(src + c0 * g.chs, g.chs, staging + c0, Fp);
-      const int64_t count = std::min<int64_t>(kW, n - X0);
-      for (int64_t i = 0; i < count; ++i)
-        store_row<T>(dst, off + ((X0 + i) * g.s + rx) * pixel_stride, F, staging + i * Fp);
+        transpose_block(staging + c0, Fp, plane + c0 * g.chs + p0, g.chs);
     }
   }
 }
 
-// Output-side planes (channel c at planes + c * ostride, output (r, ox) at r * P + ox) of R rows
-// to the contiguous [R, Wo, F] rows at dst + off.
+// The reverse, for the input rows [y_begin, y_end): sink(y, x, row) gets each of their pixels'
+// F channels (row: fp32, valid until the next call).
+template <class Sink>
+inline void unpack_input_planes(const float* planes, int64_t F, const Planes& g, int64_t y_first,
+                                int64_t y_begin, int64_t y_end, float* staging, Sink&& sink) {
+  const int64_t Fp = round_up(F, kW);
+  for (int64_t phase = 0; phase < g.s * g.s; ++phase) {
+    const float* plane = planes + phase * g.Lp;
+    for (int64_t p0 = 0; p0 < g.Lp; p0 += kW) {
+      InputPosition src[kW];
+      bool any = false;
+      for (int64_t i = 0; i < kW; ++i) {
+        src[i] = input_position(g, phase, p0 + i, y_first, y_end);
+        if (src[i].y < y_begin) src[i].y = -1;
+        any |= src[i].y >= 0;
+      }
+      if (!any) continue;
+      for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+        transpose_block(plane + c0 * g.chs + p0, g.chs, staging + c0, Fp);
+      for (int64_t i = 0; i < kW; ++i)
+        if (src[i].y >= 0) sink(src[i].y, src[i].x, staging + i * Fp);
+    }
+  }
+}
+
+// Output-side planes: channel c at planes + c * ostride, output (r, ox) of the task at r * P + ox.
+// To the contiguous [R, Wo, F] rows at dst + off.
 template <ElemType T>
 inline void unpack_output_planes(const float* planes, int64_t F, const Planes& g, int64_t R,
                                  int64_t Wo, float* staging, void* dst, int64_t off) {
   const int64_t Fp = round_up(F, kW);
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t x0 = 0; x0 < Wo; x0 += kW) {
-      for (int64_t c0 = 0; c0 < Fp; c0 += kW)
-        transpose_block(planes + c0 * g.ostride + r * g.P + x0, g.ostride, staging + c0, Fp);
-      const int64_t count = std::min<int64_t>(kW, Wo - x0);
-      for (int64_t i = 0; i < count; ++i)
-        store_row<T>(dst, off + (r * Wo + x0 + i) * F, F, staging + i * Fp);
+  for (int64_t p0 = 0; p0 < R * g.P; p0 += kW) {
+    if (p0 % g.P >= Wo && p0 / g.P == (p0 + kW - 1) / g.P) continue;  // all in one row's gap
+    for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+      transpose_block(planes + c0 * g.ostride + p0, g.ostride, staging + c0, Fp);
+    for (int64_t i = 0; i < kW && p0 + i < R * g.P; ++i) {
+      const int64_t r = (p0 + i) / g.P, ox = (p0 + i) % g.P;
+      if (ox < Wo) store_row<T>(dst, off + (r * Wo + ox) * F, F, staging + i * Fp);
     }
   }
 }
 
-// The reverse of unpack_output_planes for grad_out (any strides): R rows from output row oy0,
-// gaps zero.
+// The reverse for grad_out (any strides): R rows from output row oy0, gaps zero.
 template <ElemType T>
 inline void pack_output_planes(const void* x, const int64_t* st, int64_t b, int64_t oy0,
                                int64_t R, int64_t Wo, int64_t outer, int64_t inner,
                                const Planes& g, float* staging, float* planes) {
   const int64_t F = outer * inner, Fp = round_up(F, kW);
-  std::fill(planes, planes + Fp * g.ostride, 0.0f);
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t x0 = 0; x0 < Wo; x0 += kW) {
-      const int64_t count = std::min<int64_t>(kW, Wo - x0);
-      for (int64_t i = 0; i < kW; ++i) {
-        float* row = staging + i * Fp;
-        if (i < count) {
-          load_block<T>(x, b * st[0] + (oy0 + r) * st[1] + (x0 + i) * st[2], st[3], st[4], outer,
-                        inner, row);
-          std::fill(row + F, row + Fp, 0.0f);
-        } else {
-          std::fill(row, row + Fp, 0.0f);
-        }
+  for (int64_t p0 = 0; p0 < g.olen; p0 += kW) {
+    bool any = false;
+    for (int64_t i = 0; i < kW; ++i) {
+      float* row = staging + i * Fp;
+      const int64_t r = (p0 + i) / g.P, ox = (p0 + i) % g.P;
+      if (r < R && ox < Wo) {
+        load_block<T>(x, b * st[0] + (oy0 + r) * st[1] + ox * st[2], st[3], st[4], outer, inner,
+                      row);
+        std::fill(row + F, row + Fp, 0.0f);
+        any = true;
+      } else {
+        std::fill(row, row + Fp, 0.0f);
       }
-      for (int64_t c0 = 0; c0 < Fp; c0 += kW)
-        transpose_block(staging + c0, Fp, planes + c0 * g.ostride + r * g.P + x0, g.ostride);
     }
+    if (!any) {
+      for (int64_t c = 0; c < Fp; ++c) vstore(planes + c * g.ostride + p0, vzero());
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+      transpose_block(staging + c0, Fp, planes + c0 * g.ostride + p0, g.ostride);
   }
 }
 
 // What forward and backward tasks share: the input planes of the task and where things are.
 struct TaskPlanes {
-  float* raw;       // [QHp][chs] cost, gaps -inf
+  float* raw;       // [QHp][chs] cost, gaps -inf; packed only when a window needs it
   float* ec;        // [QHp][chs] exp(cost - M), gaps 0
   float* cost_max;  // [QHp] M
   float* v;         // [Cp][chs]
   float* valid;     // [olen] 1 for output positions of the task, else 0
   float* staging;   // [kW][max(QHp, Cp)]
+  bool raw_ready;
+  int64_t b, y_first;  // of the packed task
 
   void carve(Carver& c, const QnaAttentionInputs& a, const Planes& g) {
     const int64_t QHp = round_up(a.Q * a.H, kW), Cp = round_up(a.H * a.D, kW);
-    raw = c.take(QHp * g.chs);
-    ec = c.take(QHp * g.chs);
+    // Reads of garbage lanes run up to a block (and the largest shift) past a channel's planes.
+    const int64_t slack = (kNJ + 1) * kW + g.max_shift + g.P;
+    raw = c.take(QHp * g.chs + slack);
+    ec = c.take(QHp * g.chs + slack);
     cost_max = c.take(QHp);
-    v = c.take(Cp * g.chs);
+    v = c.take(Cp * g.chs + slack);
     valid = c.take(g.olen);
     staging = c.take(kW * std::max(QHp, Cp));
   }
 
-  // Packs the task (image b, output rows [oy0, oy0 + R)).
+  // Packs the task (image b, output rows [oy0, oy0 + R)): exp(cost - M) and v.
   template <ElemType T>
-  void pack(const QnaAttentionInputs& a, const Planes& g, int64_t b, int64_t oy0, int64_t R) {
-    const int64_t y_first = oy0 + g.min_shift, QH = a.Q * a.H;
+  void pack(const QnaAttentionInputs& a, const Planes& g, int64_t image, int64_t oy0, int64_t R) {
+    b = image;
+    y_first = oy0 + g.min_shift;
+    raw_ready = false;
+    const int64_t QH = a.Q * a.H;
     pack_input_planes<T>(a.cost, a.cost_stride, b, a.Hi, a.Q, a.H, g, y_first,
-                         -std::numeric_limits<float>::infinity(), staging, raw);
+                         -std::numeric_limits<float>::infinity(), staging, ec);
     for (int64_t c = 0; c < QH; ++c) {
-      const float* r = raw + c * g.chs;
+      float* e = ec + c * g.chs;
       vf m = vset1(-std::numeric_limits<float>::infinity());
-      for (int64_t i = 0; i < g.chs; i += kW) m = vmax(vload(r + i), m);
+      for (int64_t i = 0; i < g.chs; i += kW) m = vmax(vload(e + i), m);
       cost_max[c] = vhmax(m);
       const vf mv = vset1(cost_max[c]);
-      float* e = ec + c * g.chs;
-      for (int64_t i = 0; i < g.chs; i += kW) vstore(e + i, vexp(vsub(vload(r + i), mv)));
+      for (int64_t i = 0; i < g.chs; i += kW) vstore(e + i, vexp(vsub(vload(e + i), mv)));
     }
+    // The padding channels (read by garbage lanes past the last channel) hold -inf: zeros.
+    std::fill(ec + QH * g.chs, ec + round_up(QH, kW) * g.chs, 0.0f);
     pack_input_planes<T>(a.v, a.v_stride, b, a.Hi, a.H, a.D, g, y_first, 0.0f, staging, v);
     for (int64_t j = 0; j < g.olen; ++j)
       valid[j] = j < R * g.P && j % g.P < a.Wo ? 1.0f : 0.0f;
+  }
+
+  // The raw scores, for the windows that take the direct path (rare).
+  const float* raw_scores(const QnaAttentionInputs& a, const Planes& g) {
+    if (!raw_ready) {
+      switch (a.dtype) {
+        case ElemType::kFloat32: pack_raw<ElemType::kFloat32>(a, g); break;
+        case ElemType::kBFloat16: pack_raw<ElemType::kBFloat16>(a, g); break;
+        case ElemType::kFloat16: pack_raw<ElemType::kFloat16>(a, g); break;
+      }
+      raw_ready = true;
+    }
+    return raw;
+  }
+
+  template <ElemType T>
+  void pack_raw(const QnaAttentionInputs& a, const Planes& g) {
+    pack_input_planes<T>(a.cost, a.cost_stride, b, a.Hi, a.Q, a.H, g, y_first,
+                         -std::numeric_limits<float>::infinity(), staging, raw);
   }
 };
 
@@ -1163,7 +1221,7 @@ inline void with_chunk(int64_t n, F&& f) {
 
 // One block (kNJ vectors at output position j) of head h.
 inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
-                          const FwdScratch& w, int64_t h, int64_t j) {
+                          FwdScratch& w, int64_t h, int64_t j) {
   const int64_t taps = g.taps, Q = a.Q, H = a.H;
   const int32_t* off = g.off.data();
   for (int64_t q = 0; q < Q; ++q) {
@@ -1202,7 +1260,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
       const float* er_or_one = ers;
       if (direct[n]) {
         vf mx;
-        const vf s = direct_exps(w.in.raw + c * g.chs + j + n * kW, off, taps,
+        const vf s = direct_exps(w.in.raw_scores(a, g) + c * g.chs + j + n * kW, off, taps,
                                  tab.of(tab.rpe, Q, h, q), valid, w.e, kW, &mx);
         c_inv = keep(valid, vdiv(vset1(1.0f), s));
         vstore(w.lse + c * g.ostride + j + n * kW, vadd(mx, vlog(s)));
@@ -1265,8 +1323,10 @@ struct BwdScratch {
     in.carve(c, a, g);
     const int64_t QHp = round_up(a.Q * a.H, kW), Cp = round_up(a.H * a.D, kW);
     grad = c.take(Cp * g.ostride);
-    dcost = c.take(QHp * g.chs);
-    dv = c.take(Cp * g.chs);
+    // Garbage lanes add zeros up to a block past a channel's planes.
+    const int64_t slack = (kNJ + 1) * kW + g.max_shift + g.P;
+    dcost = c.take(QHp * g.chs + slack);
+    dv = c.take(Cp * g.chs + slack);
     w = c.take(a.Q * g.taps * kNJ * kW);
     u = c.take(g.taps * kNJ * kW);
     m = c.take(g.taps * kNJ * kW);
@@ -1331,7 +1391,7 @@ inline void backward_dv(const QnaAttentionInputs& a, const Planes& g, const BwdS
 }
 
 inline void backward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
-                           const BwdScratch& w, int64_t h, int64_t j) {
+                           BwdScratch& w, int64_t h, int64_t j) {
   const int64_t taps = g.taps, Q = a.Q, H = a.H;
   const int32_t* off = g.off.data();
   constexpr int64_t kBlock = kNJ * kW;
@@ -1359,7 +1419,7 @@ inline void backward_block(const QnaAttentionInputs& a, const Planes& g, const T
       vf inv = keep(valid, vdiv(vset1(1.0f), sum));
       if (!vall_le(inv, kMaxReferenceScale)) {
         vf mx;
-        sum = direct_exps(w.in.raw + c * g.chs + j + n * kW, off, taps, tab.of(tab.rpe, Q, h, q),
+        sum = direct_exps(w.in.raw_scores(a, g) + c * g.chs + j + n * kW, off, taps, tab.of(tab.rpe, Q, h, q),
                           valid, e + n * kW, kBlock, &mx);
         inv = keep(valid, vdiv(vset1(1.0f), sum));
       }
@@ -1465,23 +1525,27 @@ inline void backward_rows(const QnaAttentionBwdArgs& a, const Planes& g, const T
   below_begin = y_end;
   if (oy0 > 0) input_rows_read(a, oy0 - 1, oy0, &unused, &above_end);
   if (oy_end < a.Ho) input_rows_read(a, oy_end, oy_end + 1, &below_begin, &unused);
-  const int64_t edge_pixel = QH + C, y_first = oy0 + g.min_shift;
-  for (int64_t y = y_begin; y < y_end; ++y) {
-    const int64_t Yrel = y / g.s - y_first, ry = y % g.s;
-    float* edge = y < above_end ? top_edge + (y - y_begin) * a.Wi * edge_pixel
-                  : y >= below_begin ? bottom_edge + (y - below_begin) * a.Wi * edge_pixel
-                                     : nullptr;
-    if (edge != nullptr) {
-      unpack_input_row<ElemType::kFloat32>(w.dcost, QH, g, Yrel, ry, w.in.staging, edge, 0,
-                                           edge_pixel);
-      unpack_input_row<ElemType::kFloat32>(w.dv, C, g, Yrel, ry, w.in.staging, edge, QH,
-                                           edge_pixel);
-    } else {
-      const int64_t p = (b * a.Hi + y) * a.Wi;
-      unpack_input_row<T>(w.dcost, QH, g, Yrel, ry, w.in.staging, a.dcost, p * QH, QH);
-      unpack_input_row<T>(w.dv, C, g, Yrel, ry, w.in.staging, a.dv, p * C, C);
-    }
-  }
+  const int64_t edge_pixel = QH + C;
+  // The edge slot row of input row y, or nullptr when only this task reads it.
+  const auto edge_row = [&](int64_t y) -> float* {
+    if (y < above_end) return top_edge + (y - y_begin) * a.Wi * edge_pixel;
+    if (y >= below_begin) return bottom_edge + (y - below_begin) * a.Wi * edge_pixel;
+    return nullptr;
+  };
+  unpack_input_planes(w.dcost, QH, g, w.in.y_first, y_begin, y_end, w.in.staging,
+                      [&](int64_t y, int64_t x, const float* row) {
+                        if (float* edge = edge_row(y))
+                          store_row<ElemType::kFloat32>(edge, x * edge_pixel, QH, row);
+                        else
+                          store_row<T>(a.dcost, ((b * a.Hi + y) * a.Wi + x) * QH, QH, row);
+                      });
+  unpack_input_planes(w.dv, C, g, w.in.y_first, y_begin, y_end, w.in.staging,
+                      [&](int64_t y, int64_t x, const float* row) {
+                        if (float* edge = edge_row(y))
+                          store_row<ElemType::kFloat32>(edge, x * edge_pixel + QH, C, row);
+                        else
+                          store_row<T>(a.dv, ((b * a.Hi + y) * a.Wi + x) * C, C, row);
+                      });
   const int64_t gap_end = oy_end < a.Ho ? below_begin : a.Hi;
   for (int64_t y = y_end; y < gap_end; ++y) {
     using E = Elem<T>;
