@@ -112,6 +112,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "timm", "torchvision", "triton", "numpy"],
         "triton": ["triton"],
         "timm": ["timm", "torchvision"],
+        # The serving benchmark's peer engines (python -m fastvit_kernels.bench.serve).
+        "serve": ["onnx", "onnxscript", "onnxruntime", "openvino"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,7 +1,7 @@
 // The Python module fastvit_kernels._C: what the build and the CPU provide, and the choice of the
 // CPU ISA. The ops themselves are registered with PyTorch's dispatcher by their own files
-// (ops/<op>.cpp, namespace fastvit_kernels_cpu); loading this module runs those registrations,
-// and Python calls them as torch.ops.fastvit_kernels_cpu.<op>_forward / _backward.
+// (ops/<op>.cpp); loading this module runs those registrations, and Python calls them as
+// torch.ops.fastvit_kernels.<op>_forward / _backward.
 //
 // Only pybind11 here (no torch/extension.h: nothing takes or returns a tensor). A c10::Error from
 // set_cpu_isa still reaches Python as the right exception through the translator torch registers
@@ -73,13 +73,13 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace fc = fastvit_kernels::cpu;
   m.doc() = "fastvit_kernels native CPU kernels: build and ISA information (the ops are "
-            "torch.ops.fastvit_kernels_cpu.*)";
+            "torch.ops.fastvit_kernels.*)";
   m.def("cpu_isa", [] { return std::string(fc::isa_name(fc::current_cpu_isa())); },
-        "The CPU ISA the kernels will use now (avx512, avx2 or scalar)");
+        "The CPU ISA the kernels will use now (amx, avx512, avx2 or scalar)");
   m.def("compiled_isas", &fc::compiled_isas, "CPU ISAs with kernels in this build, best first");
   m.def("supported_isas", &fc::supported_isas, "CPU ISAs this machine can run, best first");
   m.def("set_cpu_isa", &fc::set_cpu_isa, py::arg("name"),
-        "Force the CPU ISA ('avx512', 'avx2', 'scalar'), or 'auto' to restore the default; "
+        "Force the CPU ISA ('amx', 'avx512', 'avx2', 'scalar'), or 'auto' to restore the default; "
         "overrides FASTVIT_KERNELS_CPU_ISA");
   m.def("build_info", &build_info, "Compiler, flags and ISAs of this build");
 }

@@ -1,8 +1,9 @@
 """Loads the compiled extension `fastvit_kernels._C` if it was built.
 
 Loading it registers the C++ CPU kernels with PyTorch's dispatcher (csrc/ops/<op>.cpp) as
-`torch.ops.fastvit_kernels_cpu.<op>_forward` / `_backward`; `kernel(name)` returns one. The
-module itself holds the build and CPU ISA functions (cpu_isa, set_cpu_isa, build_info, ...).
+`torch.ops.fastvit_kernels.<op>_forward` / `_backward` (ops/_library.py adds their fake
+implementations and autograd); `kernel(name)` returns one. The module itself holds the build and
+CPU ISA functions (cpu_isa, set_cpu_isa, build_info, ...).
 
 A missing or broken native build must never break `import fastvit_kernels`: the ops then run on
 the PyTorch reference, and the first call says so once (and `python -m fastvit_kernels.info`
@@ -35,12 +36,12 @@ def available() -> bool:
 
 def has_kernel(name: str) -> bool:
     """Whether the loaded extension registered the C++ kernel `name` (e.g. "bias_attention_forward")."""
-    return native is not None and hasattr(torch.ops.fastvit_kernels_cpu, name)
+    return native is not None and hasattr(torch.ops.fastvit_kernels, name)
 
 
 def kernel(name: str):
     """The C++ CPU kernel `name` (e.g. "bias_attention_forward"), as a dispatcher op."""
-    return getattr(torch.ops.fastvit_kernels_cpu, name)
+    return getattr(torch.ops.fastvit_kernels, name)
 
 
 def warn_fallback(op: str) -> None:

@@ -25,6 +25,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 from fastvit_kernels import _native
 
 BACKEND_NAMES = ("reference", "cpu", "triton")
+# The backend whose kernels are registered from C++ (ops/_library.py: the native dispatcher ops).
+NATIVE_BACKEND = "cpu"
 ENV_VAR = "FASTVIT_KERNELS_BACKEND"
 
 # Backends that have passed the full test suite on a GPU (device name recorded in the README).
@@ -72,8 +74,10 @@ class Backend:
     name: str
     # why_not(*inputs) -> reasons this backend cannot run the inputs ([] when it can).
     why_not: Callable[..., List[str]]
-    # load() -> the module holding forward/backward; imported lazily (triton is heavy).
-    load: Callable[[], object]
+    # load() -> the module holding forward/backward (the backend contract of
+    # reference/<op>.py); imported lazily (triton is heavy). None for the native backend, whose
+    # kernels are the dispatcher ops <op>_forward / <op>_backward (ops/_library.py).
+    load: Optional[Callable[[], object]]
 
 
 @dataclass
@@ -128,21 +132,6 @@ class OpBackends:
         raise RuntimeError(f"{self.op}: no backend can run these inputs ({details})")
 
 
-class NativeKernels:
-    """An op's C++ kernels `<op>_forward` / `<op>_backward` (dispatcher ops, see
-    `_native.kernel`) under the backend contract's names (they take the contract's arguments in
-    its order)."""
-
-    def __init__(self, op: str):
-        self.op = op
-
-    def forward(self, *args):
-        return tuple(_native.kernel(f"{self.op}_forward")(*args))
-
-    def backward(self, *args):
-        return tuple(_native.kernel(f"{self.op}_backward")(*args))
-
-
 _NO_LIMITS: Callable[..., List[str]] = lambda *inputs: []  # noqa: E731
 
 
@@ -153,8 +142,9 @@ def standard_backends(
     native_limits: Callable[..., List[str]] = _NO_LIMITS,
     triton_limits: Optional[Callable[..., List[str]]] = None,
 ) -> OpBackends:
-    """The three backends every op declares the same way; `op` names the C++ entry points
-    (`_C.<op>_forward`), the Triton module (`fastvit_kernels.triton.<op>`) and the messages.
+    """The three backends every op declares the same way; `op` names the C++ kernels
+    (`torch.ops.fastvit_kernels.<op>_forward`), the Triton module (`fastvit_kernels.triton.<op>`)
+    and the messages.
 
     The why_not functions take the op's dispatch inputs, the first being its main tensor (its
     device decides). native_limits(*inputs) lists what the C++ kernel cannot take (dtype, sizes);
@@ -188,6 +178,6 @@ def standard_backends(
     backends = OpBackends(op=op, default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)},
                           native_dtypes=native_dtypes)
     backends.add(Backend("reference", reference_why_not, lambda: reference))
-    backends.add(Backend("cpu", cpu_why_not, lambda: NativeKernels(op)))
+    backends.add(Backend(NATIVE_BACKEND, cpu_why_not, None))
     backends.add(Backend("triton", triton_why_not, load_triton))
     return backends

@@ -131,6 +131,9 @@ def main() -> None:
         print(f"  native CPU kernels: built; ISA in use {info['cpu_isa']} "
               f"(compiled {', '.join(info['compiled_isas'])}; this CPU supports "
               f"{', '.join(info['supported_isas'])})")
+        if info["cpu_isa"] == "amx":
+            print("    amx: bf16 inputs of bias / policy / varlen attention multiply in bf16 (fp32 "
+                  "accumulation) on the AMX tiles; everything else computes in fp32 as at avx512")
     else:
         print(f"  native CPU kernels: NOT available: {info['native_error']}")
     forced = info["forced_backend"]

@@ -10,7 +10,7 @@ import torch
 from fastvit_kernels.bench import common
 
 MODULES = ("__main__", "levit", "bias_attention", "qna_attention", "qna_vit", "ggem_pool",
-           "policy_attention", "varlen_attention", "dynamic_vit")
+           "policy_attention", "varlen_attention", "dynamic_vit", "serve", "overhead", "cpu_isa")
 COMMON_OPTIONS = ("--device", "--dtype", "--batch", "--quick", "--out")
 
 
@@ -66,3 +66,33 @@ def test_tiny_run_writes_rows(name, argv, case, tmp_path, capsys):
         assert row["max_rel_err"] < common.REL_TOL[torch.float32]
         assert row["ref_impl"] == "op"
     assert all(r["backend"] for r in rows if r["impl"] == "op")
+
+
+def test_serve_tiny_run_compares_outputs_and_ratios(tmp_path, capsys):
+    """bench.serve on levit_128s, batch 1, float32, eager timm against the eager fvk path: both
+    outputs are checked against eager float32 timm and get a ratio to the best peer."""
+    pytest.importorskip("timm")
+    from fastvit_kernels.bench import serve
+
+    out = tmp_path / "serve.json"
+    assert serve.main(["--device", "cpu", "--quick", "--models", "levit_128s", "--batches", "1",
+                       "--dtypes", "float32", "--engines", "eager", "fvk", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["impl"]: r for r in doc["rows"]}
+    assert set(rows) == {"eager", "fvk"}
+    for row in rows.values():
+        assert row["error"] is None and row["output_ok"] and row["img_per_s"] > 0
+        assert row["best_peer"] == "eager"
+    assert rows["eager"]["x_best_peer"] == 1.0
+    (summary,) = doc["summary"]
+    assert summary["best_fvk"] == "fvk" and summary["ratio"] == rows["fvk"]["x_best_peer"]
+
+
+def test_overhead_rows(tmp_path):
+    from fastvit_kernels.bench import overhead
+
+    rows = overhead.run(common.environment(torch.device("cpu")), quick=True)
+    names = {r["case"] for r in rows}
+    assert {"torch.softmax", "bias_attention", "qna_attention", "policy_attention", "varlen_attention",
+            "ggem_pool"} <= names
+    assert all(r["error"] is None and r["us"] > 0 for r in rows)

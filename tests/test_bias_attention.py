@@ -9,7 +9,7 @@ import fastvit_kernels
 from fastvit_kernels import _native
 from fastvit_kernels.ops import bias_attention
 from fastvit_kernels.reference import bias_attention as reference
-from helpers import DEVICE, assert_matches, backend_params, is_interpreted, running_on
+from helpers import assert_matches, backend_params, is_interpreted, running_on
 
 BACKENDS = backend_params()
 

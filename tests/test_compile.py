@@ -9,8 +9,8 @@ from fastvit_kernels.reference import bias_attention as reference
 from helpers import backend_params, running_on
 from test_bias_attention import make_inputs
 
-FORWARD = torch.ops.fastvit_kernels.bias_attention_forward.default
-BACKWARD = torch.ops.fastvit_kernels.bias_attention_backward.default
+from fastvit_kernels.ops.bias_attention import OPS as BIAS_OPS
+from fastvit_kernels.ops.qna_attention import OPS as QNA_OPS
 
 
 @pytest.mark.parametrize("backend_isa_device", backend_params())
@@ -20,13 +20,14 @@ def test_opcheck(backend_isa_device, activation):
     torch.manual_seed(0)
     q, k, v, table, index = make_inputs(2, 3, 7, 9, 16, 32, device=device, layout="shrink")
     leaves = [t.detach().requires_grad_() for t in (q, k, v, table)]
+    forward, backward, extra = BIAS_OPS.overloads(backend)  # the ops that run this backend
     with running_on(backend, isa):
-        torch.library.opcheck(FORWARD, (*leaves[:3], leaves[3], index, 0.25, activation, True))
-        torch.library.opcheck(FORWARD, (q, k, v, None, None, 0.25, activation, False))
-        out, o_pre, lse = FORWARD(q, k, v, table, index, 0.25, activation, True)
+        torch.library.opcheck(forward, (*leaves[:3], leaves[3], index, 0.25, activation, True, *extra))
+        torch.library.opcheck(forward, (q, k, v, None, None, 0.25, activation, False, *extra))
+        out, o_pre, lse = forward(q, k, v, table, index, 0.25, activation, True, *extra)
         saved = out if activation == "none" else o_pre
         grad = torch.randn_like(out)
-        torch.library.opcheck(BACKWARD, (grad, q, k, v, table, index, saved, lse, 0.25, activation))
+        torch.library.opcheck(backward, (grad, q, k, v, table, index, saved, lse, 0.25, activation, *extra))
 
 
 def test_compile_fullgraph_matches_eager_without_recompiling():
@@ -98,10 +99,6 @@ def test_patched_timm_model_compiles_fullgraph(use_conv):
 # qna_attention
 # ---------------------------------------------------------------------------------------------
 
-QNA_FORWARD = torch.ops.fastvit_kernels.qna_attention_forward.default
-QNA_BACKWARD = torch.ops.fastvit_kernels.qna_attention_backward.default
-
-
 @pytest.mark.parametrize("backend_isa_device", backend_params())
 @pytest.mark.parametrize("k,stride", [(3, 1), (5, 2)])
 def test_qna_opcheck(backend_isa_device, k, stride):
@@ -111,10 +108,11 @@ def test_qna_opcheck(backend_isa_device, k, stride):
     torch.manual_seed(0)
     cost, v, rpe, attn_scale = make_qna_inputs(2, 5, 4, 2, 3, 8, k, device=device, param_dtype=torch.float32)
     leaves = [t.detach().requires_grad_() for t in (cost, v, rpe, attn_scale)]
+    forward, backward, extra = QNA_OPS.overloads(backend)  # the ops that run this backend
     with running_on(backend, isa):
-        torch.library.opcheck(QNA_FORWARD, (*leaves, k, stride))
-        out, lse = QNA_FORWARD(cost, v, rpe, attn_scale, k, stride)
-        torch.library.opcheck(QNA_BACKWARD, (torch.randn_like(out), cost, v, rpe, attn_scale, lse, k, stride))
+        torch.library.opcheck(forward, (*leaves, k, stride, *extra))
+        out, lse = forward(cost, v, rpe, attn_scale, k, stride, *extra)
+        torch.library.opcheck(backward, (torch.randn_like(out), cost, v, rpe, attn_scale, lse, k, stride, *extra))
 
 
 def test_qna_compile_fullgraph_matches_eager_without_recompiling():

@@ -10,12 +10,11 @@ import torch
 import fastvit_kernels
 from fastvit_kernels import _native
 from fastvit_kernels.ops import ggem_pool
+from fastvit_kernels.ops.ggem_pool import OPS
 from fastvit_kernels.reference import ggem_pool as reference
 from helpers import FLOOR, assert_matches, backend_params, is_interpreted, running_on
 
 BACKENDS = backend_params()
-FORWARD = torch.ops.fastvit_kernels.ggem_pool_forward.default
-BACKWARD = torch.ops.fastvit_kernels.ggem_pool_backward.default
 EPS = 1e-6
 
 
@@ -335,14 +334,16 @@ def test_opcheck(backend_isa_device, interleaved):
     backend, isa, device = backend_isa_device
     x, p = make_inputs(2, 9, 32, 4, device=device, seed=7)
     leaves = (x.clone().requires_grad_(), p.clone().requires_grad_())
+    forward, backward, extra = OPS.overloads(backend)  # the ops that run this backend
     with running_on(backend, isa):
-        torch.library.opcheck(FORWARD, (*leaves, 4, EPS, interleaved, 1))
-        torch.library.opcheck(FORWARD, (x[:, :, :16], p, 4, EPS, interleaved, 0))
-        y, log_mean = FORWARD(x, p, 4, EPS, interleaved, 1)
+        torch.library.opcheck(forward, (*leaves, 4, EPS, interleaved, 1, *extra))
+        torch.library.opcheck(forward, (x[:, :, :16], p, 4, EPS, interleaved, 0, *extra))
+        y, log_mean = forward(x, p, 4, EPS, interleaved, 1, *extra)
         assert y.is_contiguous() and log_mean.is_contiguous() and log_mean.dtype == torch.float32
         grad_y = torch.randn_like(y)
-        torch.library.opcheck(BACKWARD, (grad_y, x, p, log_mean, 4, EPS, interleaved, 1))
-        dx, dp = BACKWARD(grad_y, x.transpose(0, 1).contiguous().transpose(0, 1), p, log_mean, 4, EPS, interleaved, 1)
+        torch.library.opcheck(backward, (grad_y, x, p, log_mean, 4, EPS, interleaved, 1, *extra))
+        dx, dp = backward(grad_y, x.transpose(0, 1).contiguous().transpose(0, 1), p, log_mean, 4, EPS, interleaved, 1,
+                          *extra)
         assert dx.is_contiguous() and dx.shape == x.shape and dp.shape == p.shape
 
 

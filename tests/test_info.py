@@ -17,6 +17,24 @@ def test_info_reports_every_op_and_backend():
     assert "bias_attention" in result.stdout and "qna_attention" in result.stdout and "ggem_pool" in result.stdout and "policy_attention" in result.stdout and "varlen_attention" in result.stdout and "cpu   tensors ->" in result.stdout
 
 
+def test_info_reports_the_forced_cpu_isa():
+    """Each level this CPU runs (amx included), forced through FASTVIT_KERNELS_CPU_ISA, is the one
+    reported as in use."""
+    import os
+
+    from fastvit_kernels import _native
+
+    if not _native.available():
+        return
+    for isa in _native.native.supported_isas():
+        env = dict(os.environ, FASTVIT_KERNELS_CPU_ISA=isa)
+        result = subprocess.run([sys.executable, "-m", "fastvit_kernels.info"], capture_output=True,
+                                text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        assert f"ISA in use {isa} (" in result.stdout, (isa, result.stdout)
+        assert ("amx: bf16 inputs" in result.stdout) == (isa == "amx"), result.stdout
+
+
 # A fresh interpreter in which importing the extension fails, as after a broken or missing build.
 WITHOUT_NATIVE = r"""
 import sys, warnings

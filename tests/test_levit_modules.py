@@ -167,7 +167,7 @@ def test_meta_device_construction():
 
 
 def test_bias_index_formula():
-    """SPEC §1-2: |y_i − y_j|·R1 + |x_i − x_j|, and |s·qy_i − ky_j|·R1 + |s·qx_i − kx_j| for shrink."""
+    """docs/bias_attention.md, "Index rules used by the models": |y_i − y_j|·R1 + |x_i − x_j|, and |s·qy_i − ky_j|·R1 + |s·qx_i − kx_j| for shrink."""
     r0, r1 = 5, 4
     idx = BiasAttention(16, 4, 2, resolution=(r0, r1)).attention_bias_idxs
     for i in range(r0 * r1):

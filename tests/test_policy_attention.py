@@ -7,12 +7,11 @@ import torch
 
 from fastvit_kernels import _native
 from fastvit_kernels.ops import policy_attention
+from fastvit_kernels.ops.policy_attention import OPS
 from fastvit_kernels.reference import policy_attention as reference
 from helpers import FLOOR, assert_matches, backend_params, is_interpreted, running_on
 
 BACKENDS = backend_params()
-FORWARD = torch.ops.fastvit_kernels.policy_attention_forward.default
-BACKWARD = torch.ops.fastvit_kernels.policy_attention_backward.default
 EPS = 1e-6
 LAYOUTS = ("fused", "contiguous", "transposed")
 
@@ -240,14 +239,16 @@ def test_opcheck(backend_isa_device):
     backend, isa, device = backend_isa_device
     q, k, v, policy = make_inputs(2, 2, 21, 16, device=device, seed=11)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, policy)]
+    forward, backward, extra = OPS.overloads(backend)  # the ops that run this backend
     with running_on(backend, isa):
-        torch.library.opcheck(FORWARD, (*leaves, 0.25, EPS))
-        torch.library.opcheck(FORWARD, (q, k, v, policy, 0.25, EPS))
-        out, row_max, denom, argmax = FORWARD(q, k, v, policy, 0.25, EPS)
+        torch.library.opcheck(forward, (*leaves, 0.25, EPS, *extra))
+        torch.library.opcheck(forward, (q, k, v, policy, 0.25, EPS, *extra))
+        out, row_max, denom, argmax = forward(q, k, v, policy, 0.25, EPS, *extra)
         assert row_max.dtype == denom.dtype == torch.float32 and argmax.dtype == torch.int32
         grad_out = torch.randn_like(out)
         for need in (True, False):
-            torch.library.opcheck(BACKWARD, (grad_out, q, k, v, policy, out, row_max, denom, argmax, 0.25, EPS, need))
+            torch.library.opcheck(backward, (grad_out, q, k, v, policy, out, row_max, denom, argmax, 0.25, EPS, need,
+                                             *extra))
 
 
 def test_compile_fullgraph_matches_eager_without_recompiling():

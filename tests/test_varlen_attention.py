@@ -8,12 +8,11 @@ import torch.nn.functional as F
 
 from fastvit_kernels import _native
 from fastvit_kernels.ops import varlen_attention
+from fastvit_kernels.ops.varlen_attention import OPS
 from fastvit_kernels.reference import varlen_attention as reference
 from helpers import assert_matches, backend_params, is_interpreted, running_on
 
 BACKENDS = backend_params()
-FORWARD = torch.ops.fastvit_kernels.varlen_attention_forward.default
-BACKWARD = torch.ops.fastvit_kernels.varlen_attention_backward.default
 
 
 def make_inputs(lengths, H, D, dtype=torch.float32, device="cpu", layout="fused", score_scale=1.0, seed=0):
@@ -168,11 +167,12 @@ def test_opcheck(backend_isa_device):
     q, k, v, cu = make_inputs([5, 1, 12], 2, 16, device=device, seed=8)
     cu = cu.long()
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    forward, backward, extra = OPS.overloads(backend)  # the ops that run this backend
     with running_on(backend, isa):
-        torch.library.opcheck(FORWARD, (*leaves, cu, 12, 0.25))
-        out, lse = FORWARD(q, k, v, cu, 12, 0.25)
+        torch.library.opcheck(forward, (*leaves, cu, 12, 0.25, *extra))
+        out, lse = forward(q, k, v, cu, 12, 0.25, *extra)
         assert out.is_contiguous() and lse.shape == (18, 2) and lse.dtype == torch.float32
-        torch.library.opcheck(BACKWARD, (torch.randn_like(out), q, k, v, out, lse, cu, 12, 0.25))
+        torch.library.opcheck(backward, (torch.randn_like(out), q, k, v, out, lse, cu, 12, 0.25, *extra))
 
 
 def test_compile_fullgraph_matches_eager_without_recompiling():

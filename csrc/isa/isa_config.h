@@ -1,4 +1,5 @@
-// Which ISA translation units (isa/avx512.cpp, isa/avx2.cpp) are compiled in (no torch headers).
+// Which ISA translation units (isa/avx512.cpp, isa/avx2.cpp, isa/amx.cpp) are compiled in (no
+// torch headers).
 #pragma once
 
 // The AVX2 / AVX-512 kernels rely on GCC's `#pragma GCC target` on x86 (Clang ignores that pragma;
@@ -7,4 +8,12 @@
 #define FVK_X86_KERNELS 1
 #else
 #define FVK_X86_KERNELS 0
+#endif
+
+// The amx level (isa/amx.cpp) also needs GCC 11's AMX intrinsics, 64-bit
+// mode (AMX has no 32-bit form) and Linux (the tile data permission is asked with arch_prctl).
+#if FVK_X86_KERNELS && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
+#define FVK_BF16_KERNELS 1
+#else
+#define FVK_BF16_KERNELS 0
 #endif

@@ -1,5 +1,5 @@
 // The kernels' entry points, one table per ISA: what an ISA translation unit (isa/avx512.cpp,
-// isa/avx2.cpp, isa/scalar.cpp) defines and the ops call through ops/dispatch.h. Plain data, no
+// isa/avx2.cpp, isa/scalar.cpp, isa/amx.cpp) defines and the ops call through ops/dispatch.h. Plain data, no
 // torch, no intrinsics.
 //
 // It also includes every standard header the kernels use: they include nothing themselves (see
@@ -15,6 +15,7 @@
 #include <limits>
 #include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // The ops' interfaces (args structs) only: FVK_KERNEL_BODIES is not defined here.
@@ -45,7 +46,7 @@ struct KernelTable {
 };
 
 // Defined by isa/scalar.cpp, isa/avx2.cpp and isa/avx512.cpp (the last two only where
-// FVK_X86_KERNELS, see isa/isa_config.h).
+// FVK_X86_KERNELS, see isa/isa_config.h), and by isa/amx.cpp (only where FVK_BF16_KERNELS).
 namespace scalar {
 extern const KernelTable kKernels;
 }
@@ -53,6 +54,9 @@ namespace avx2 {
 extern const KernelTable kKernels;
 }
 namespace avx512 {
+extern const KernelTable kKernels;
+}
+namespace amx {
 extern const KernelTable kKernels;
 }
 

@@ -3,11 +3,18 @@
 // kernel_common.h it is included inside an ISA namespace by isa/kernels.inc, after simd.h and
 // kernel_common.h (see simd.h for why nothing is included here), so each ISA gets its own copy.
 //
-// Every product goes through gemm(): C = A * B (+ C0) with A read element-wise through two strides
-// (so A^T costs nothing) and B / C as rows of whole vectors. Operands are packed into fp32 scratch
-// first, which converts bf16 / fp16 once and makes any input strides free. The packers take the
-// operand's rows through a functor `row(j)` -> element offset of row j, plus the element stride
+// Every product goes through product<T>(): C = A * B (+ C0) with A read element-wise through two
+// strides (so A^T costs nothing) and B / C as rows of whole vectors. Operands are packed into fp32
+// scratch first, which converts bf16 / fp16 once and makes any input strides free. The packers take
+// the operand's rows through a functor `row(j)` -> element offset of row j, plus the element stride
 // `cs` along a row, so each op keeps its own layout ([B, H, N, D], [T, H, D], permuted rows).
+//
+// product<T>() is gemm() (fp32 FMA) everywhere but on the amx level (isa/amx.cpp), where bf16
+// inputs multiply in bf16 with fp32 accumulation on the AMX tiles (kernels/bf16_gemm.h) when the
+// product is large enough to pay for them.
+// There a B operand packed once per (batch, head) also gets a bf16 "twin" (make_twin), and the
+// kernels keep q and k unscaled (exact in bf16) and apply the scale to fp32 results instead
+// (ScalePlacement), so the only bf16 roundings are of computed operands (P, dS, dO').
 #pragma once
 
 static_assert(kMaxMR <= 8 && kMaxNV <= 4, "gemm_tile dispatch covers MR <= 8, NV <= 4");
@@ -210,6 +217,10 @@ struct StoreEpi {  // C = acc
   float* c; int64_t ldc;
   void operator()(int64_t i, int64_t jv, vf x) { vstore(c + i * ldc + jv * kW, x); }
 };
+struct ScaleStoreEpi {  // C = acc * mul
+  float* c; int64_t ldc; float mul;
+  void operator()(int64_t i, int64_t jv, vf x) { vstore(c + i * ldc + jv * kW, vmul(x, vset1(mul))); }
+};
 struct RowScaleEpi {  // C = acc * row_mul[i]
   float* c; int64_t ldc; const float* row_mul;
   void operator()(int64_t i, int64_t jv, vf x) {
@@ -223,6 +234,88 @@ struct SoftmaxGradEpi {  // acc = dP; P <- dS = P * (dP - delta[i]), in place
     vstore(ptr, vmul(vload(ptr), vsub(x, vset1(delta[i]))));
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// product<T>(): gemm(), or bf16 products where this ISA has them for T
+// ---------------------------------------------------------------------------------------------
+
+#if defined(FVK_BF16_PRODUCTS)
+#include "kernels/bf16_gemm.h"
+// Only bf16: fp16 has no bf16-width product with fp32 accumulation short of AMX-FP16, which the
+// amx level does not require (and fp32 / fp16 inputs run the avx512 kernels there anyway).
+template <ElemType T>
+constexpr bool kBf16Products = T == ElemType::kBFloat16;
+#else
+template <ElemType T>
+constexpr bool kBf16Products = false;
+#endif
+
+// C (M rows x NVt vectors) = A (M x K, strides ars / acs) * B (K rows of ldb floats) (+ C0), the
+// epilogue receiving each finished accumulator vector. B16: B's twin (make_twin) or null.
+template <ElemType T, class Epi>
+inline void product(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t ars, int64_t acs,
+                    const float* B, int64_t ldb, const uint32_t* B16, const float* C0,
+                    int64_t ldc0, Epi& epi) {
+#if defined(FVK_BF16_PRODUCTS)
+  if constexpr (kBf16Products<T>) {
+    if (tiles_pay(NVt, K)) {
+      gemm_bf16(M, NVt, K, A, ars, acs, B, ldb, B16, C0, ldc0, epi);
+      return;
+    }
+  }
+#endif
+  {
+    (void)B16;
+    gemm(M, NVt, K, A, ars, acs, B, ldb, C0, ldc0, epi);
+  }
+}
+
+// Query rows a forward handles together: their scores stay in L1 between the two products. With
+// bf16 products, two tile rows (2 x 2 tile blocks, whose four accumulators keep the tile unit busy).
+template <ElemType T>
+constexpr int64_t kRowGroup = kBf16Products<T> ? 32 : kW == 1 ? 8 : 2 * kMaxMR;
+static_assert(kRowGroup<ElemType::kBFloat16> % kW == 0, "row statistics go in whole vectors");
+
+// The bf16 twin of a B operand (K rows of ld floats): scratch for it (null when T's products are
+// fp32), and its conversion, done once after each packing of B.
+template <ElemType T>
+inline uint32_t* take_twin(Carver& c, int64_t K, int64_t ld) {
+#if defined(FVK_BF16_PRODUCTS)
+  if constexpr (kBf16Products<T>) return reinterpret_cast<uint32_t*>(c.take(vnni_words(K, ld)));
+#endif
+  (void)c, (void)K, (void)ld;
+  return nullptr;
+}
+
+// (Skipped when even a product over all ld columns would stay on gemm(): then none reads it.)
+template <ElemType T>
+inline void make_twin(const float* B, int64_t ld, int64_t K, uint32_t* twin) {
+#if defined(FVK_BF16_PRODUCTS)
+  if constexpr (kBf16Products<T>)
+    if (tiles_pay(ld / kW, K)) pack_vnni(B, ld, K, ld, ld, ld, twin);
+#endif
+  (void)B, (void)ld, (void)K, (void)twin;
+}
+
+// Where the softmax scale goes: into the packed q / k (fp32 products: as today), or, with bf16
+// products, onto the fp32 scores and the fp32 dq / dk (q and k then enter the products exactly).
+// Multiplying by the other factor, 1, changes no bit.
+struct ScalePlacement {
+  float operand;  // q / k packed times this
+  float result;   // scores, dq, dk times this
+};
+template <ElemType T>
+inline ScalePlacement scale_placement(float scale) {
+  if constexpr (kBf16Products<T>) return {1.0f, scale};
+  return {scale, 1.0f};
+}
+
+// x[0, n) *= mul (n a whole number of vectors); nothing when mul is 1.
+inline void scale_rows(float* x, int64_t n, float mul) {
+  if (mul == 1.0f) return;
+  const vf m = vset1(mul);
+  for (int64_t i = 0; i < n; i += kW) vstore(x + i, vmul(vload(x + i), m));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Softmax of a group of score rows (bias and varlen forward)

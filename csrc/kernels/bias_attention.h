@@ -8,8 +8,9 @@
 // Backward: dO' = dout * act'(O), delta_i = dO'_i . O_i, dP = dO' v^T, dS = P * (dP - delta),
 //   dq = dS k * scale, dk = dS^T q * scale, dv = P^T dO', dtable[h, index[i, j]] += dS[i, j].
 //
-// Every product goes through the shared micro-kernel gemm() of attention_gemm.h, on operands
-// packed into fp32 scratch; k/v are repacked only when a thread moves to another (b, h).
+// Every product goes through product<T>() of attention_gemm.h, on operands packed into fp32
+// scratch (plus their bf16 twins where bf16 inputs multiply in bf16: the amx / avx512bf16 levels);
+// k/v are repacked only when a thread moves to another (b, h).
 //
 // Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data, no
 // torch, no intrinsics) and filled by ops/bias_attention.cpp; and the kernel, compiled only where
@@ -122,12 +123,12 @@ inline void prefetch_rows(const void* x, const int64_t* s, int64_t b, int64_t h,
   prefetch_rows_by<T>(x, head_rows(s, b, h), s[3], N, D);
 }
 
-// Epilogue of S: C = acc + X, the bias joining after the dot product as in plain PyTorch
-// (starting from the bias adds error).
+// Epilogue of S: C = acc * mul + X, the bias joining after the dot product as in plain PyTorch
+// (starting from the bias adds error); mul is the scale with bf16 products, else 1.
 struct AddStoreEpi {
-  float* c; int64_t ldc; const float* x; int64_t ldx;
+  float* c; int64_t ldc; const float* x; int64_t ldx; float mul;
   void operator()(int64_t i, int64_t jv, vf acc) {
-    vstore(c + i * ldc + jv * kW, vadd(acc, vload(x + i * ldx + jv * kW)));
+    vstore(c + i * ldc + jv * kW, vfma(acc, vset1(mul), vload(x + i * ldx + jv * kW)));
   }
 };
 
@@ -135,30 +136,32 @@ struct AddStoreEpi {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-// Query rows handled together: their scores stay in L1 between the two products.
-constexpr int64_t kRowGroup = kW == 1 ? 8 : 2 * kMaxMR;
-static_assert(kRowGroup % kW == 0, "row statistics are processed in whole vectors");
 
 // Per-thread forward buffers (Nkp, Dkp, Dvp: sizes rounded up to whole vectors).
 struct FwdScratch {
   float* kt;       // k^T [Dkp][Nkp]
   float* vp;       // v [Nk][Dvp]
-  float* qs;       // q * scale [kRowGroup][Dk]
-  float* s;        // scores, then probabilities [kRowGroup][Nkp]
-  float* o;        // output rows [kRowGroup][Dvp]
-  float* row_sum;  // softmax denominators, then their inverses [kRowGroup]
-  float* lse;      // row maxima, then lse [kRowGroup]
+  float* qs;       // q * scale [kRowGroup<T>][Dk]
+  float* s;        // scores, then probabilities [kRowGroup<T>][Nkp]
+  float* o;        // output rows [kRowGroup<T>][Dvp]
+  float* row_sum;  // softmax denominators, then their inverses [kRowGroup<T>]
+  float* lse;      // row maxima, then lse [kRowGroup<T>]
   float* blk;      // transpose staging [kW][Dkp]
+  uint32_t* kt16;  // bf16 twins of kt and vp (bf16 products only, else null)
+  uint32_t* vp16;
 
+  template <ElemType T>
   int64_t carve(float* base, int64_t Nk, int64_t Nkp, int64_t Dk, int64_t Dkp, int64_t Dvp) {
     Carver c(base);
     kt = c.take(Dkp * Nkp);
     vp = c.take(Nk * Dvp);
-    qs = c.take(kRowGroup * Dk);
-    s = c.take(kRowGroup * Nkp);
-    o = c.take(kRowGroup * Dvp);
-    row_sum = c.take(kRowGroup);
-    lse = c.take(kRowGroup);
+    kt16 = take_twin<T>(c, Dk, Nkp);
+    vp16 = take_twin<T>(c, Nk, Dvp);
+    qs = c.take(kRowGroup<T> * Dk);
+    s = c.take(kRowGroup<T> * Nkp);
+    o = c.take(kRowGroup<T> * Dvp);
+    row_sum = c.take(kRowGroup<T>);
+    lse = c.take(kRowGroup<T>);
     blk = c.take(kW * Dkp);
     return c.used();
   }
@@ -170,23 +173,24 @@ inline void forward_rows(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, in
                          int64_t rows, const FwdScratch& w) {
   const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
   const int64_t Nkp = round_up(Nk, kW), Dvp = round_up(Dv, kW);
+  const ScalePlacement sc = scale_placement<T>(a.scale);
   for (int64_t r = 0; r < rows; ++r)
-    load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], Dk, a.scale,
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], Dk, sc.operand,
                 w.qs + r * Dk);
 
   // S = (q * scale) k^T + bias; the bias rows' -inf padding masks columns >= Nk.
   AddStoreEpi s_epi{w.s, Nkp, a.bias + h * a.bias_h_stride + i0 * a.bias_i_stride,
-                    a.bias_i_stride};
-  gemm(rows, Nkp / kW, Dk, w.qs, Dk, 1, w.kt, Nkp, nullptr, 0, s_epi);
+                    a.bias_i_stride, sc.result};
+  product<T>(rows, Nkp / kW, Dk, w.qs, Dk, 1, w.kt, Nkp, w.kt16, nullptr, 0, s_epi);
 
   // Softmax numerators in place; lse and 1 / sum per row.
-  softmax_rows(w.s, rows, Nkp, kRowGroup, w.lse, w.row_sum);
+  softmax_rows(w.s, rows, Nkp, kRowGroup<T>, w.lse, w.row_sum);
   for (int64_t r = 0; r < rows; ++r)
     a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] + (i0 + r) * a.lse_stride[2]] = w.lse[r];
 
   // O = P v / sum, then o_pre, the activation, and the store in the output dtype.
   RowScaleEpi o_epi{w.o, Dvp, w.row_sum};
-  gemm(rows, Dvp / kW, Nk, w.s, Nkp, 1, w.vp, Dvp, nullptr, 0, o_epi);
+  product<T>(rows, Dvp / kW, Nk, w.s, Nkp, 1, w.vp, Dvp, w.vp16, nullptr, 0, o_epi);
   for (int64_t r = 0; r < rows; ++r) {
     float* orow = w.o + r * Dvp;
     if (a.o_pre != nullptr)
@@ -202,8 +206,8 @@ inline void forward_impl(const BiasAttentionFwdArgs& a, int64_t task_begin, int6
   const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
   const int64_t Nkp = round_up(Nk, kW), Dkp = round_up(Dk, kW), Dvp = round_up(Dv, kW);
   FwdScratch w{};
-  AlignedBuffer mem(w.carve(nullptr, Nk, Nkp, Dk, Dkp, Dvp));
-  w.carve(mem.data(), Nk, Nkp, Dk, Dkp, Dvp);
+  AlignedBuffer mem(w.carve<T>(nullptr, Nk, Nkp, Dk, Dkp, Dvp));
+  w.carve<T>(mem.data(), Nk, Nkp, Dk, Dkp, Dvp);
 
   int64_t packed_bh = -1;
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -220,12 +224,14 @@ inline void forward_impl(const BiasAttentionFwdArgs& a, int64_t task_begin, int6
       }
       pack_transposed<T>(a.k, a.k_stride, b, h, Nk, Dk, Nkp, w.blk, w.kt);
       pack_rows<T>(a.v, a.v_stride, b, h, Nk, Dv, Dvp, 1.0f, w.vp);
+      make_twin<T>(w.kt, Nkp, Dk, w.kt16);
+      make_twin<T>(w.vp, Dvp, Nk, w.vp16);
       packed_bh = bh;
     }
     const int64_t i_begin = (task % a.q_blocks) * a.q_block;
     const int64_t i_end = std::min(a.Nq, i_begin + a.q_block);
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowGroup)
-      forward_rows<T>(a, b, h, i0, std::min(kRowGroup, i_end - i0), w);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowGroup<T>)
+      forward_rows<T>(a, b, h, i0, std::min(kRowGroup<T>, i_end - i0), w);
   }
 }
 
@@ -236,7 +242,7 @@ inline void forward_impl(const BiasAttentionFwdArgs& a, int64_t task_begin, int6
 // Per-thread backward buffers (QB: query rows per block).
 struct BwdScratch {
   float* kt;      // k^T [Dkp][Nkp]
-  float* ks;      // k * scale [Nk][Dkp]
+  float* ks;      // k * scale (bf16 products: k) [Nk][Dkp]
   float* vt;      // v^T [Dvp][Nkp]
   float* dk;      // dk accumulator [Nk][Dkp]
   float* dv;      // dv accumulator [Nk][Dvp]
@@ -248,7 +254,11 @@ struct BwdScratch {
   float* lse;     // [QB]
   float* tmp;     // an o_pre row; transpose staging [kW][max(Dkp, Dvp)]
   float* ds_sum;  // dS summed over a task's batches [Nq][Nkp], only with a table
+  uint32_t* kt16;  // bf16 twins of kt, ks, vt (bf16 products only, else null)
+  uint32_t* ks16;
+  uint32_t* vt16;
 
+  template <ElemType T>
   int64_t carve(float* base, const BiasAttentionBwdArgs& a, int64_t QB) {
     const int64_t Nkp = round_up(a.Nk, kW), Dkp = round_up(a.Dk, kW), Dvp = round_up(a.Dv, kW);
     Carver c(base);
@@ -265,6 +275,9 @@ struct BwdScratch {
     lse = c.take(QB);
     tmp = c.take(kW * std::max(Dkp, Dvp));
     ds_sum = a.index != nullptr ? c.take(a.Nq * Nkp) : nullptr;
+    kt16 = take_twin<T>(c, a.Dk, Nkp);
+    ks16 = take_twin<T>(c, a.Nk, Dkp);
+    vt16 = take_twin<T>(c, a.Dv, Nkp);
     return c.used();
   }
 };
@@ -275,12 +288,13 @@ inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, i
                           int64_t rows, const BwdScratch& w) {
   const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
   const int64_t Nkp = round_up(Nk, kW), Dkp = round_up(Dk, kW), Dvp = round_up(Dv, kW);
+  const ScalePlacement sc = scale_placement<T>(a.scale);
 
   // Per row: q * scale, dO' = dout * act'(o_pre), delta = dO' . o_pre (= rowsum(P * dP)), lse.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     float* qr = w.qs + r * Dkp;
-    load_row<T>(a.q, offset4(a.q_stride, b, h, i), a.q_stride[3], Dk, a.scale, qr);
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i), a.q_stride[3], Dk, sc.operand, qr);
     for (int64_t d = Dk; d < Dkp; ++d) qr[d] = 0.0f;
     float* gr = w.dout + r * Dvp;
     load_row<T>(a.grad_out, offset4(a.grad_out_stride, b, h, i), a.grad_out_stride[3], Dv, 1.0f,
@@ -303,8 +317,8 @@ inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, i
 
   // P = exp(q k^T * scale + bias - lse).
   AddStoreEpi s_epi{w.p, Nkp, a.bias + h * a.bias_h_stride + i0 * a.bias_i_stride,
-                    a.bias_i_stride};
-  gemm(rows, Nkp / kW, Dk, w.qs, Dkp, 1, w.kt, Nkp, nullptr, 0, s_epi);
+                    a.bias_i_stride, sc.result};
+  product<T>(rows, Nkp / kW, Dk, w.qs, Dkp, 1, w.kt, Nkp, w.kt16, nullptr, 0, s_epi);
   for (int64_t r = 0; r < rows; ++r) {
     float* pr = w.p + r * Nkp;
     const vf l = vset1(w.lse[r]);
@@ -313,21 +327,23 @@ inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, i
 
   // dv += P^T dO' (A = P read transposed).
   StoreEpi dv_epi{w.dv, Dvp};
-  gemm(Nk, Dvp / kW, rows, w.p, 1, Nkp, w.dout, Dvp, w.dv, Dvp, dv_epi);
+  product<T>(Nk, Dvp / kW, rows, w.p, 1, Nkp, w.dout, Dvp, nullptr, w.dv, Dvp, dv_epi);
 
   // dS = P * (dO' v^T - delta), written over P.
   SoftmaxGradEpi ds_epi{w.p, Nkp, w.delta};
-  gemm(rows, Nkp / kW, Dv, w.dout, Dvp, 1, w.vt, Nkp, nullptr, 0, ds_epi);
+  product<T>(rows, Nkp / kW, Dv, w.dout, Dvp, 1, w.vt, Nkp, w.vt16, nullptr, 0, ds_epi);
 
   // dq = dS (k * scale).
   StoreEpi dq_epi{w.dq, Dkp};
-  gemm(rows, Dkp / kW, Nk, w.p, Nkp, 1, w.ks, Dkp, nullptr, 0, dq_epi);
-  for (int64_t r = 0; r < rows; ++r)
+  product<T>(rows, Dkp / kW, Nk, w.p, Nkp, 1, w.ks, Dkp, w.ks16, nullptr, 0, dq_epi);
+  for (int64_t r = 0; r < rows; ++r) {
+    scale_rows(w.dq + r * Dkp, Dkp, sc.result);
     store_row<T>(a.dq, offset4(a.dq_stride, b, h, i0 + r), Dk, w.dq + r * Dkp);
+  }
 
-  // dk += dS^T (q * scale).
+  // dk += dS^T (q * scale) (with bf16 products, times the scale at the store).
   StoreEpi dk_epi{w.dk, Dkp};
-  gemm(Nk, Dkp / kW, rows, w.p, 1, Nkp, w.qs, Dkp, w.dk, Dkp, dk_epi);
+  product<T>(Nk, Dkp / kW, rows, w.p, 1, Nkp, w.qs, Dkp, nullptr, w.dk, Dkp, dk_epi);
 
   // dS summed densely over the task's batches; scattered into dtable once per task.
   if (w.ds_sum != nullptr) {
@@ -345,14 +361,19 @@ inline void backward_bh(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, int
                         const BwdScratch& w) {
   const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
   const int64_t Nkp = round_up(Nk, kW), Dkp = round_up(Dk, kW), Dvp = round_up(Dv, kW);
+  const ScalePlacement sc = scale_placement<T>(a.scale);
   pack_transposed<T>(a.k, a.k_stride, b, h, Nk, Dk, Nkp, w.tmp, w.kt);
-  pack_rows<T>(a.k, a.k_stride, b, h, Nk, Dk, Dkp, a.scale, w.ks);
+  pack_rows<T>(a.k, a.k_stride, b, h, Nk, Dk, Dkp, sc.operand, w.ks);
   pack_transposed<T>(a.v, a.v_stride, b, h, Nk, Dv, Nkp, w.tmp, w.vt);
+  make_twin<T>(w.kt, Nkp, Dk, w.kt16);
+  make_twin<T>(w.ks, Dkp, Nk, w.ks16);
+  make_twin<T>(w.vt, Nkp, Dv, w.vt16);
   std::fill(w.dk, w.dk + Nk * Dkp, 0.0f);
   std::fill(w.dv, w.dv + Nk * Dvp, 0.0f);
   for (int64_t i0 = 0; i0 < a.Nq; i0 += QB)
     backward_rows<T>(a, b, h, i0, std::min(QB, a.Nq - i0), w);
   for (int64_t j = 0; j < Nk; ++j) {
+    scale_rows(w.dk + j * Dkp, Dkp, sc.result);
     store_row<T>(a.dk, offset4(a.dk_stride, b, h, j), Dk, w.dk + j * Dkp);
     store_row<T>(a.dv, offset4(a.dv_stride, b, h, j), Dv, w.dv + j * Dvp);
   }
@@ -364,8 +385,8 @@ inline void backward_impl(const BiasAttentionBwdArgs& a, int64_t task_begin, int
   const int64_t Nq = a.Nq, Nk = a.Nk, Nkp = round_up(Nk, kW);
   const int64_t QB = std::max<int64_t>(1, std::min(a.q_block, Nq));
   BwdScratch w{};
-  AlignedBuffer mem(w.carve(nullptr, a, QB));
-  w.carve(mem.data(), a, QB);
+  AlignedBuffer mem(w.carve<T>(nullptr, a, QB));
+  w.carve<T>(mem.data(), a, QB);
 
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t h = task % a.H;

@@ -12,8 +12,9 @@
 // policy, so they cost a little padding and nothing else); q k^T runs over every column for the
 // row max (and so does the backward's E / dO v^T when dpolicy is wanted). A row's diagonal entry
 // (G = 1) and its row-argmax entry (the gradient through m) are added one by one when their
-// column lies beyond Ncp. All products go through the shared micro-kernel gemm() of
-// attention_gemm.h, on operands packed into fp32 scratch.
+// column lies beyond Ncp. All products go through product<T>() of attention_gemm.h, on operands
+// packed into fp32 scratch (plus their bf16 twins where bf16 inputs multiply in bf16: the amx
+// level, where q and k also stay unscaled and the scale goes onto S, dq and dk in fp32).
 //
 // Two parts (see isa/kernels.inc): the interface, included normally (include guard; plain data, no
 // torch, no intrinsics) and filled by ops/policy_attention.cpp; and the kernel, compiled only where
@@ -131,10 +132,12 @@ inline void pack_transposed(const void* x, const int64_t* s, int64_t b, int64_t 
 }
 
 // Op-specific epilogues (StoreEpi and gemm() come from attention_gemm.h).
-struct MaskEpi {  // C = acc + mask (0 for real keys, -inf for the padding columns)
-  float* c; int64_t ldc; const float* mask;
+// C = acc * mul + mask (0 for real keys, -inf for the padding columns); mul: the scale with bf16
+// products, else 1 (exact).
+struct MaskEpi {
+  float* c; int64_t ldc; const float* mask; float mul;
   void operator()(int64_t i, int64_t jv, vf acc) {
-    vstore(c + i * ldc + jv * kW, vadd(acc, vload(mask + jv * kW)));
+    vstore(c + i * ldc + jv * kW, vfma(acc, vset1(mul), vload(mask + jv * kW)));
   }
 };
 struct GradAEpi {  // acc = dO v^T; C = dA = (acc - delta[i]) / D[i]
@@ -189,8 +192,6 @@ inline Columns columns_of(const PolicyAttentionInputs& a, int64_t b) {
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-// Query rows handled together: their scores stay in L1 between the two products.
-constexpr int64_t kRowGroup = kW == 1 ? 8 : 2 * kMaxMR;
 // Larger than any key index (key indices < kPolicyMaxTokens = 2^24 are exact in fp32).
 constexpr float kNoKey = 3.0e9f;
 
@@ -201,21 +202,26 @@ struct FwdScratch {
   float* vsum;   // sum_j v_j [Dp]
   float* pkrow;  // this batch's pk, with the current row's diagonal set to 1 [ld]
   float* keyf;   // key index of each column as a float, kNoKey for the padding [ld]
-  float* qs;     // q * scale [kRowGroup][Dp]
-  float* s;      // scores, then A [kRowGroup][ld]
-  float* o;      // output rows [kRowGroup][Dp]
+  float* qs;     // q * scale [kRowGroup<T>][Dp]
+  float* s;      // scores, then A [kRowGroup<T>][ld]
+  float* o;      // output rows [kRowGroup<T>][Dp]
   float* blk;    // transpose staging [kW][Dp]
+  uint32_t* kt16;  // bf16 twins of kt and vp (bf16 products only, else null)
+  uint32_t* vp16;
 
+  template <ElemType T>
   int64_t carve(float* base, int64_t ld, int64_t Dp) {
     Carver c(base);
     kt = c.take(Dp * ld);
     vp = c.take(ld * Dp);
+    kt16 = take_twin<T>(c, Dp, ld);
+    vp16 = take_twin<T>(c, ld, Dp);
     vsum = c.take(Dp);
     pkrow = c.take(ld);
     keyf = c.take(ld);
-    qs = c.take(kRowGroup * Dp);
-    s = c.take(kRowGroup * ld);
-    o = c.take(kRowGroup * Dp);
+    qs = c.take(kRowGroup<T> * Dp);
+    s = c.take(kRowGroup<T> * ld);
+    o = c.take(kRowGroup<T> * Dp);
     blk = c.take(kW * Dp);
     return c.used();
   }
@@ -226,18 +232,19 @@ template <ElemType T>
 inline void forward_rows(const PolicyAttentionFwdArgs& a, const Columns& col, int64_t b,
                          int64_t h, int64_t i0, int64_t rows, const FwdScratch& w) {
   const int64_t N = a.N, D = a.D, ld = a.ld, Dp = round_up(D, kW), Ncp = col.Ncp;
+  const ScalePlacement sc = scale_placement<T>(a.scale);
   for (int64_t r = 0; r < rows; ++r) {
     float* qr = w.qs + r * Dp;
-    load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], D, a.scale, qr);
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], D, sc.operand, qr);
     for (int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
   }
 
   // S over every column (the row max sees dropped keys too); padding columns get -inf.
-  MaskEpi s_epi{w.s, ld, a.col_mask};
-  gemm(rows, ld / kW, Dp, w.qs, Dp, 1, w.kt, ld, nullptr, 0, s_epi);
+  MaskEpi s_epi{w.s, ld, a.col_mask, sc.result};
+  product<T>(rows, ld / kW, Dp, w.qs, Dp, 1, w.kt, ld, w.kt16, nullptr, 0, s_epi);
 
-  float mx_[kRowGroup], den_[kRowGroup], extra_[kRowGroup];
-  int64_t arg_[kRowGroup], xcol_[kRowGroup];
+  float mx_[kRowGroup<T>], den_[kRowGroup<T>], extra_[kRowGroup<T>];
+  int64_t arg_[kRowGroup<T>], xcol_[kRowGroup<T>];
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = w.s + r * ld;
     vf mv = vload(sr);
@@ -275,7 +282,7 @@ inline void forward_rows(const PolicyAttentionFwdArgs& a, const Columns& col, in
 
   // O = (A v + extra * v_i + eps / N * sum_j v_j) / D.
   StoreEpi o_epi{w.o, Dp};
-  gemm(rows, Dp / kW, Ncp, w.s, ld, 1, w.vp, Dp, nullptr, 0, o_epi);
+  product<T>(rows, Dp / kW, Ncp, w.s, ld, 1, w.vp, Dp, w.vp16, nullptr, 0, o_epi);
   const vf eps_n = vset1(a.eps / static_cast<float>(N));
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
@@ -315,8 +322,8 @@ template <ElemType T>
 inline void forward_impl(const PolicyAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
   const int64_t ld = a.ld, Dp = round_up(a.D, kW);
   FwdScratch w{};
-  AlignedBuffer mem(w.carve(nullptr, ld, Dp));
-  w.carve(mem.data(), ld, Dp);
+  AlignedBuffer mem(w.carve<T>(nullptr, ld, Dp));
+  w.carve<T>(mem.data(), ld, Dp);
 
   int64_t packed_bh = -1;
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -325,14 +332,16 @@ inline void forward_impl(const PolicyAttentionFwdArgs& a, int64_t task_begin, in
     const Columns col = columns_of(a, b);
     if (bh != packed_bh) {
       pack_kv<T>(a, col, b, h, w.kt, w.vp, w.vsum, w.pkrow, w.blk);
+      make_twin<T>(w.kt, ld, Dp, w.kt16);
+      make_twin<T>(w.vp, Dp, ld, w.vp16);
       for (int64_t c = 0; c < ld; ++c)
         w.keyf[c] = c < a.N ? static_cast<float>(col.perm[c]) : kNoKey;
       packed_bh = bh;
     }
     const int64_t i_begin = (task % a.q_blocks) * a.q_block;
     const int64_t i_end = std::min(a.N, i_begin + a.q_block);
-    for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowGroup)
-      forward_rows<T>(a, col, b, h, i0, std::min(kRowGroup, i_end - i0), w);
+    for (int64_t i0 = i_begin; i0 < i_end; i0 += kRowGroup<T>)
+      forward_rows<T>(a, col, b, h, i0, std::min(kRowGroup<T>, i_end - i0), w);
   }
 }
 
@@ -343,7 +352,7 @@ inline void forward_impl(const PolicyAttentionFwdArgs& a, int64_t task_begin, in
 // Per-thread backward buffers (QB: query rows per block).
 struct BwdScratch {
   float* kt;     // k^T [Dp][ld]
-  float* ks;     // k * scale [ld][Dp]
+  float* ks;     // k * scale (bf16 products: k) [ld][Dp]
   float* vt;     // v^T [Dp][ld]
   float* vp;     // v [ld][Dp]
   float* vbar;   // sum_j v_j, then its mean [Dp]
@@ -361,7 +370,11 @@ struct BwdScratch {
   float* dq;     // dq rows [QB][Dp]
   float* stat;   // per-row m, D, delta, corr [4][QB]
   float* tmp;    // an out row; transpose staging [kW][Dp]
+  uint32_t* kt16;  // bf16 twins of kt, ks, vt (bf16 products only, else null)
+  uint32_t* ks16;
+  uint32_t* vt16;
 
+  template <ElemType T>
   int64_t carve(float* base, int64_t ld, int64_t Dp, int64_t QB, bool need_dp) {
     Carver c(base);
     kt = c.take(Dp * ld);
@@ -383,6 +396,9 @@ struct BwdScratch {
     dq = c.take(QB * Dp);
     stat = c.take(4 * QB);
     tmp = c.take(kW * Dp);
+    kt16 = take_twin<T>(c, Dp, ld);
+    ks16 = take_twin<T>(c, ld, Dp);
+    vt16 = take_twin<T>(c, Dp, ld);
     return c.used();
   }
 };
@@ -398,13 +414,14 @@ inline void backward_rows(const PolicyAttentionBwdArgs& a, const Columns& col, i
   float* den = w.stat + QB;
   float* delta = w.stat + 2 * QB;
   float* corr = w.stat + 3 * QB;
+  const ScalePlacement sc = scale_placement<T>(a.scale);
 
   // Per row: q * scale, dO, dO / D, delta = dO . out, m, D, and the argmax correction
   // corr = eps (delta - dO . vbar) / D.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     float* qr = w.qs + r * Dp;
-    load_row<T>(a.q, offset4(a.q_stride, b, h, i), a.q_stride[3], D, a.scale, qr);
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i), a.q_stride[3], D, sc.operand, qr);
     float* gr = w.dout + r * Dp;
     load_row<T>(a.grad_out, offset4(a.grad_out_stride, b, h, i), a.grad_out_stride[3], D, 1.0f,
                 gr);
@@ -424,8 +441,8 @@ inline void backward_rows(const PolicyAttentionBwdArgs& a, const Columns& col, i
   }
 
   // E = exp(S - m) over W columns (padding columns: exp(-inf) = 0).
-  MaskEpi s_epi{w.e, ld, a.col_mask};
-  gemm(rows, W / kW, Dp, w.qs, Dp, 1, w.kt, ld, nullptr, 0, s_epi);
+  MaskEpi s_epi{w.e, ld, a.col_mask, sc.result};
+  product<T>(rows, W / kW, Dp, w.qs, Dp, 1, w.kt, ld, w.kt16, nullptr, 0, s_epi);
   for (int64_t r = 0; r < rows; ++r) {
     float* er = w.e + r * ld;
     float* pr = w.p + r * ld;
@@ -440,11 +457,11 @@ inline void backward_rows(const PolicyAttentionBwdArgs& a, const Columns& col, i
 
   // dv += A^T (dO / D) over the kept columns (A read transposed).
   StoreEpi dv_epi{w.dv, Dp};
-  gemm(Ncp, Dp / kW, rows, w.p, 1, ld, w.dos, Dp, w.dv, Dp, dv_epi);
+  product<T>(Ncp, Dp / kW, rows, w.p, 1, ld, w.dos, Dp, nullptr, w.dv, Dp, dv_epi);
 
   // dA = (dO v^T - delta) / D over W columns.
   GradAEpi da_epi{w.da, ld, delta, den};
-  gemm(rows, W / kW, Dp, w.dout, Dp, 1, w.vt, ld, nullptr, 0, da_epi);
+  product<T>(rows, W / kW, Dp, w.dout, Dp, 1, w.vt, ld, w.vt16, nullptr, 0, da_epi);
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
@@ -466,7 +483,7 @@ inline void backward_rows(const PolicyAttentionBwdArgs& a, const Columns& col, i
           s_ii += w.qs[r * Dp + d] * w.kt[d * ld + pc];
           dp_ii += w.dout[r * Dp + d] * w.vt[d * ld + pc];
         }
-        e_ii = exp1(s_ii - mx[r]);
+        e_ii = exp1(s_ii * sc.result - mx[r]);
         da_ii = (dp_ii - delta[r]) / den[r];
       }
       ds_diag = e_ii * da_ii;
@@ -500,13 +517,15 @@ inline void backward_rows(const PolicyAttentionBwdArgs& a, const Columns& col, i
 
   // dq = dS (k * scale) + the entries above.
   StoreEpi dq_epi{w.dq, Dp};
-  gemm(rows, Dp / kW, Ncp, w.p, ld, 1, w.ks, Dp, w.dq, Dp, dq_epi);
-  for (int64_t r = 0; r < rows; ++r)
+  product<T>(rows, Dp / kW, Ncp, w.p, ld, 1, w.ks, Dp, w.ks16, w.dq, Dp, dq_epi);
+  for (int64_t r = 0; r < rows; ++r) {
+    scale_rows(w.dq + r * Dp, Dp, sc.result);
     store_row<T>(a.dq, offset4(a.dq_stride, b, h, i0 + r), D, w.dq + r * Dp);
+  }
 
-  // dk += dS^T (q * scale).
+  // dk += dS^T (q * scale) (with bf16 products, times the scale at the store).
   StoreEpi dk_epi{w.dk, Dp};
-  gemm(Ncp, Dp / kW, rows, w.p, 1, ld, w.qs, Dp, w.dk, Dp, dk_epi);
+  product<T>(Ncp, Dp / kW, rows, w.p, 1, ld, w.qs, Dp, nullptr, w.dk, Dp, dk_epi);
 }
 
 // All of (b, h): pack k / v, every query block, then store dk / dv / the dpolicy partial.
@@ -515,9 +534,13 @@ inline void backward_bh(const PolicyAttentionBwdArgs& a, int64_t b, int64_t h, i
                         const BwdScratch& w) {
   const int64_t N = a.N, D = a.D, ld = a.ld, Dp = round_up(D, kW);
   const Columns col = columns_of(a, b);
+  const ScalePlacement sc = scale_placement<T>(a.scale);
   pack_kv<T>(a, col, b, h, w.kt, w.vp, w.vbar, w.pkrow, w.tmp);
-  pack_rows<T>(a.k, a.k_stride, b, h, col.perm, N, ld, D, Dp, a.scale, w.ks);
+  pack_rows<T>(a.k, a.k_stride, b, h, col.perm, N, ld, D, Dp, sc.operand, w.ks);
   pack_transposed<T>(a.v, a.v_stride, b, h, col.perm, N, D, ld, w.tmp, w.vt);
+  make_twin<T>(w.kt, ld, Dp, w.kt16);
+  make_twin<T>(w.ks, Dp, ld, w.ks16);
+  make_twin<T>(w.vt, ld, Dp, w.vt16);
   const vf inv_n = vset1(1.0f / static_cast<float>(N));
   for (int64_t d = 0; d < Dp; d += kW) vstore(w.vbar + d, vmul(vload(w.vbar + d), inv_n));
   std::fill(w.dk, w.dk + ld * Dp, 0.0f);
@@ -533,6 +556,7 @@ inline void backward_bh(const PolicyAttentionBwdArgs& a, int64_t b, int64_t h, i
     const int64_t c = col.pos[j];
     float* dvr = w.dv + c * Dp;
     axpy(eps_n, w.csum, dvr, Dp);
+    scale_rows(w.dk + c * Dp, Dp, sc.result);
     store_row<T>(a.dk, offset4(a.dk_stride, b, h, j), D, w.dk + c * Dp);
     store_row<T>(a.dv, offset4(a.dv_stride, b, h, j), D, dvr);
   }
@@ -549,8 +573,8 @@ inline void backward_impl(const PolicyAttentionBwdArgs& a, int64_t task_begin, i
   const int64_t QB = std::max<int64_t>(1, std::min(a.q_block, a.N));
   const bool need_dp = a.dpolicy_partial != nullptr;
   BwdScratch w{};
-  AlignedBuffer mem(w.carve(nullptr, ld, Dp, QB, need_dp));
-  w.carve(mem.data(), ld, Dp, QB, need_dp);
+  AlignedBuffer mem(w.carve<T>(nullptr, ld, Dp, QB, need_dp));
+  w.carve<T>(mem.data(), ld, Dp, QB, need_dp);
   for (int64_t task = task_begin; task < task_end; ++task)
     backward_bh<T>(a, task / a.H, task % a.H, QB, w);
 }

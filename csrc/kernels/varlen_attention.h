@@ -8,8 +8,8 @@
 // Backward: delta_i = dO_i . O_i, dP = dO v^T, dS = P * (dP - delta),
 //   dq = dS k * scale, dk = dS^T q * scale, dv = P^T dO.
 //
-// Every product goes through the shared micro-kernel gemm() of attention_gemm.h, on operands
-// packed into fp32 scratch; k / v are repacked only when a thread moves to another (segment,
+// Every product goes through product<T>() of attention_gemm.h, on operands packed into fp32
+// scratch (plus their bf16 twins where bf16 inputs multiply in bf16: the amx level); k / v are repacked only when a thread moves to another (segment,
 // head). Key columns past the segment's end (vector padding) are masked with -inf before the
 // softmax. Each query row's result depends only on its own data, never on how rows are grouped
 // into tasks, so any thread count gives the same bits.
@@ -135,9 +135,6 @@ inline void mask_scores(float* s, int64_t rows, int64_t ld, int64_t n, const flo
 // Forward
 // ---------------------------------------------------------------------------------------------
 
-// Query rows handled together: their scores stay in L1 between the two products.
-constexpr int64_t kRowGroup = kW == 1 ? 8 : 2 * kMaxMR;
-static_assert(kRowGroup % kW == 0, "row statistics are processed in whole vectors");
 
 // Per-thread forward buffers, sized for the longest segment (Np = round_up(max_seqlen, kW),
 // Dp = round_up(D, kW)); a segment of n keys uses leading dimension round_up(n, kW).
@@ -145,24 +142,29 @@ struct FwdScratch {
   float* kt;       // k^T [Dp][Np]
   float* vp;       // v [max_seqlen][Dp]
   float* mask;     // key mask [Np]
-  float* qs;       // q * scale [kRowGroup][D]
-  float* s;        // scores, then probabilities [kRowGroup][Np]
-  float* o;        // output rows [kRowGroup][Dp]
-  float* row_sum;  // softmax denominators, then their inverses [kRowGroup]
-  float* lse;      // row maxima, then lse [kRowGroup]
+  float* qs;       // q * scale [kRowGroup<T>][D]
+  float* s;        // scores, then probabilities [kRowGroup<T>][Np]
+  float* o;        // output rows [kRowGroup<T>][Dp]
+  float* row_sum;  // softmax denominators, then their inverses [kRowGroup<T>]
+  float* lse;      // row maxima, then lse [kRowGroup<T>]
   float* blk;      // transpose staging [kW][Dp]
+  uint32_t* kt16;  // bf16 twins of kt and vp (bf16 products only, else null)
+  uint32_t* vp16;
 
+  template <ElemType T>
   int64_t carve(float* base, int64_t N, int64_t D) {
     const int64_t Np = round_up(N, kW), Dp = round_up(D, kW);
     Carver c(base);
     kt = c.take(Dp * Np);
     vp = c.take(N * Dp);
+    kt16 = take_twin<T>(c, D, Np);
+    vp16 = take_twin<T>(c, N, Dp);
     mask = c.take(Np);
-    qs = c.take(kRowGroup * D);
-    s = c.take(kRowGroup * Np);
-    o = c.take(kRowGroup * Dp);
-    row_sum = c.take(kRowGroup);
-    lse = c.take(kRowGroup);
+    qs = c.take(kRowGroup<T> * D);
+    s = c.take(kRowGroup<T> * Np);
+    o = c.take(kRowGroup<T> * Dp);
+    row_sum = c.take(kRowGroup<T>);
+    lse = c.take(kRowGroup<T>);
     blk = c.take(kW * Dp);
     return c.used();
   }
@@ -175,22 +177,23 @@ inline void forward_rows(const VarlenAttentionFwdArgs& a, int64_t start, int64_t
                          int64_t i0, int64_t rows, const FwdScratch& w) {
   const int64_t H = a.H, D = a.D;
   const int64_t Np = round_up(n, kW), Dp = round_up(D, kW);
+  const ScalePlacement sc = scale_placement<T>(a.scale);
   for (int64_t r = 0; r < rows; ++r)
-    load_row<T>(a.q, offset3(a.q_stride, start + i0 + r, h), a.q_stride[2], D, a.scale,
+    load_row<T>(a.q, offset3(a.q_stride, start + i0 + r, h), a.q_stride[2], D, sc.operand,
                 w.qs + r * D);
 
-  // S = (q * scale) k^T, key padding masked to -inf.
-  StoreEpi s_epi{w.s, Np};
-  gemm(rows, Np / kW, D, w.qs, D, 1, w.kt, Np, nullptr, 0, s_epi);
+  // S = (q * scale) k^T (bf16 products: (q k^T) * scale), key padding masked to -inf.
+  ScaleStoreEpi s_epi{w.s, Np, sc.result};
+  product<T>(rows, Np / kW, D, w.qs, D, 1, w.kt, Np, w.kt16, nullptr, 0, s_epi);
   mask_scores(w.s, rows, Np, n, w.mask);
 
   // Softmax numerators in place; lse and 1 / sum per row.
-  softmax_rows(w.s, rows, Np, kRowGroup, w.lse, w.row_sum);
+  softmax_rows(w.s, rows, Np, kRowGroup<T>, w.lse, w.row_sum);
   for (int64_t r = 0; r < rows; ++r) a.lse[(start + i0 + r) * H + h] = w.lse[r];
 
   // O = P v / sum, stored in the output dtype.
   RowScaleEpi o_epi{w.o, Dp, w.row_sum};
-  gemm(rows, Dp / kW, n, w.s, Np, 1, w.vp, Dp, nullptr, 0, o_epi);
+  product<T>(rows, Dp / kW, n, w.s, Np, 1, w.vp, Dp, w.vp16, nullptr, 0, o_epi);
   for (int64_t r = 0; r < rows; ++r)
     store_row<T>(a.out, ((start + i0 + r) * H + h) * D, D, w.o + r * Dp);
 }
@@ -199,8 +202,8 @@ template <ElemType T>
 inline void forward_impl(const VarlenAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
   const int64_t D = a.D, Dp = round_up(D, kW);
   FwdScratch w{};
-  AlignedBuffer mem(w.carve(nullptr, a.max_seqlen, D));
-  w.carve(mem.data(), a.max_seqlen, D);
+  AlignedBuffer mem(w.carve<T>(nullptr, a.max_seqlen, D));
+  w.carve<T>(mem.data(), a.max_seqlen, D);
 
   int64_t packed_seg = -1, packed_h = -1;
   for (int64_t ti = task_begin; ti < task_end; ++ti) {
@@ -215,18 +218,20 @@ inline void forward_impl(const VarlenAttentionFwdArgs& a, int64_t task_begin, in
           prefetch_rows<T>(a.k, a.k_stride, ns, nt.head, nn, D);
           prefetch_rows<T>(a.v, a.v_stride, ns, nt.head, nn, D);
           prefetch_rows<T>(a.q, a.q_stride, ns + nt.q_begin, nt.head,
-                           std::min<int64_t>(nt.q_end - nt.q_begin, kRowGroup), D);
+                           std::min<int64_t>(nt.q_end - nt.q_begin, kRowGroup<T>), D);
         }
       }
       const int64_t Np = round_up(n, kW);
       pack_transposed<T>(a.k, a.k_stride, start, t.head, n, D, Np, w.blk, w.kt);
       pack_rows<T>(a.v, a.v_stride, start, t.head, n, D, Dp, 1.0f, w.vp);
+      make_twin<T>(w.kt, Np, D, w.kt16);
+      make_twin<T>(w.vp, Dp, n, w.vp16);
       fill_key_mask(n, w.mask);
       packed_seg = t.seg;
       packed_h = t.head;
     }
-    for (int64_t i0 = t.q_begin; i0 < t.q_end; i0 += kRowGroup)
-      forward_rows<T>(a, start, n, t.head, i0, std::min(kRowGroup, t.q_end - i0), w);
+    for (int64_t i0 = t.q_begin; i0 < t.q_end; i0 += kRowGroup<T>)
+      forward_rows<T>(a, start, n, t.head, i0, std::min(kRowGroup<T>, t.q_end - i0), w);
   }
 }
 
@@ -237,7 +242,7 @@ inline void forward_impl(const VarlenAttentionFwdArgs& a, int64_t task_begin, in
 // Per-thread backward buffers (N: longest segment, QB: query rows per block).
 struct BwdScratch {
   float* kt;     // k^T [Dp][Np]
-  float* ks;     // k * scale [N][Dp]
+  float* ks;     // k * scale (bf16 products: k) [N][Dp]
   float* vt;     // v^T [Dp][Np]
   float* dk;     // dk accumulator [N][Dp]
   float* dv;     // dv accumulator [N][Dp]
@@ -249,7 +254,11 @@ struct BwdScratch {
   float* delta;  // dO . O [QB]
   float* lse;    // [QB]
   float* tmp;    // an out row; transpose staging [kW][Dp]
+  uint32_t* kt16;  // bf16 twins of kt, ks, vt (bf16 products only, else null)
+  uint32_t* ks16;
+  uint32_t* vt16;
 
+  template <ElemType T>
   int64_t carve(float* base, int64_t N, int64_t D, int64_t QB) {
     const int64_t Np = round_up(N, kW), Dp = round_up(D, kW);
     Carver c(base);
@@ -266,6 +275,9 @@ struct BwdScratch {
     delta = c.take(QB);
     lse = c.take(QB);
     tmp = c.take(kW * Dp);
+    kt16 = take_twin<T>(c, D, Np);
+    ks16 = take_twin<T>(c, N, Dp);
+    vt16 = take_twin<T>(c, D, Np);
     return c.used();
   }
 };
@@ -277,12 +289,13 @@ inline void backward_rows(const VarlenAttentionBwdArgs& a, int64_t start, int64_
                           int64_t i0, int64_t rows, const BwdScratch& w) {
   const int64_t D = a.D, H = a.H;
   const int64_t Np = round_up(n, kW), Dp = round_up(D, kW);
+  const ScalePlacement sc = scale_placement<T>(a.scale);
 
-  // Per row: q * scale, dO, delta = dO . O (= rowsum(P * dP)), lse.
+  // Per row: q * scale (bf16 products: q), dO, delta = dO . O (= rowsum(P * dP)), lse.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = start + i0 + r;
     float* qr = w.qs + r * Dp;
-    load_row<T>(a.q, offset3(a.q_stride, t, h), a.q_stride[2], D, a.scale, qr);
+    load_row<T>(a.q, offset3(a.q_stride, t, h), a.q_stride[2], D, sc.operand, qr);
     for (int64_t d = D; d < Dp; ++d) qr[d] = 0.0f;
     float* gr = w.dout + r * Dp;
     load_row<T>(a.grad_out, offset3(a.grad_out_stride, t, h), a.grad_out_stride[2], D, 1.0f, gr);
@@ -295,8 +308,8 @@ inline void backward_rows(const VarlenAttentionBwdArgs& a, int64_t start, int64_
   }
 
   // P = exp(q k^T * scale - lse), zero on the key padding.
-  StoreEpi s_epi{w.p, Np};
-  gemm(rows, Np / kW, D, w.qs, Dp, 1, w.kt, Np, nullptr, 0, s_epi);
+  ScaleStoreEpi s_epi{w.p, Np, sc.result};
+  product<T>(rows, Np / kW, D, w.qs, Dp, 1, w.kt, Np, w.kt16, nullptr, 0, s_epi);
   mask_scores(w.p, rows, Np, n, w.mask);
   for (int64_t r = 0; r < rows; ++r) {
     float* pr = w.p + r * Np;
@@ -306,21 +319,23 @@ inline void backward_rows(const VarlenAttentionBwdArgs& a, int64_t start, int64_
 
   // dv += P^T dO (A = P read transposed).
   StoreEpi dv_epi{w.dv, Dp};
-  gemm(n, Dp / kW, rows, w.p, 1, Np, w.dout, Dp, w.dv, Dp, dv_epi);
+  product<T>(n, Dp / kW, rows, w.p, 1, Np, w.dout, Dp, nullptr, w.dv, Dp, dv_epi);
 
   // dS = P * (dO v^T - delta), written over P.
   SoftmaxGradEpi ds_epi{w.p, Np, w.delta};
-  gemm(rows, Np / kW, D, w.dout, Dp, 1, w.vt, Np, nullptr, 0, ds_epi);
+  product<T>(rows, Np / kW, D, w.dout, Dp, 1, w.vt, Np, w.vt16, nullptr, 0, ds_epi);
 
   // dq = dS (k * scale).
   StoreEpi dq_epi{w.dq, Dp};
-  gemm(rows, Dp / kW, n, w.p, Np, 1, w.ks, Dp, nullptr, 0, dq_epi);
-  for (int64_t r = 0; r < rows; ++r)
+  product<T>(rows, Dp / kW, n, w.p, Np, 1, w.ks, Dp, w.ks16, nullptr, 0, dq_epi);
+  for (int64_t r = 0; r < rows; ++r) {
+    scale_rows(w.dq + r * Dp, Dp, sc.result);
     store_row<T>(a.dq, ((start + i0 + r) * H + h) * D, D, w.dq + r * Dp);
+  }
 
-  // dk += dS^T (q * scale).
+  // dk += dS^T (q * scale) (with bf16 products, times the scale at the store).
   StoreEpi dk_epi{w.dk, Dp};
-  gemm(n, Dp / kW, rows, w.p, 1, Np, w.qs, Dp, w.dk, Dp, dk_epi);
+  product<T>(n, Dp / kW, rows, w.p, 1, Np, w.qs, Dp, nullptr, w.dk, Dp, dk_epi);
 }
 
 // A whole (segment, head): pack k / v, every query block, then store dk / dv.
@@ -329,14 +344,19 @@ inline void backward_seg_head(const VarlenAttentionBwdArgs& a, int64_t start, in
                               int64_t h, int64_t QB, const BwdScratch& w) {
   const int64_t D = a.D, H = a.H;
   const int64_t Np = round_up(n, kW), Dp = round_up(D, kW);
+  const ScalePlacement sc = scale_placement<T>(a.scale);
   pack_transposed<T>(a.k, a.k_stride, start, h, n, D, Np, w.tmp, w.kt);
-  pack_rows<T>(a.k, a.k_stride, start, h, n, D, Dp, a.scale, w.ks);
+  pack_rows<T>(a.k, a.k_stride, start, h, n, D, Dp, sc.operand, w.ks);
   pack_transposed<T>(a.v, a.v_stride, start, h, n, D, Np, w.tmp, w.vt);
+  make_twin<T>(w.kt, Np, D, w.kt16);
+  make_twin<T>(w.ks, Dp, n, w.ks16);
+  make_twin<T>(w.vt, Np, D, w.vt16);
   fill_key_mask(n, w.mask);
   std::fill(w.dk, w.dk + n * Dp, 0.0f);
   std::fill(w.dv, w.dv + n * Dp, 0.0f);
   for (int64_t i0 = 0; i0 < n; i0 += QB) backward_rows<T>(a, start, n, h, i0, std::min(QB, n - i0), w);
   for (int64_t j = 0; j < n; ++j) {
+    scale_rows(w.dk + j * Dp, Dp, sc.result);
     store_row<T>(a.dk, ((start + j) * H + h) * D, D, w.dk + j * Dp);
     store_row<T>(a.dv, ((start + j) * H + h) * D, D, w.dv + j * Dp);
   }
@@ -348,8 +368,8 @@ inline void backward_impl(const VarlenAttentionBwdArgs& a, int64_t task_begin, i
   const int64_t D = a.D;
   const int64_t QB = std::max<int64_t>(1, std::min(a.q_block, a.max_seqlen));
   BwdScratch w{};
-  AlignedBuffer mem(w.carve(nullptr, a.max_seqlen, D, QB));
-  w.carve(mem.data(), a.max_seqlen, D, QB);
+  AlignedBuffer mem(w.carve<T>(nullptr, a.max_seqlen, D, QB));
+  w.carve<T>(mem.data(), a.max_seqlen, D, QB);
 
   for (int64_t ti = task_begin; ti < task_end; ++ti) {
     const VarlenTask& t = a.tasks[ti];

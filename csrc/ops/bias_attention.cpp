@@ -8,19 +8,23 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "kernels/bias_attention.h"
+#include "ops/autograd.h"
 #include "ops/checks.h"
 #include "ops/common.h"
 #include "ops/dispatch.h"
@@ -72,19 +76,24 @@ struct DenseBias {
   int64_t h_stride = 0, i_stride = 0, ld = 0, T = 0;
 };
 
+// index as dense int32 [Nq, Nk], after checking every value lies in [0, T) (the message is the
+// one the Python backends give, ops/bias_attention.py).
 template <typename I>
 void convert_index(const at::Tensor& index, int64_t T, int32_t* out) {
   const I* src = index.data_ptr<I>();
   const int64_t Nq = index.size(0), Nk = index.size(1);
   const int64_t s0 = index.stride(0), s1 = index.stride(1);
+  int64_t low = std::numeric_limits<int64_t>::max(), high = std::numeric_limits<int64_t>::min();
   for (int64_t i = 0; i < Nq; ++i) {
     for (int64_t j = 0; j < Nk; ++j) {
       const int64_t x = static_cast<int64_t>(src[i * s0 + j * s1]);
-      TORCH_CHECK_INDEX(x >= 0 && x < T, "bias_attention: index values must lie in [0, T) with T = ",
-                        T, " (table.shape[1]); got index[", i, ", ", j, "] = ", x);
+      low = std::min(low, x);
+      high = std::max(high, x);
       out[i * Nk + j] = static_cast<int32_t>(x);
     }
   }
+  TORCH_CHECK_INDEX(low >= 0 && high < T, "bias_attention: bias_index values must be in [0, T=", T,
+                    ") (T = bias_table.shape[1]), got values from ", low, " to ", high);
 }
 
 DenseBias dense_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
@@ -146,6 +155,67 @@ DenseBias dense_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
   return bias;
 }
 
+// A model's bias table and index are constant at inference: gathering and checking them on every
+// call would redo the same work. The dense bias is kept per (table, index) and reused while both
+// tensors are the same objects, at the same addresses and versions (every in-place update, an
+// optimizer step included, bumps a tensor's version; writes through `.data` bypass it, as they
+// bypass autograd). Inference tensors have no version counter and are never cached.
+class DenseBiasCache {
+ public:
+  DenseBias get(const char* fn, const std::optional<at::Tensor>& table,
+                const std::optional<at::Tensor>& index, const at::Tensor& q, int64_t Nk) {
+    const bool cacheable = table.has_value() && table->defined() && index.has_value() &&
+                           index->defined() && !table->is_inference() && !index->is_inference();
+    if (!cacheable) return dense_bias(fn, table, index, q, Nk);
+    const Key key = key_of(*table, *index, q, Nk);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      for (const Entry& e : entries_)
+        if (e.key == key && !e.table.expired() && !e.index.expired()) return e.bias;
+    }
+    DenseBias bias = dense_bias(fn, table, index, q, Nk);  // checks, and throws on bad input
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entries_.size() >= kMaxEntries) entries_.erase(entries_.begin());
+    entries_.push_back(Entry{key, WeakImpl(table->getIntrusivePtr()), WeakImpl(index->getIntrusivePtr()), bias});
+    return bias;
+  }
+
+ private:
+  struct Key {
+    const void* table_impl; const void* table_data; int64_t table_version;
+    const void* index_impl; const void* index_data; int64_t index_version;
+    int64_t H, Nq, Nk;
+    bool operator==(const Key& o) const {
+      return table_impl == o.table_impl && table_data == o.table_data &&
+             table_version == o.table_version && index_impl == o.index_impl &&
+             index_data == o.index_data && index_version == o.index_version && H == o.H &&
+             Nq == o.Nq && Nk == o.Nk;
+    }
+  };
+  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Key key;
+    WeakImpl table, index;  // a freed tensor's address may be reused: the entry then expires
+    DenseBias bias;
+  };
+  static constexpr size_t kMaxEntries = 64;  // a few dozen attention layers per model
+
+  static Key key_of(const at::Tensor& table, const at::Tensor& index, const at::Tensor& q, int64_t Nk) {
+    return Key{table.unsafeGetTensorImpl(), table.data_ptr(), table._version(),
+               index.unsafeGetTensorImpl(), index.data_ptr(), index._version(),
+               q.size(1), q.size(2), Nk};
+  }
+
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
+DenseBias cached_dense_bias(const char* fn, const std::optional<at::Tensor>& table,
+                            const std::optional<at::Tensor>& index, const at::Tensor& q, int64_t Nk) {
+  static DenseBiasCache cache;
+  return cache.get(fn, table, index, q, Nk);
+}
+
 // The part of the kernel arguments forward and backward share.
 void fill_inputs(BiasAttentionInputs& a, const at::Tensor& q, const at::Tensor& k,
                  const at::Tensor& v, const DenseBias& bias, Activation act, double scale) {
@@ -200,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
   at::Tensor lse = poisoned(at::empty({B, H, Nq}, q.options().dtype(at::kFloat)));
   if (B * H * Nq == 0) return {out, o_pre, lse};
 
-  const DenseBias bias = dense_bias(fn, table, index, q, Nk);
+  const DenseBias bias = cached_dense_bias(fn, table, index, q, Nk);
 
   BiasAttentionFwdArgs a{};
   fill_inputs(a, q, k, v, bias, act, scale);
@@ -246,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_attention_backwa
   at::Tensor dq = empty_bhnd(B, H, Nq, Dk, q.options());
   at::Tensor dk = empty_bhnd(B, H, Nk, Dk, q.options());
   at::Tensor dv = empty_bhnd(B, H, Nk, Dv, q.options());
-  const DenseBias bias = dense_bias(fn, table, index, q, Nk);
+  const DenseBias bias = cached_dense_bias(fn, table, index, q, Nk);
   const bool has_table = bias.index32.defined();
   const int64_t b_chunk = backward_batch_chunk(B, H, has_table);
   const int64_t chunks = (B + b_chunk - 1) / b_chunk;
@@ -292,15 +362,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_attention_backwa
   return {dq, dk, dv, dtable32.to(table->scalar_type())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (ops/autograd.h; the Python backends' twin is in fastvit_kernels/ops/bias_attention.py)
+// ---------------------------------------------------------------------------------------------
+
+class BiasAttentionFunction : public torch::autograd::Function<BiasAttentionFunction> {
+ public:
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
+      const at::Tensor& v, const std::optional<at::Tensor>& table,
+      const std::optional<at::Tensor>& index, double scale, const std::string& activation,
+      bool save_pre_activation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = native_op<decltype(bias_attention_forward)>("fastvit_kernels::bias_attention_forward");
+    auto [out, o_pre, lse] = op.call(q, k, v, table, index, scale, activation, save_pre_activation);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["activation"] = activation;
+    // With no activation, the output itself is the pre-activation output.
+    ctx->save_for_backward({q, k, v, table.value_or(at::Tensor()), index.value_or(at::Tensor()),
+                            activation == "none" ? out : o_pre, lse});
+    ctx->mark_non_differentiable({o_pre, lse});
+    return {out, o_pre, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o_pre = saved[5];
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    // sym_numel: under torch.compile the sizes may be symbolic.
+    TORCH_CHECK(activation == "none" || o_pre.sym_numel() > 0,
+                "bias_attention: backward needs the pre-activation output, which was not saved "
+                "because no input required grad when the forward ran");
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(o_pre);
+    const std::optional<at::Tensor> table = saved[3].defined() ? std::optional(saved[3]) : std::nullopt;
+    const std::optional<at::Tensor> index = saved[4].defined() ? std::optional(saved[4]) : std::nullopt;
+    static const auto op = native_op<decltype(bias_attention_backward)>("fastvit_kernels::bias_attention_backward");
+    auto [dq, dk, dv, dtable] = op.call(grad_out, q, k, v, table, index, o_pre, saved[6],
+                                        ctx->saved_data["scale"].toDouble(), activation);
+    return {dq, dk, dv, table ? dtable : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index, double scale,
+    const std::string& activation, bool save_pre_activation) {
+  auto out = BiasAttentionFunction::apply(q, k, v, table, index, scale, activation,
+                                          save_pre_activation);
+  return {out[0], out[1], out[2]};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("bias_attention_forward"))
+// Registration: torch.ops.fastvit_kernels.bias_attention_forward / _backward, the C++ CPU kernels of the
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/bias_attention.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.bias_attention");  // registers the fake implementations
   // -> (out [B,H,Nq,Dv] over [B,Nq,H,Dv] memory, o_pre (same, or 0-element), lse [B,H,Nq] fp32)
   m.def("bias_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? index, "
         "float scale, str activation, bool save_pre_activation) -> (Tensor, Tensor, Tensor)");
@@ -310,7 +435,11 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("bias_attention_forward", &fastvit_kernels::cpu::bias_attention_forward);
   m.impl("bias_attention_backward", &fastvit_kernels::cpu::bias_attention_backward);
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels, Autograd, m) {
+  m.impl("bias_attention_forward", &fastvit_kernels::cpu::bias_attention_forward_autograd);
 }

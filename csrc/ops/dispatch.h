@@ -16,6 +16,9 @@ namespace cpu {
 // Read at every call: the ISA may change between calls (tests force each one in turn).
 inline const KernelTable& current_kernels() {
   switch (current_cpu_isa()) {
+#if FVK_BF16_KERNELS
+    case CpuIsa::kAmx: return amx::kKernels;
+#endif
 #if FVK_X86_KERNELS
     case CpuIsa::kAvx512: return avx512::kKernels;
     case CpuIsa::kAvx2: return avx2::kKernels;

@@ -16,9 +16,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "kernels/ggem_pool.h"
+#include "ops/autograd.h"
 #include "ops/checks.h"
 #include "ops/common.h"  // poisoned(): NaN-filled outputs under FASTVIT_KERNELS_POISON=1
 #include "ops/dispatch.h"
@@ -58,10 +60,16 @@ at::Tensor per_channel_p(const char* fn, const at::Tensor& p, int64_t C, bool in
   const at::Tensor p32 = p.to(at::kFloat).contiguous();
   const float* src = p32.data_ptr<float>();
   const int64_t G = p32.size(0);
+  // The message is the one the Python backends give (ops/ggem_pool.py).
+  float low = src[0], high = src[0];
+  bool valid = true;
   for (int64_t g = 0; g < G; ++g) {
-    TORCH_CHECK_VALUE(std::isfinite(src[g]) && src[g] > 0.0f, fn,
-                      ": every p must be finite and > 0, got p[", g, "] = ", src[g]);
+    valid = valid && std::isfinite(src[g]) && src[g] > 0.0f;
+    low = std::min(low, src[g]);
+    high = std::max(high, src[g]);
   }
+  TORCH_CHECK_VALUE(valid, "ggem_pool: every p must be finite and > 0, got values from ", low,
+                    " to ", high);
   at::Tensor pc = at::empty({C}, p32.options());
   float* dst = pc.data_ptr<float>();
   const int64_t per_group = C / G;
@@ -185,15 +193,60 @@ std::tuple<at::Tensor, at::Tensor> ggem_pool_backward(const at::Tensor& grad_y, 
   return {dx, dp32.to(p.scalar_type())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (ops/autograd.h; the Python backends' twin is in fastvit_kernels/ops/ggem_pool.py)
+// ---------------------------------------------------------------------------------------------
+
+class GGeMPoolFunction : public torch::autograd::Function<GGeMPoolFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& x, const at::Tensor& p,
+                                                int64_t groups, double eps, bool interleaved,
+                                                int64_t num_prefix_tokens) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = native_op<decltype(ggem_pool_forward)>("fastvit_kernels::ggem_pool_forward");
+    auto [y, log_mean] = op.call(x, p, groups, eps, interleaved, num_prefix_tokens);
+    ctx->saved_data["groups"] = groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["interleaved"] = interleaved;
+    ctx->saved_data["num_prefix_tokens"] = num_prefix_tokens;
+    ctx->save_for_backward({x, p, log_mean});
+    ctx->mark_non_differentiable({log_mean});
+    return {y, log_mean};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &log_mean = saved[2];
+    const at::Tensor grad_y = grads[0].defined() ? grads[0] : at::zeros_like(log_mean, x.options());
+    static const auto op = native_op<decltype(ggem_pool_backward)>("fastvit_kernels::ggem_pool_backward");
+    auto [dx, dp] = op.call(grad_y, x, saved[1], log_mean, ctx->saved_data["groups"].toInt(),
+                            ctx->saved_data["eps"].toDouble(), ctx->saved_data["interleaved"].toBool(),
+                            ctx->saved_data["num_prefix_tokens"].toInt());
+    return {dx, dp, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> ggem_pool_forward_autograd(const at::Tensor& x, const at::Tensor& p,
+                                                              int64_t groups, double eps, bool interleaved,
+                                                              int64_t num_prefix_tokens) {
+  auto out = GGeMPoolFunction::apply(x, p, groups, eps, interleaved, num_prefix_tokens);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("ggem_pool_forward"))
+// Registration: torch.ops.fastvit_kernels.ggem_pool_forward / _backward, the C++ CPU kernels of the
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/ggem_pool.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.ggem_pool");  // registers the fake implementations
   // -> (y [B, C] in x's dtype, log_mean [B, C] fp32)
   m.def("ggem_pool_forward(Tensor x, Tensor p, int groups, float eps, bool interleaved, "
         "int num_prefix_tokens) -> (Tensor, Tensor)");
@@ -202,7 +255,11 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "float eps, bool interleaved, int num_prefix_tokens) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("ggem_pool_forward", &fastvit_kernels::cpu::ggem_pool_forward);
   m.impl("ggem_pool_backward", &fastvit_kernels::cpu::ggem_pool_backward);
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels, Autograd, m) {
+  m.impl("ggem_pool_forward", &fastvit_kernels::cpu::ggem_pool_forward_autograd);
 }

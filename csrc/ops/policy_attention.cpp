@@ -17,9 +17,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "kernels/policy_attention.h"
+#include "ops/autograd.h"
 #include "ops/checks.h"
 #include "ops/common.h"
 #include "ops/dispatch.h"
@@ -260,15 +262,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_attention_back
   return {dq, dk, dv, dpolicy};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (ops/autograd.h; the Python backends' twin is in fastvit_kernels/ops/policy_attention.py)
+// ---------------------------------------------------------------------------------------------
+
+class PolicyAttentionFunction : public torch::autograd::Function<PolicyAttentionFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const at::Tensor& policy,
+                                                double scale, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = native_op<decltype(policy_attention_forward)>("fastvit_kernels::policy_attention_forward");
+    auto [out, row_max, denom, row_argmax] = op.call(q, k, v, policy, scale, eps);
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["eps"] = eps;
+    ctx->save_for_backward({q, k, v, policy, out, row_max, denom, row_argmax});
+    ctx->mark_non_differentiable({row_max, denom, row_argmax});
+    return {out, row_max, denom, row_argmax};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[4]);
+    // The policy's gradient needs every key's weight, dropped ones too: only when it is wanted.
+    const bool need_dpolicy = ctx->needs_input_grad(3);
+    static const auto op = native_op<decltype(policy_attention_backward)>("fastvit_kernels::policy_attention_backward");
+    auto [dq, dk, dv, dpolicy] = op.call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4],
+                                         saved[5], saved[6], saved[7], ctx->saved_data["scale"].toDouble(),
+                                         ctx->saved_data["eps"].toDouble(), need_dpolicy);
+    return {dq, dk, dv, need_dpolicy ? dpolicy : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_attention_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& policy,
+    double scale, double eps) {
+  auto out = PolicyAttentionFunction::apply(q, k, v, policy, scale, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("policy_attention_forward"))
+// Registration: torch.ops.fastvit_kernels.policy_attention_forward / _backward, the C++ CPU kernels of the
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/policy_attention.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.policy_attention");  // registers the fake implementations
   // -> (out [B,H,N,D] over [B,N,H,D] memory, row_max, denom [B,H,N] fp32, row_argmax [B,H,N] int32)
   m.def("policy_attention_forward(Tensor q, Tensor k, Tensor v, Tensor policy, float scale, "
         "float eps) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -278,7 +324,11 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "bool need_dpolicy) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("policy_attention_forward", &fastvit_kernels::cpu::policy_attention_forward);
   m.impl("policy_attention_backward", &fastvit_kernels::cpu::policy_attention_backward);
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels, Autograd, m) {
+  m.impl("policy_attention_forward", &fastvit_kernels::cpu::policy_attention_forward_autograd);
 }

@@ -15,9 +15,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "kernels/qna_attention.h"
+#include "ops/autograd.h"
 #include "ops/checks.h"
 #include "ops/common.h"
 #include "ops/dispatch.h"
@@ -272,15 +274,62 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backwar
   return {dcost, dv, drpe.to(rpe.scalar_type()), dattn_scale.to(attn_scale.scalar_type())};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (ops/autograd.h; the Python backends' twin is in fastvit_kernels/ops/qna_attention.py)
+// ---------------------------------------------------------------------------------------------
+
+class QnaAttentionFunction : public torch::autograd::Function<QnaAttentionFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& cost, const at::Tensor& v,
+                                                const at::Tensor& rpe, const at::Tensor& attn_scale,
+                                                int64_t kernel_size, int64_t stride) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = native_op<decltype(qna_attention_forward)>("fastvit_kernels::qna_attention_forward");
+    auto [out, lse] = op.call(cost, v, rpe, attn_scale, kernel_size, stride);
+    ctx->saved_data["kernel_size"] = kernel_size;
+    ctx->saved_data["stride"] = stride;
+    ctx->save_for_backward({cost, v, rpe, attn_scale, lse});
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &v = saved[1], &lse = saved[4];
+    // A missing output gradient is zeros of out's shape [B, Ho, Wo, h, d] (lse is [B, Ho, Wo, Q, h]).
+    const at::Tensor grad_out = grads[0].defined()
+        ? grads[0]
+        : at::zeros_symint({lse.sym_size(0), lse.sym_size(1), lse.sym_size(2), lse.sym_size(4), v.sym_size(4)},
+                           v.options());
+    static const auto op = native_op<decltype(qna_attention_backward)>("fastvit_kernels::qna_attention_backward");
+    auto [dcost, dv, drpe, dattn_scale] = op.call(grad_out, saved[0], v, saved[2], saved[3], lse,
+                                                  ctx->saved_data["kernel_size"].toInt(),
+                                                  ctx->saved_data["stride"].toInt());
+    return {dcost, dv, drpe, dattn_scale, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> qna_attention_forward_autograd(
+    const at::Tensor& cost, const at::Tensor& v, const at::Tensor& rpe,
+    const at::Tensor& attn_scale, int64_t kernel_size, int64_t stride) {
+  auto out = QnaAttentionFunction::apply(cost, v, rpe, attn_scale, kernel_size, stride);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("qna_attention_forward"))
+// Registration: torch.ops.fastvit_kernels.qna_attention_forward / _backward, the C++ CPU kernels of the
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/qna_attention.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.qna_attention");  // registers the fake implementations
   // -> (out [B, Ho, Wo, h, d], lse [B, Ho, Wo, Q, h] fp32)
   m.def("qna_attention_forward(Tensor cost, Tensor v, Tensor rpe, Tensor attn_scale, "
         "int kernel_size, int stride) -> (Tensor, Tensor)");
@@ -290,7 +339,11 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("qna_attention_forward", &fastvit_kernels::cpu::qna_attention_forward);
   m.impl("qna_attention_backward", &fastvit_kernels::cpu::qna_attention_backward);
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels, Autograd, m) {
+  m.impl("qna_attention_forward", &fastvit_kernels::cpu::qna_attention_forward_autograd);
 }

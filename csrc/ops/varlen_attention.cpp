@@ -13,9 +13,11 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "kernels/varlen_attention.h"
+#include "ops/autograd.h"
 #include "ops/checks.h"
 #include "ops/common.h"
 #include "ops/dispatch.h"
@@ -48,8 +50,7 @@ void check_qkv(const char* fn, const at::Tensor& q, const at::Tensor& k, const a
 }
 
 // cu_seqlens: int64, contiguous CPU [num_seqs + 1], 0 = cu[0] < cu[1] < ... < cu[num_seqs] = T
-// (the Python op checks this too; on CPU it costs nothing to check again). Returns the longest
-// segment, which max_seqlen must cover.
+// Returns the longest segment, which max_seqlen must cover.
 int64_t check_cu_seqlens(const char* fn, const at::Tensor& cu, int64_t T, int64_t max_seqlen) {
   check_defined_cpu(fn, "cu_seqlens", cu);
   TORCH_CHECK(cu.scalar_type() == at::kLong, fn, ": cu_seqlens must be int64, got ",
@@ -59,19 +60,21 @@ int64_t check_cu_seqlens(const char* fn, const at::Tensor& cu, int64_t T, int64_
               cu.sizes());
   TORCH_CHECK(cu.is_contiguous(), fn, ": cu_seqlens must be contiguous, got strides ",
               cu.strides());
+  // The messages are the ones the Python backends give (ops/varlen_attention.py).
   const int64_t* c = cu.data_ptr<int64_t>();
   const int64_t n = cu.size(0);
-  TORCH_CHECK_VALUE(c[0] == 0, fn, ": cu_seqlens[0] must be 0, got ", c[0]);
+  TORCH_CHECK_VALUE(c[0] == 0, "varlen_attention: cu_seqlens[0] must be 0, got ", c[0]);
   int64_t longest = 0;
   for (int64_t i = 1; i < n; ++i) {
-    TORCH_CHECK_VALUE(c[i] > c[i - 1], fn, ": cu_seqlens must be strictly increasing, got cu_seqlens[",
-                      i - 1, "] = ", c[i - 1], " and cu_seqlens[", i, "] = ", c[i]);
+    TORCH_CHECK_VALUE(c[i] > c[i - 1], "varlen_attention: cu_seqlens must be strictly increasing "
+                      "(every image keeps >= 1 token), got cu_seqlens[", i - 1, "] = ", c[i - 1],
+                      " >= cu_seqlens[", i, "] = ", c[i]);
     longest = std::max(longest, c[i] - c[i - 1]);
   }
-  TORCH_CHECK_VALUE(c[n - 1] == T, fn, ": cu_seqlens[-1] must be T = ", T,
-                    " (q.shape[0]), got ", c[n - 1]);
-  TORCH_CHECK_VALUE(max_seqlen >= longest, fn, ": max_seqlen must be at least the longest segment ",
-                    longest, " (from cu_seqlens), got ", max_seqlen);
+  TORCH_CHECK_VALUE(c[n - 1] == T, "varlen_attention: cu_seqlens[-1] must be the number of packed "
+                    "tokens q.shape[0] = ", T, ", got ", c[n - 1]);
+  TORCH_CHECK_VALUE(max_seqlen >= longest, "varlen_attention: max_seqlen must be >= the longest "
+                    "segment (", longest, "), got ", max_seqlen);
   return longest;
 }
 
@@ -243,15 +246,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_backward(
   return {dq, dk, dv};
 }
 
+// ---------------------------------------------------------------------------------------------
+// Autograd (ops/autograd.h; the Python backends' twin is in fastvit_kernels/ops/varlen_attention.py)
+// ---------------------------------------------------------------------------------------------
+
+class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttentionFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx,
+                                                const at::Tensor& q, const at::Tensor& k,
+                                                const at::Tensor& v, const at::Tensor& cu_seqlens,
+                                                int64_t max_seqlen, double scale) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = native_op<decltype(varlen_attention_forward)>("fastvit_kernels::varlen_attention_forward");
+    auto [out, lse] = op.call(q, k, v, cu_seqlens, max_seqlen, scale);
+    ctx->saved_data["max_seqlen"] = max_seqlen;
+    ctx->saved_data["scale"] = scale;
+    ctx->save_for_backward({q, k, v, out, lse, cu_seqlens});
+    ctx->mark_non_differentiable({lse});
+    return {out, lse};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(saved[3]);
+    static const auto op = native_op<decltype(varlen_attention_backward)>("fastvit_kernels::varlen_attention_backward");
+    auto [dq, dk, dv] = op.call(grad_out, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                                ctx->saved_data["max_seqlen"].toInt(), ctx->saved_data["scale"].toDouble());
+    return {dq, dk, dv, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> varlen_attention_forward_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
+    int64_t max_seqlen, double scale) {
+  auto out = VarlenAttentionFunction::apply(q, k, v, cu_seqlens, max_seqlen, scale);
+  return {out[0], out[1]};
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fastvit_kernels
 
 // ---------------------------------------------------------------------------------------------
-// Registration (Python: fastvit_kernels._native.kernel("varlen_attention_forward"))
+// Registration: torch.ops.fastvit_kernels.varlen_attention_forward / _backward, the C++ CPU kernels of the
+// op and their autograd (the Autograd section above); the fake (meta) implementations are registered by
+// fastvit_kernels/ops/varlen_attention.py.
 // ---------------------------------------------------------------------------------------------
 
-TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
+  m.set_python_module("fastvit_kernels.ops.varlen_attention");  // registers the fake implementations
   // -> (out [T, H, D], lse [T, H] fp32)
   m.def("varlen_attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, "
         "int max_seqlen, float scale) -> (Tensor, Tensor)");
@@ -260,7 +304,11 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels_cpu, m) {
         "Tensor lse, Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastvit_kernels_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(fastvit_kernels, CPU, m) {
   m.impl("varlen_attention_forward", &fastvit_kernels::cpu::varlen_attention_forward);
   m.impl("varlen_attention_backward", &fastvit_kernels::cpu::varlen_attention_backward);
+}
+
+TORCH_LIBRARY_IMPL(fastvit_kernels, Autograd, m) {
+  m.impl("varlen_attention_forward", &fastvit_kernels::cpu::varlen_attention_forward_autograd);
 }

@@ -5,6 +5,9 @@ On the device present (cuda if available, else cpu; `--device` to choose):
   2. timm levit_128s against a patched copy: outputs (eval) and gradients (train) must match;
   3. end-to-end images/s: eager timm, patched, patched + folded BatchNorm, torch.compile of timm
      (fastvit_kernels/bench/levit.py);
+  3b. serving the same model on CPU, batch 1 and 32, float32 and bfloat16: eager timm,
+     torch.compile, ONNX Runtime and OpenVINO (when installed: pip install .[serve]) against
+     fastvit_kernels.optimize_for_inference, eager and compiled (bench/serve.py);
   4. the bias_attention microbenchmarks (fastvit_kernels/bench/bias_attention.py);
   5. the qna_attention microbenchmark at the QnA-ViT tiny stage-0 shape (k=3) and QnA-ViT tiny
      inference images/s against plain PyTorch (bench/qna_attention.py, bench/qna_vit.py);
@@ -52,6 +55,12 @@ TARGETS = (
     ("policy_attention fwd+bwd, keep 0.343 B=64: faster than at keep 0.7", "dyvit_keep", "policy.keep0.343", "fwd+bwd", 64, "op", 1.0),
     ("DynamicViT-S inference batch 64: >= 1.3x DeiT-S images/s", "dyvit_model", "B64", "infer", 64, "dyvit.topk", 1.3),
     ("DynamicViT-S inference batch 1: not slower than DeiT-S", "dyvit_model", "B1", "infer", 1, "dyvit.topk", 1.0),
+    # Serving (issue 12), section "serve" reads bench.serve's summary: the best fastvit_kernels
+    # path's images/s / the best peer engine's, case = dtype, at the batch.
+    ("levit serving fp32 batch 1: best fvk path >= 1.3x the best engine", "serve", "float32", "infer", 1, "ratio", 1.3),
+    ("levit serving fp32 batch 32: best fvk path >= 1.3x the best engine", "serve", "float32", "infer", 32, "ratio", 1.3),
+    ("levit serving bf16 batch 1: best fvk path >= 1.3x the best engine", "serve", "bfloat16", "infer", 1, "ratio", 1.3),
+    ("levit serving bf16 batch 32: best fvk path >= 1.3x the best engine", "serve", "bfloat16", "infer", 32, "ratio", 1.3),
 )
 
 
@@ -71,7 +80,8 @@ def _find(rows: List[Dict], case: str, pass_: str, impl: str) -> Optional[Dict]:
 
 
 def check_targets(levit_rows: List[Dict], kernel_rows: List[Dict], qna_summary: List[Dict], env: Dict,
-                  dyvit_rows: Sequence[Dict] = (), dyvit_model_rows: Sequence[Dict] = ()) -> List[Dict]:
+                  dyvit_rows: Sequence[Dict] = (), dyvit_model_rows: Sequence[Dict] = (),
+                  serve_summary: Sequence[Dict] = ()) -> List[Dict]:
     results = []
     for text, section, case, pass_, batch, peer, bound in TARGETS:
         if section == "qna":
@@ -83,6 +93,13 @@ def check_targets(levit_rows: List[Dict], kernel_rows: List[Dict], qna_summary: 
         elif section == "dyvit_keep":
             row, at_07 = _find(list(dyvit_rows), case, pass_, peer), _find(list(dyvit_rows), "policy.keep0.7", pass_, peer)
             measured = at_07["ms"] / row["ms"] if row and at_07 and row.get("ms") and at_07.get("ms") else None
+        elif section == "serve":
+            row = next((r for r in serve_summary if (r["dtype"], r["B"]) == (case, batch)), None)
+            measured = row.get(peer) if row else None
+            if measured is not None:  # defined for both dtypes: skip the float32-only rule below
+                verdict = "met" if measured >= bound else "NOT met"
+                results.append({"target": text, "bound": bound, "measured": measured, "verdict": verdict})
+                continue
         elif section == "dyvit_model":
             row = _find(list(dyvit_model_rows), case, pass_, peer)
             measured = row.get("vs_deit") if row else None
@@ -109,11 +126,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--model", default="levit_128s", help="timm LeViT model (default levit_128s)")
     parser.add_argument("--no-compile", action="store_true", help="skip every torch.compile peer")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmarks")
+    parser.add_argument("--no-serve", action="store_true", help="skip the serving comparison (CPU)")
     args = parser.parse_args(argv)
 
     from fastvit_kernels.bench import bias_attention, levit
 
-    stages = Stages(7)
+    stages = Stages(8)
     stages.next("environment")
     ctx = common.start(args, BATCH)
     device, dtype, batch, env = ctx.device, ctx.dtype, ctx.batch, ctx.env
@@ -152,6 +170,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     levit_rows = levit.bench_inference(base, args.model, batch=batch, dtype=dtype, device=device, env=env,
                                        quick=args.quick, impls=impls)
     print(levit.table(levit_rows), flush=True)
+
+    stages.next(f"{args.model} serving on CPU: fastvit_kernels.optimize_for_inference vs the engines")
+    serve_rows: List[Dict] = []
+    serve_summary: List[Dict] = []
+    if device.type == "cpu" and not args.no_serve:
+        from fastvit_kernels.bench import serve
+
+        engines = [e for e in serve.ENGINES if not (args.no_compile and "compile" in e)
+                   and not (args.quick and e == "fvk.aoti")]
+        serve_rows = serve.run([args.model], dtypes=(torch.float32, torch.bfloat16), batches=(1, batch),
+                               engines=engines, env=env, quick=args.quick)
+        serve_summary = serve.summary(serve_rows)
+        print(serve.table(serve_rows), flush=True)
+        print(common.format_table(serve_summary, serve.SUMMARY_COLUMNS), flush=True)
 
     stages.next("bias_attention microbenchmarks")
     kernel_rows: List[Dict] = []
@@ -201,12 +233,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(dynamic_vit.table(dyvit_model_rows), flush=True)
 
     stages.next("targets and results")
-    targets = check_targets(levit_rows, kernel_rows, qna_summary, env, dyvit_rows, dyvit_model_rows)
+    targets = check_targets(levit_rows, kernel_rows, qna_summary, env, dyvit_rows, dyvit_model_rows, serve_summary)
     for t in targets:
         measured = "-" if t["measured"] is None else f"{t['measured']:.2f}x"
         print(f"  [{t['verdict']}] {t['target']}: measured {measured}")
-    common.write_results(ctx, "fastvit_bench", levit_rows + kernel_rows + qna_rows + dyvit_rows + dyvit_model_rows,
-                         check=check, targets=targets, qna_summary=qna_summary)
+    common.write_results(ctx, "fastvit_bench", levit_rows + serve_rows + kernel_rows + qna_rows + dyvit_rows + dyvit_model_rows,
+                         check=check, targets=targets, qna_summary=qna_summary, serve_summary=serve_summary)
     common.log(f"done in {time.perf_counter() - stages.t0:.0f} s")
     return 0 if check.get("ok") else 1
 

@@ -6,8 +6,9 @@ Inference (eval mode, torch.inference_mode; batch 32 on CPU, 256 on CUDA):
   patched+folded   patch_timm(model, fold_bn=True) (BatchNorms folded into the Linears)
   compile          torch.compile(timm model)
   patched+compile  torch.compile(patch_timm(model))
-Training step (train mode, forward + cross-entropy + backward + SGD step; batch 32 on CPU):
-  eager, patched, compile (of the timm model).
+Training step (train mode, forward + cross-entropy + backward + SGD step; batch 32 on CPU; bf16 and
+fp16 under autocast with float32 weights):
+  eager, patched, compile (of the timm model), patched+compile.
 
 Before any timing, patched and timm are compared in float32 (check_patched: eval outputs, train
 outputs and every parameter's gradient). Every variant's first output is compared with eager
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from fastvit_kernels.bench import common
 
 INFER_IMPLS = ("eager", "patched", "patched+folded", "compile", "patched+compile")
-TRAIN_IMPLS = ("eager", "patched", "compile")
+TRAIN_IMPLS = ("eager", "patched", "compile", "patched+compile")
 PASSES = ("infer", "train")
 # Train mode: BatchNorm divides by batch statistics, which amplifies rounding (torch.compile of
 # timm itself differs from eager timm by ~3e-4 there), so outputs and gradients get 1e-3; other

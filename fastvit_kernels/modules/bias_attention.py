@@ -85,19 +85,8 @@ class LinearNorm(nn.Module):
 class ConvNorm(nn.Module):
     """Conv2d (no bias) then BatchNorm2d: timm's `levit.ConvNorm`."""
 
-    def __init__(
-        self,
-        in_chs: int,
-        out_chs: int,
-        kernel_size: int = 1,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
-        groups: int = 1,
-        bn_weight_init: float = 1,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int = 0,
+                 dilation: int = 1, groups: int = 1, bn_weight_init: float = 1, device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         self.linear = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=False, **dd)
@@ -265,18 +254,9 @@ class BiasAttention(_LevitBiasAttentionBase):
 
     TIMM_CLASS = "Attention"
 
-    def __init__(
-        self,
-        dim: int,
-        key_dim: int,
-        num_heads: int = 8,
-        attn_ratio: float = 4.0,
-        resolution: Resolution = 14,
-        use_conv: bool = False,
-        act_layer: Type[nn.Module] = nn.SiLU,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, dim: int, key_dim: int, num_heads: int = 8, attn_ratio: float = 4.0,
+                 resolution: Resolution = 14, use_conv: bool = False, act_layer: Type[nn.Module] = nn.SiLU,
+                 device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         ln_layer = ConvNorm if use_conv else LinearNorm
@@ -339,21 +319,9 @@ class ShrinkAttention(_LevitBiasAttentionBase):
 
     TIMM_CLASS = "AttentionDownsample"
 
-    def __init__(
-        self,
-        in_dim: int,
-        out_dim: int,
-        key_dim: int,
-        num_heads: int = 8,
-        attn_ratio: float = 2.0,
-        stride: int = 2,
-        resolution: Resolution = 14,
-        use_conv: bool = False,
-        use_pool: bool = False,
-        act_layer: Type[nn.Module] = nn.SiLU,
-        device=None,
-        dtype=None,
-    ):
+    def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int = 8, attn_ratio: float = 2.0,
+                 stride: int = 2, resolution: Resolution = 14, use_conv: bool = False,
+                 use_pool: bool = False, act_layer: Type[nn.Module] = nn.SiLU, device=None, dtype=None):
         dd = {"device": device, "dtype": dtype}
         super().__init__()
         resolution = _pair(resolution)

@@ -6,6 +6,10 @@ BatchNorm folding (fastvit_kernels/patch/batchnorm.py) puts it into LeViT's stem
 import torch
 import torch.nn as nn
 
+# Decided once at import: torch.compile cannot trace torch.backends.mkldnn.is_available() inside
+# forward (it would break the graph there).
+_ONEDNN_FUSED_CONV = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
 
 class ConvHardswish(nn.Conv2d):
     """Inference: a folded Conv2d and the Hardswish after it (or none) as ONE oneDNN convolution
@@ -32,8 +36,7 @@ class ConvHardswish(nn.Conv2d):
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
             and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and _ONEDNN_FUSED_CONV
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

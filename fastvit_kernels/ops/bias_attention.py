@@ -2,7 +2,7 @@
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,
-  2. the torch.library ops (schema, real implementation, fake implementation),
+  2. the dispatcher ops' schemas and fake implementations (ops/_library.py defines the ops),
   3. the autograd glue,
   4. the backend declarations used for dispatch, errors and `python -m fastvit_kernels.info`.
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastvit_kernels.backends import Backend, standard_backends
+from fastvit_kernels.ops._library import DispatcherOps
 from fastvit_kernels.reference import bias_attention as reference
 
 OP_NAME = "bias_attention"
@@ -32,16 +33,9 @@ MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def bias_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    bias_table: Optional[Tensor] = None,
-    bias_index: Optional[Tensor] = None,
-    *,
-    scale: Optional[float] = None,
-    activation: Optional[str] = None,
-) -> Tensor:
+def bias_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Optional[Tensor] = None,
+                   bias_index: Optional[Tensor] = None, *, scale: Optional[float] = None,
+                   activation: Optional[str] = None) -> Tensor:
     """softmax(q kᵀ · scale + bias_table[:, bias_index]) v, then an optional Hardswish.
 
     Args:
@@ -64,8 +58,9 @@ def bias_attention(
         t is not None and t.requires_grad for t in (q, k, v, bias_table)
     )
     save_pre_activation = activation is not None and needs_grad
-    out, _, _ = bias_attention_forward(
-        q, k, v, bias_table, bias_index, float(scale), activation or "none", save_pre_activation
+    backend = select_backend(q, k, v, bias_table, bias_index)
+    out, _, _ = OPS.forward(
+        backend.name, q, k, v, bias_table, bias_index, float(scale), activation or "none", save_pre_activation
     )
     return out
 
@@ -136,21 +131,19 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
-# Index buffers are constant in real models: on CUDA, checking their range once per buffer avoids
-# a host synchronisation per call. Keyed by id, with a weak reference so a recycled id is noticed.
+# Index buffers are constant in real models: their range is checked once per buffer version (on
+# CUDA a check costs a host synchronisation). Keyed by id, with a weak reference so a recycled id
+# is noticed; inference tensors have no version counter and are checked every time. (The C++
+# kernels keep the same cache for the gathered bias, csrc/ops/bias_attention.cpp.)
 _checked_indices: Dict[int, Tuple[weakref.ref, int, int]] = {}
 
 
 def _check_index_values(index: Optional[Tensor], num_columns: int) -> None:
     if index is None or index.numel() == 0:
         return
+    versioned = not index.is_inference()
     cached = _checked_indices.get(id(index))
-    if (
-        index.is_cuda
-        and cached is not None
-        and cached[0]() is index
-        and cached[1:] == (index._version, num_columns)
-    ):
+    if versioned and cached is not None and cached[0]() is index and cached[1:] == (index._version, num_columns):
         return
     low, high = (int(x) for x in torch.aminmax(index))
     if low < 0 or high >= num_columns:
@@ -158,37 +151,29 @@ def _check_index_values(index: Optional[Tensor], num_columns: int) -> None:
             f"bias_attention: bias_index values must be in [0, T={num_columns}) (T = "
             f"bias_table.shape[1]), got values from {low} to {high}"
         )
-    if index.is_cuda:
+    if versioned:
         if len(_checked_indices) > 256:
             _checked_indices.clear()
         _checked_indices[id(index)] = (weakref.ref(index), index._version, num_columns)
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. torch.library ops
+# 2. Dispatcher ops
 # ---------------------------------------------------------------------------------------------
 
-
-@torch.library.custom_op("fastvit_kernels::bias_attention_forward", mutates_args=())
-def bias_attention_forward(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    table: Optional[Tensor],
-    index: Optional[Tensor],
-    scale: float,
-    activation: str,
-    save_pre_activation: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, pre-activation out or a 0-element tensor, lse [B, H, Nq] float32)."""
-    if table is not None:
-        _check_index_values(index, table.shape[1])
-    backend = select_backend(q, k, v, table, index)
-    return backend.load().forward(q, k, v, table, index, scale, activation, save_pre_activation)
+# -> (out, pre-activation out or a 0-element tensor, lse [B, H, Nq] float32)
+FORWARD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? index, float scale, str activation, "
+    "bool save_pre_activation) -> (Tensor, Tensor, Tensor)"
+)
+# -> (dq, dk, dv, dtable or a 0-element tensor)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? index, Tensor o_pre, "
+    "Tensor lse, float scale, str activation) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
 
-@bias_attention_forward.register_fake
-def _(q, k, v, table, index, scale, activation, save_pre_activation):
+def _fake_forward(q, k, v, table, index, scale, activation, save_pre_activation):
     B, H, Nq, _ = q.shape
     Dv = v.shape[3]
     out = reference.empty_bhnd(B, H, Nq, Dv, q)
@@ -200,26 +185,7 @@ def _(q, k, v, table, index, scale, activation, save_pre_activation):
     return out, o_pre, lse
 
 
-@torch.library.custom_op("fastvit_kernels::bias_attention_backward", mutates_args=())
-def bias_attention_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    table: Optional[Tensor],
-    index: Optional[Tensor],
-    o_pre: Tensor,
-    lse: Tensor,
-    scale: float,
-    activation: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv, dtable or a 0-element tensor)."""
-    backend = select_backend(q, k, v, table, index)
-    return backend.load().backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation)
-
-
-@bias_attention_backward.register_fake
-def _(grad_out, q, k, v, table, index, o_pre, lse, scale, activation):
+def _fake_backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation):
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     dq = reference.empty_bhnd(B, H, Nq, Dk, q)
@@ -227,6 +193,13 @@ def _(grad_out, q, k, v, table, index, o_pre, lse, scale, activation):
     dv = reference.empty_bhnd(B, H, Nk, Dv, q)
     dtable = torch.empty_like(table, memory_format=torch.contiguous_format) if table is not None else q.new_empty(0)
     return dq, dk, dv, dtable
+
+
+def _value_checks(q, k, v, table, index, scale, activation, save_pre_activation):
+    """What the Python backends check of the values before running (the C++ kernels check the
+    same, with the same message)."""
+    if table is not None:
+        _check_index_values(index, table.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +226,8 @@ def _backward(ctx, grad_out, _grad_o_pre, _grad_lse):
         )
     if grad_out is None:
         grad_out = torch.zeros_like(o_pre)
-    dq, dk, dv, dtable = bias_attention_backward(
-        grad_out, q, k, v, table, index, o_pre, lse, ctx.scale, ctx.activation
+    dq, dk, dv, dtable = OPS.backward(
+        ctx.backend, grad_out, q, k, v, table, index, o_pre, lse, ctx.scale, ctx.activation
     )
     needs = ctx.needs_input_grad
     return (
@@ -267,11 +240,6 @@ def _backward(ctx, grad_out, _grad_o_pre, _grad_lse):
         None,
         None,
     )
-
-
-torch.library.register_autograd(
-    "fastvit_kernels::bias_attention_forward", _backward, setup_context=_setup_context
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,6 +258,9 @@ def _native_limits(q, k, v, table, index) -> List[str]:
 
 # The Triton module's why_not covers its own dtype and size limits.
 BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits, triton_limits=lambda *inputs: [])
+OPS = DispatcherOps(BACKENDS, FORWARD_SCHEMA, BACKWARD_SCHEMA, fake_forward=_fake_forward,
+                    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+                    value_checks=_value_checks)
 
 
 def select_backend(q, k, v, table=None, index=None) -> Backend:

@@ -49,12 +49,12 @@ def _bias_attention_backward_flops(grad_out, q, k, v, *args, out_shape=None, **k
     return 2 * B * H * Nq * k[2] * (3 * Dk + 2 * v[3])
 
 
-def _qna_attention_forward_flops(cost, v, rpe, attn_scale, kernel_size, stride, *, out_shape=None, **kwargs) -> int:
+def _qna_attention_forward_flops(cost, v, rpe, attn_scale, kernel_size, stride, *args, out_shape=None, **kwargs) -> int:
     return 2 * qna_attention_macs(cost, v, kernel_size, stride)
 
 
 def _qna_attention_backward_flops(
-    grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride, *, out_shape=None, **kwargs
+    grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride, *args, out_shape=None, **kwargs
 ) -> int:
     return 4 * qna_attention_macs(cost, v, kernel_size, stride)
 
@@ -68,10 +68,15 @@ _FORMULAS = {
 
 
 def _register() -> None:
+    """Each formula for the native op (when the extension is built) and for its Python twin
+    `<name>_python`, whose extra last argument (the backend) the formulas ignore."""
     for name, formula in _FORMULAS.items():
-        op = getattr(torch.ops.fastvit_kernels, name)
-        if op not in flop_counter.flop_registry:  # registering twice raises
-            flop_counter.register_flop_formula(op)(formula)
+        for op_name in (name, f"{name}_python"):
+            if not hasattr(torch.ops.fastvit_kernels, op_name):  # no native build
+                continue
+            op = getattr(torch.ops.fastvit_kernels, op_name)
+            if op not in flop_counter.flop_registry:  # registering twice raises
+                flop_counter.register_flop_formula(op)(formula)
 
 
 _register()

@@ -2,7 +2,7 @@
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,
-  2. the torch.library ops (schema, real implementation, fake implementation),
+  2. the dispatcher ops' schemas and fake implementations (ops/_library.py defines the ops),
   3. the autograd glue,
   4. the backend declarations used for dispatch, errors and `python -m fastvit_kernels.info`.
 
@@ -10,12 +10,13 @@ The math and the backend contract are in `fastvit_kernels/reference/ggem_pool.py
 """
 
 import math
-from typing import List, Tuple
+from typing import List
 
 import torch
 from torch import Tensor
 
 from fastvit_kernels.backends import Backend, standard_backends
+from fastvit_kernels.ops._library import DispatcherOps
 from fastvit_kernels.reference import ggem_pool as reference
 
 OP_NAME = "ggem_pool"
@@ -32,15 +33,8 @@ MIN_EPS = 1.1754943508222875e-38
 # ---------------------------------------------------------------------------------------------
 
 
-def ggem_pool(
-    x: Tensor,
-    p: Tensor,
-    *,
-    groups: int,
-    eps: float = 1e-6,
-    layout: str = "contiguous",
-    num_prefix_tokens: int = 0,
-) -> Tensor:
+def ggem_pool(x: Tensor, p: Tensor, *, groups: int, eps: float = 1e-6, layout: str = "contiguous",
+              num_prefix_tokens: int = 0) -> Tensor:
     """Group generalized-mean pooling: y[b, c] = (mean_n max(x[b, n, c], eps) ^ p_g) ^ (1 / p_g).
 
     Args:
@@ -57,7 +51,8 @@ def ggem_pool(
         and in the log domain, so large p (10) and x near eps stay finite.
     """
     _check_inputs(x, p, groups, eps, layout, num_prefix_tokens)
-    y, _ = ggem_pool_forward(x, p, int(groups), float(eps), layout == "interleaved", int(num_prefix_tokens))
+    backend = select_backend(x, p)
+    y, _ = OPS.forward(backend.name, x, p, int(groups), float(eps), layout == "interleaved", int(num_prefix_tokens))
     return y
 
 
@@ -115,49 +110,37 @@ def _check_p_values(p: Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. torch.library ops
+# 2. Dispatcher ops
 # ---------------------------------------------------------------------------------------------
 
+# -> (y [B, C], log_mean [B, C] float32)
+FORWARD_SCHEMA = (
+    "(Tensor x, Tensor p, int groups, float eps, bool interleaved, int num_prefix_tokens) -> (Tensor, Tensor)"
+)
+# -> (dx [B, N, C] contiguous, dp [groups])
+BACKWARD_SCHEMA = (
+    "(Tensor grad_y, Tensor x, Tensor p, Tensor log_mean, int groups, float eps, bool interleaved, "
+    "int num_prefix_tokens) -> (Tensor, Tensor)"
+)
 
-@torch.library.custom_op("fastvit_kernels::ggem_pool_forward", mutates_args=())
-def ggem_pool_forward(
-    x: Tensor, p: Tensor, groups: int, eps: float, interleaved: bool, num_prefix_tokens: int
-) -> Tuple[Tensor, Tensor]:
-    """Returns (y [B, C], log_mean [B, C] float32)."""
-    _check_p_values(p)
-    backend = select_backend(x, p)
-    return backend.load().forward(x, p, groups, eps, interleaved, num_prefix_tokens)
 
-
-@ggem_pool_forward.register_fake
-def _(x, p, groups, eps, interleaved, num_prefix_tokens):
+def _fake_forward(x, p, groups, eps, interleaved, num_prefix_tokens):
     B, _, C = x.shape
     y = x.new_empty(B, C)
     log_mean = x.new_empty(B, C, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
     return y, log_mean
 
 
-@torch.library.custom_op("fastvit_kernels::ggem_pool_backward", mutates_args=())
-def ggem_pool_backward(
-    grad_y: Tensor,
-    x: Tensor,
-    p: Tensor,
-    log_mean: Tensor,
-    groups: int,
-    eps: float,
-    interleaved: bool,
-    num_prefix_tokens: int,
-) -> Tuple[Tensor, Tensor]:
-    """Returns (dx [B, N, C] contiguous, dp [groups])."""
-    backend = select_backend(x, p)
-    return backend.load().backward(grad_y, x, p, log_mean, groups, eps, interleaved, num_prefix_tokens)
-
-
-@ggem_pool_backward.register_fake
-def _(grad_y, x, p, log_mean, groups, eps, interleaved, num_prefix_tokens):
+def _fake_backward(grad_y, x, p, log_mean, groups, eps, interleaved, num_prefix_tokens):
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     dp = torch.empty_like(p, memory_format=torch.contiguous_format)
     return dx, dp
+
+
+def _value_checks(x, p, groups, eps, interleaved, num_prefix_tokens):
+    """What the Python backends check of the values before running (the C++ kernels check the
+    same, with the same message)."""
+    _check_p_values(p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,16 +163,11 @@ def _backward(ctx, grad_y, _grad_log_mean):
     x, p, log_mean = ctx.saved_tensors
     if grad_y is None:
         grad_y = torch.zeros(log_mean.shape, dtype=x.dtype, device=x.device)
-    dx, dp = ggem_pool_backward(
-        grad_y, x, p, log_mean, ctx.groups, ctx.eps, ctx.interleaved, ctx.num_prefix_tokens
+    dx, dp = OPS.backward(
+        ctx.backend, grad_y, x, p, log_mean, ctx.groups, ctx.eps, ctx.interleaved, ctx.num_prefix_tokens
     )
     needs = ctx.needs_input_grad
     return dx if needs[0] else None, dp if needs[1] else None, None, None, None, None
-
-
-torch.library.register_autograd(
-    "fastvit_kernels::ggem_pool_forward", _backward, setup_context=_setup_context
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +185,9 @@ def _native_limits(x, p) -> List[str]:
 
 
 BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits)
+OPS = DispatcherOps(BACKENDS, FORWARD_SCHEMA, BACKWARD_SCHEMA, fake_forward=_fake_forward,
+                    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+                    value_checks=_value_checks)
 
 
 def select_backend(x, p) -> Backend:

@@ -2,7 +2,7 @@
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,
-  2. the torch.library ops (schema, real implementation, fake implementation),
+  2. the dispatcher ops' schemas and fake implementations (ops/_library.py defines the ops),
   3. the autograd glue,
   4. the backend declarations used for dispatch, errors and `python -m fastvit_kernels.info`.
 
@@ -10,12 +10,13 @@ The math and the backend contract are in `fastvit_kernels/reference/policy_atten
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from fastvit_kernels.backends import Backend, standard_backends
+from fastvit_kernels.ops._library import DispatcherOps
 from fastvit_kernels.reference import policy_attention as reference
 
 OP_NAME = "policy_attention"
@@ -66,7 +67,8 @@ def policy_attention(
     stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     # The kernels read a float32 [B, N] policy; autograd carries dpolicy back through .to().
     policy = policy.reshape(policy.shape[0], policy.shape[1]).to(stat_dtype).contiguous()
-    out, _, _, _ = policy_attention_forward(q, k, v, policy, scale, float(eps))
+    backend = select_backend(q, k, v, policy, scale, eps)
+    out, _, _, _ = OPS.forward(backend.name, q, k, v, policy, scale, float(eps))
     return out
 
 
@@ -107,22 +109,22 @@ def _check_inputs(q, k, v, policy, scale, eps) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. torch.library ops
+# 2. Dispatcher ops
 # ---------------------------------------------------------------------------------------------
 
+# -> (out [B, H, N, D] over a [B, N, H, D] buffer, row_max, denom [B, H, N] float32,
+#     row_argmax [B, H, N] int32)
+FORWARD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor policy, float scale, float eps) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+# -> (dq, dk, dv [B, H, N, D] contiguous, dpolicy [B, N] float32)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor policy, Tensor out, Tensor row_max, Tensor denom, "
+    "Tensor row_argmax, float scale, float eps, bool need_dpolicy) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
-@torch.library.custom_op("fastvit_kernels::policy_attention_forward", mutates_args=())
-def policy_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, policy: Tensor, scale: float, eps: float
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (out [B, H, N, D] over a [B, N, H, D] buffer, row_max, denom [B, H, N] float32,
-    row_argmax [B, H, N] int32)."""
-    backend = select_backend(q, k, v, policy, scale, eps)
-    return backend.load().forward(q, k, v, policy, scale, eps)
 
-
-@policy_attention_forward.register_fake
-def _(q, k, v, policy, scale, eps):
+def _fake_forward(q, k, v, policy, scale, eps):
     B, H, N, D = q.shape
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = q.new_empty(B, N, H, D).transpose(1, 2)
@@ -130,30 +132,7 @@ def _(q, k, v, policy, scale, eps):
             q.new_empty(B, H, N, dtype=torch.int32))
 
 
-@torch.library.custom_op("fastvit_kernels::policy_attention_backward", mutates_args=())
-def policy_attention_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    policy: Tensor,
-    out: Tensor,
-    row_max: Tensor,
-    denom: Tensor,
-    row_argmax: Tensor,
-    scale: float,
-    eps: float,
-    need_dpolicy: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv [B, H, N, D] contiguous, dpolicy [B, N] float32)."""
-    backend = select_backend(q, k, v, policy, scale, eps)
-    return backend.load().backward(
-        grad_out, q, k, v, policy, out, row_max, denom, row_argmax, scale, eps, need_dpolicy
-    )
-
-
-@policy_attention_backward.register_fake
-def _(grad_out, q, k, v, policy, out, row_max, denom, row_argmax, scale, eps, need_dpolicy):
+def _fake_backward(grad_out, q, k, v, policy, out, row_max, denom, row_argmax, scale, eps, need_dpolicy):
     grads = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v)]
     return grads[0], grads[1], grads[2], torch.empty_like(policy, memory_format=torch.contiguous_format)
 
@@ -176,8 +155,8 @@ def _backward(ctx, grad_out, _grad_max, _grad_denom, _grad_argmax):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     needs = ctx.needs_input_grad
-    dq, dk, dv, dpolicy = policy_attention_backward(
-        grad_out, q, k, v, policy, out, row_max, denom, row_argmax, ctx.scale, ctx.eps, bool(needs[3])
+    dq, dk, dv, dpolicy = OPS.backward(
+        ctx.backend, grad_out, q, k, v, policy, out, row_max, denom, row_argmax, ctx.scale, ctx.eps, bool(needs[3])
     )
     return (
         dq if needs[0] else None,
@@ -187,11 +166,6 @@ def _backward(ctx, grad_out, _grad_max, _grad_denom, _grad_argmax):
         None,
         None,
     )
-
-
-torch.library.register_autograd(
-    "fastvit_kernels::policy_attention_forward", _backward, setup_context=_setup_context
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +183,8 @@ def _native_limits(q, k, v, policy, scale, eps) -> List[str]:
 
 
 BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits)
+OPS = DispatcherOps(BACKENDS, FORWARD_SCHEMA, BACKWARD_SCHEMA, fake_forward=_fake_forward,
+                    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward)
 
 
 def select_backend(q, k, v, policy, scale, eps) -> Backend:

@@ -2,19 +2,20 @@
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,
-  2. the torch.library ops (schema, real implementation, fake implementation),
+  2. the dispatcher ops' schemas and fake implementations (ops/_library.py defines the ops),
   3. the autograd glue,
   4. the backend declarations used for dispatch, errors and `python -m fastvit_kernels.info`.
 
 The math and the backend contract are in `fastvit_kernels/reference/qna_attention.py`.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from fastvit_kernels.backends import Backend, standard_backends
+from fastvit_kernels.ops._library import DispatcherOps
 from fastvit_kernels.reference import qna_attention as reference
 
 OP_NAME = "qna_attention"
@@ -67,7 +68,8 @@ def qna_attention(
         rpe = torch.zeros(kk, Q, H, dtype=torch.float32, device=cost.device)
     if attn_scale is None:
         attn_scale = torch.ones(kk, Q, H, dtype=torch.float32, device=cost.device)
-    out, _ = qna_attention_forward(cost, v, rpe, attn_scale, int(kernel_size), int(stride))
+    backend = select_backend(cost, v, rpe, attn_scale, kernel_size, stride)
+    out, _ = OPS.forward(backend.name, cost, v, rpe, attn_scale, int(kernel_size), int(stride))
     return out
 
 
@@ -118,21 +120,21 @@ def _check_inputs(cost, v, rpe, attn_scale, kernel_size, stride) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. torch.library ops
+# 2. Dispatcher ops
 # ---------------------------------------------------------------------------------------------
 
+# -> (out [B, Ho, Wo, h, d], lse [B, Ho, Wo, Q, h] float32)
+FORWARD_SCHEMA = (
+    "(Tensor cost, Tensor v, Tensor rpe, Tensor attn_scale, int kernel_size, int stride) -> (Tensor, Tensor)"
+)
+# -> (dcost, dv, drpe, dattn_scale)
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor cost, Tensor v, Tensor rpe, Tensor attn_scale, Tensor lse, int kernel_size, "
+    "int stride) -> (Tensor, Tensor, Tensor, Tensor)"
+)
 
-@torch.library.custom_op("fastvit_kernels::qna_attention_forward", mutates_args=())
-def qna_attention_forward(
-    cost: Tensor, v: Tensor, rpe: Tensor, attn_scale: Tensor, kernel_size: int, stride: int
-) -> Tuple[Tensor, Tensor]:
-    """Returns (out [B, Ho, Wo, h, d], lse [B, Ho, Wo, Q, h] float32)."""
-    backend = select_backend(cost, v, rpe, attn_scale, kernel_size, stride)
-    return backend.load().forward(cost, v, rpe, attn_scale, kernel_size, stride)
 
-
-@qna_attention_forward.register_fake
-def _(cost, v, rpe, attn_scale, kernel_size, stride):
+def _fake_forward(cost, v, rpe, attn_scale, kernel_size, stride):
     B, Hi, Wi, Q, H = cost.shape
     Ho, Wo = reference.output_size(Hi, kernel_size, stride), reference.output_size(Wi, kernel_size, stride)
     out = v.new_empty(B, Ho, Wo, H, v.shape[4])
@@ -140,24 +142,7 @@ def _(cost, v, rpe, attn_scale, kernel_size, stride):
     return out, lse
 
 
-@torch.library.custom_op("fastvit_kernels::qna_attention_backward", mutates_args=())
-def qna_attention_backward(
-    grad_out: Tensor,
-    cost: Tensor,
-    v: Tensor,
-    rpe: Tensor,
-    attn_scale: Tensor,
-    lse: Tensor,
-    kernel_size: int,
-    stride: int,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dcost, dv, drpe, dattn_scale)."""
-    backend = select_backend(cost, v, rpe, attn_scale, kernel_size, stride)
-    return backend.load().backward(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride)
-
-
-@qna_attention_backward.register_fake
-def _(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride):
+def _fake_backward(grad_out, cost, v, rpe, attn_scale, lse, kernel_size, stride):
     return (
         torch.empty_like(cost, memory_format=torch.contiguous_format),
         torch.empty_like(v, memory_format=torch.contiguous_format),
@@ -185,8 +170,8 @@ def _backward(ctx, grad_out, _grad_lse):
     if grad_out is None:
         B, Ho, Wo, Q, H = lse.shape
         grad_out = v.new_zeros(B, Ho, Wo, H, v.shape[4])
-    dcost, dv, drpe, dattn_scale = qna_attention_backward(
-        grad_out, cost, v, rpe, attn_scale, lse, ctx.kernel_size, ctx.stride
+    dcost, dv, drpe, dattn_scale = OPS.backward(
+        ctx.backend, grad_out, cost, v, rpe, attn_scale, lse, ctx.kernel_size, ctx.stride
     )
     needs = ctx.needs_input_grad
     return (
@@ -197,11 +182,6 @@ def _backward(ctx, grad_out, _grad_lse):
         None,
         None,
     )
-
-
-torch.library.register_autograd(
-    "fastvit_kernels::qna_attention_forward", _backward, setup_context=_setup_context
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +201,8 @@ def _native_limits(cost, v, rpe, attn_scale, kernel_size, stride) -> List[str]:
 
 
 BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits)
+OPS = DispatcherOps(BACKENDS, FORWARD_SCHEMA, BACKWARD_SCHEMA, fake_forward=_fake_forward,
+                    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward)
 
 
 def select_backend(cost, v, rpe, attn_scale, kernel_size, stride) -> Backend:

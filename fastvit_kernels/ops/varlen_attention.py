@@ -2,7 +2,7 @@
 
 Order of this file (the same in every op file):
   1. the public function and its input checks,
-  2. the torch.library ops (schema, real implementation, fake implementation),
+  2. the dispatcher ops' schemas and fake implementations (ops/_library.py defines the ops),
   3. the autograd glue,
   4. the backend declarations used for dispatch, errors and `python -m fastvit_kernels.info`.
 
@@ -10,12 +10,13 @@ The math and the backend contract are in `fastvit_kernels/reference/varlen_atten
 """
 
 import math
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from fastvit_kernels.backends import Backend, standard_backends
+from fastvit_kernels.ops._library import DispatcherOps
 from fastvit_kernels.reference import varlen_attention as reference
 
 OP_NAME = "varlen_attention"
@@ -61,7 +62,9 @@ def varlen_attention(
     """
     _check_inputs(q, k, v, cu_seqlens, max_seqlen, scale)
     scale = float(q.shape[2] ** -0.5) if scale is None else float(scale)
-    out, _ = varlen_attention_forward(q, k, v, cu_seqlens.to(torch.int64).contiguous(), int(max_seqlen), scale)
+    cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+    backend = select_backend(q, k, v, cu_seqlens, max_seqlen, scale)
+    out, _ = OPS.forward(backend.name, q, k, v, cu_seqlens, int(max_seqlen), scale)
     return out
 
 
@@ -119,46 +122,33 @@ def check_cu_seqlens(cu_seqlens: Tensor, total_tokens: int, max_seqlen: int) -> 
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. torch.library ops
+# 2. Dispatcher ops
 # ---------------------------------------------------------------------------------------------
 
+# -> (out [T, H, D] contiguous, lse [T, H] float32)
+FORWARD_SCHEMA = (
+    "(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, float scale) -> (Tensor, Tensor)"
+)
+# -> (dq, dk, dv), [T, H, D] contiguous
+BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor cu_seqlens, int max_seqlen, "
+    "float scale) -> (Tensor, Tensor, Tensor)"
+)
 
-@torch.library.custom_op("fastvit_kernels::varlen_attention_forward", mutates_args=())
-def varlen_attention_forward(
-    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, scale: float
-) -> Tuple[Tensor, Tensor]:
-    """Returns (out [T, H, D] contiguous, lse [T, H] float32)."""
-    check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
-    backend = select_backend(q, k, v, cu_seqlens, max_seqlen, scale)
-    return backend.load().forward(q, k, v, cu_seqlens, max_seqlen, scale)
 
-
-@varlen_attention_forward.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
+def _fake_forward(q, k, v, cu_seqlens, max_seqlen, scale):
     stat = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=stat)
 
 
-@torch.library.custom_op("fastvit_kernels::varlen_attention_backward", mutates_args=())
-def varlen_attention_backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    cu_seqlens: Tensor,
-    max_seqlen: int,
-    scale: float,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (dq, dk, dv), [T, H, D] contiguous."""
-    backend = select_backend(q, k, v, cu_seqlens, max_seqlen, scale)
-    return backend.load().backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
-
-
-@varlen_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
+def _fake_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _value_checks(q, k, v, cu_seqlens, max_seqlen, scale):
+    """What the Python backends check of the values before running (the C++ kernels check the
+    same, with the same messages)."""
+    check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,14 +168,9 @@ def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    dq, dk, dv = varlen_attention_backward(grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+    dq, dk, dv = OPS.backward(ctx.backend, grad_out, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
     needs = ctx.needs_input_grad
     return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None)
-
-
-torch.library.register_autograd(
-    "fastvit_kernels::varlen_attention_forward", _backward, setup_context=_setup_context
-)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +188,9 @@ def _native_limits(q, k, v, cu_seqlens, max_seqlen, scale) -> List[str]:
 
 
 BACKENDS = standard_backends(OP_NAME, reference, DTYPES, _native_limits)
+OPS = DispatcherOps(BACKENDS, FORWARD_SCHEMA, BACKWARD_SCHEMA, fake_forward=_fake_forward,
+                    fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+                    value_checks=_value_checks)
 
 
 def select_backend(q, k, v, cu_seqlens, max_seqlen, scale) -> Backend:

@@ -61,14 +61,8 @@ def per_channel(p: Tensor, channels: int, interleaved: bool) -> Tensor:
     return p[channel_group(channels, p.shape[0], interleaved, p.device)]
 
 
-def ggem_pool(
-    x: Tensor,
-    p: Tensor,
-    groups: int,
-    eps: float = 1e-6,
-    layout: str = "contiguous",
-    num_prefix_tokens: int = 0,
-) -> Tensor:
+def ggem_pool(x: Tensor, p: Tensor, groups: int, eps: float = 1e-6, layout: str = "contiguous",
+              num_prefix_tokens: int = 0) -> Tensor:
     """The formula exactly as written (clamp, power, mean, root): the oracle, run in float64.
 
     In float32 it overflows for large p (e.g. x = 1e4, p = 10): use `ggem_pool_stable` there.
@@ -78,14 +72,8 @@ def ggem_pool(
     return tokens.clamp(min=eps).pow(pc).mean(dim=1).pow(1.0 / pc)
 
 
-def ggem_pool_stable(
-    x: Tensor,
-    p: Tensor,
-    groups: int,
-    eps: float = 1e-6,
-    layout: str = "contiguous",
-    num_prefix_tokens: int = 0,
-) -> Tensor:
+def ggem_pool_stable(x: Tensor, p: Tensor, groups: int, eps: float = 1e-6, layout: str = "contiguous",
+                     num_prefix_tokens: int = 0) -> Tensor:
     """The same function in the log domain (finite wherever the result is): differentiable,
     exportable, in the inputs' dtype."""
     pc = per_channel(p, x.shape[2], layout == "interleaved").to(x.dtype)

@@ -569,11 +569,11 @@ def compile_variants() -> Iterator[CompileVariant]:
             table = meta(q.shape[1], max(Nk, 3), dtype=table_dtype)
             index = meta(Nq, Nk, dtype=index_dtype)
         out, o_pre, lse = forward(q, k, v, table, index, 0.25, activation, save_pre)
-        if activation is None or save_pre:
-            backward(out, q, k, v, table, index, out if activation is None else o_pre, lse, 0.25,
+        if activation == "none" or save_pre:
+            backward(out, q, k, v, table, index, out if activation == "none" else o_pre, lse, 0.25,
                      activation)
 
-    activations = [(None, False), ("hardswish", False), ("hardswish", True)]
+    activations = [("none", False), ("hardswish", False), ("hardswish", True)]
     widths = head_widths(_MAX_HEAD_DIM)
     with recorded_launches() as variants:
         for dtype in FLOAT_DTYPES:

@@ -1,0 +1,322 @@
+// bf16 products with fp32 accumulation for the attention kernels on the AMX tiles (tdpbf16ps),
+// behind gemm_bf16(), which takes the same operands as attention_gemm.h's gemm() (A as fp32 through
+// two strides, B as fp32 rows) plus an optional B already in the bf16 layout (a "twin", converted
+// once per pack). Only isa/amx.cpp compiles it (FVK_BF16_PRODUCTS, inside its ISA namespace and
+// target region, after simd.h's AVX-512 flavour); attention_gemm.h's product() is how the kernels
+// reach it, and it keeps small products on gemm() (tiles_pay()).
+//
+// Layouts (bf16 values held as uint16_t, fp32 rounded to nearest even by vcvtne2ps2bf16):
+//   A (M x K): bf16 rows of Kp = round_up(K, 32) (zero from K on), Mp = round_up(M, 16) rows (rows
+//       from M on zero). A[m][2r], A[m][2r + 1] form one 32-bit word.
+//   B (K x N, N whole vectors): the "VNNI" layout that tdpbf16ps and vdpbf16ps both read: Kp / 2
+//       rows of ld 32-bit words, word (r, n) = B[2r][n] | B[2r + 1][n] << 16, zero from K on.
+// Every tile is 16 rows x 64 bytes: an A tile is 16 rows x 32 bf16 of K, a B tile 16 word rows
+// (32 of K) x 16 columns, a C tile 16 x 16 fp32. Padding K to 32 costs the tile unit nothing
+// (tdpbf16ps takes as long for 16 of K as for 32) and keeps one tile configuration for all.
+//
+// Why no vdpbf16ps path: on Sapphire Rapids it retires half as many products per cycle as the fp32
+// FMAs (measured: 35-40 vs 64-80 multiply-adds per ns on one core), so products too small for
+// the tiles are cheapest on gemm() itself, which is also what runs on CPUs without AMX.
+//
+// Tile state is per thread: MatrixUnitScope loads the configuration in each worker at the start of
+// a kernel call and releases it at the end (isa/amx.cpp's entry points), and the OS must have
+// granted the process the tile data first (isa/isa.cpp asks, once, before the amx level is used).
+#pragma once
+
+static_assert(kW == 16, "the bf16 products use the AVX-512 flavour of simd.h");
+
+constexpr int64_t kTileRows = 16;  // rows of an A / C tile, word rows of a B tile
+constexpr int64_t kTileK = 32;     // bf16 of K in one A tile row (64 bytes)
+
+inline int64_t k_padded(int64_t K) { return round_up(K, kTileK); }
+
+// 32-bit words of a K-row B operand with leading dimension ld in the VNNI layout.
+inline int64_t vnni_words(int64_t K, int64_t ld) { return k_padded(K) / 2 * ld; }
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread state: the tile configuration, and conversion buffers
+// ---------------------------------------------------------------------------------------------
+
+struct alignas(64) TileConfig {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+// Palette 1, tiles 0-7 all 16 x 64 bytes: C = 0-3, A = 4-5, B = 6-7 (see tile_block).
+constexpr TileConfig kTileConfig = {1, 0, {}, {64, 64, 64, 64, 64, 64, 64, 64},
+                                    {16, 16, 16, 16, 16, 16, 16, 16}};
+
+// The tile configuration of this thread for one kernel call.
+class MatrixUnitScope {
+ public:
+  MatrixUnitScope() { _tile_loadconfig(&kTileConfig); }
+  ~MatrixUnitScope() { _tile_release(); }
+  MatrixUnitScope(const MatrixUnitScope&) = delete;
+  MatrixUnitScope& operator=(const MatrixUnitScope&) = delete;
+};
+
+// A 64-byte aligned buffer that only grows (kept per thread between calls: the operands of one
+// product, a few tens of KiB at attention sizes).
+class GrowBuffer {
+ public:
+  ~GrowBuffer() { std::free(data_); }
+  template <class U>
+  U* get(int64_t count) {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(U);
+    if (bytes > size_) {
+      std::free(data_);
+      size_ = 0;
+      const size_t n = (bytes + 4095) / 4096 * 4096;
+      data_ = std::aligned_alloc(64, n);
+      if (data_ == nullptr) throw std::bad_alloc();
+      size_ = n;
+    }
+    return static_cast<U*>(data_);
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+struct Bf16Buffers {
+  GrowBuffer a, b, t;
+};
+thread_local Bf16Buffers t_bf16_buffers;
+
+// ---------------------------------------------------------------------------------------------
+// fp32 -> bf16 operand packing
+// ---------------------------------------------------------------------------------------------
+
+inline __mmask16 tail_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff)
+                 : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+// Lane order that turns [lo_0 .. lo_15, hi_0 .. hi_15] into [lo_0, hi_0, lo_1, hi_1, ...].
+inline __m512i pair_order() {
+  alignas(64) static constexpr uint16_t kIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,
+                                                    21, 6, 22, 7, 23, 8, 24, 9, 25, 10, 26,
+                                                    11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_load_si512(kIdx);
+}
+
+// 16 words bf16(lo[n]) | bf16(hi[n]) << 16.
+inline __m512i bf16_pairs(__m512 lo, __m512 hi, __m512i order) {
+  return _mm512_permutexvar_epi16(order, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+// dst = rows [0, K) of X (row stride ldx, `cols` valid floats per row, read as N = whole vectors
+// with the rest zero) in the VNNI layout with leading dimension ld >= N.
+inline void pack_vnni(const float* X, int64_t ldx, int64_t K, int64_t cols, int64_t N, int64_t ld,
+                      uint32_t* dst) {
+  const __m512i order = pair_order();
+  const int64_t K2 = k_padded(K) / 2;
+  for (int64_t r = 0; r < K2; ++r) {
+    const int64_t k = 2 * r;
+    uint32_t* d = dst + r * ld;
+    if (k >= K) {
+      std::memset(d, 0, static_cast<size_t>(N) * sizeof(uint32_t));
+      continue;
+    }
+    const float* x0 = X + k * ldx;
+    const float* x1 = x0 + ldx;
+    const bool has1 = k + 1 < K;
+    for (int64_t n = 0; n < N; n += 16) {
+      const __mmask16 m = tail_mask(cols - n);
+      const __m512 lo = _mm512_maskz_loadu_ps(m, x0 + n);
+      const __m512 hi = has1 ? _mm512_maskz_loadu_ps(m, x1 + n) : _mm512_setzero_ps();
+      _mm512_storeu_si512(d + n, bf16_pairs(lo, hi, order));
+    }
+  }
+}
+
+// dst (A layout, Kp = k_padded(K) bf16 per row, round_up(M, 16) rows) = A[m][k] = X[m * ldx + k].
+inline void pack_a_rows(const float* X, int64_t ldx, int64_t M, int64_t K, uint16_t* dst) {
+  const int64_t Kp = k_padded(K), Mp = round_up(M, kTileRows);
+  for (int64_t m = 0; m < Mp; ++m) {
+    uint16_t* d = dst + m * Kp;
+    if (m >= M) {
+      std::memset(d, 0, static_cast<size_t>(Kp) * sizeof(uint16_t));
+      continue;
+    }
+    const float* x = X + m * ldx;
+    for (int64_t k = 0; k < Kp; k += 32) {
+      const __m512 lo = _mm512_maskz_loadu_ps(tail_mask(K - k), x + k);
+      const __m512 hi = _mm512_maskz_loadu_ps(tail_mask(K - k - 16), x + k + 16);
+      _mm512_storeu_si512(d + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+  }
+}
+
+// The same for A = X^T, A[m][k] = X[k * ldx + m]: the VNNI layout of X (pairs of its rows are
+// pairs along A's k) into tmp, then 16 x 16 word transposes.
+inline void pack_a_transposed(const float* X, int64_t ldx, int64_t M, int64_t K, uint32_t* tmp,
+                              uint16_t* dst) {
+  const int64_t K2 = k_padded(K) / 2, Mp = round_up(M, kTileRows);
+  pack_vnni(X, ldx, K, M, Mp, Mp, tmp);
+  uint32_t* d = reinterpret_cast<uint32_t*>(dst);  // K2 words per row
+  for (int64_t r = 0; r < K2; r += 16)
+    for (int64_t m = 0; m < Mp; m += 16)
+      transpose_block(reinterpret_cast<const float*>(tmp + r * Mp + m), Mp,
+                      reinterpret_cast<float*>(d + m * K2 + r), K2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels
+// ---------------------------------------------------------------------------------------------
+
+// GCC's tile intrinsics paste the tile number into the asm text, so it must be a literal: these
+// map a compile-time number onto the literal forms. C tiles are 0-3, A tiles 4-5, B tiles 5-7.
+template <int t>
+inline void tile_zero() {
+  if constexpr (t == 0) _tile_zero(0);
+  else if constexpr (t == 1) _tile_zero(1);
+  else if constexpr (t == 2) _tile_zero(2);
+  else _tile_zero(3);
+}
+template <int t>
+inline void tile_store(float* p, long stride) {
+  if constexpr (t == 0) _tile_stored(0, p, stride);
+  else if constexpr (t == 1) _tile_stored(1, p, stride);
+  else if constexpr (t == 2) _tile_stored(2, p, stride);
+  else _tile_stored(3, p, stride);
+}
+template <int t>
+inline void tile_load(const void* p, long stride) {
+  if constexpr (t == 4) _tile_loadd(4, p, stride);
+  else if constexpr (t == 5) _tile_loadd(5, p, stride);
+  else if constexpr (t == 6) _tile_loadd(6, p, stride);
+  else _tile_loadd(7, p, stride);
+}
+#define FVK_TILE_DP(C)                                                    \
+  if constexpr (a == 4 && b == 5) _tile_dpbf16ps(C, 4, 5);                \
+  else if constexpr (a == 4 && b == 6) _tile_dpbf16ps(C, 4, 6);           \
+  else if constexpr (a == 4 && b == 7) _tile_dpbf16ps(C, 4, 7);           \
+  else if constexpr (a == 5 && b == 6) _tile_dpbf16ps(C, 5, 6);           \
+  else _tile_dpbf16ps(C, 5, 7);
+template <int c, int a, int b>
+inline void tile_dp() {  // C[c] += A[a] * B[b]
+  if constexpr (c == 0) { FVK_TILE_DP(0) }
+  else if constexpr (c == 1) { FVK_TILE_DP(1) }
+  else if constexpr (c == 2) { FVK_TILE_DP(2) }
+  else { FVK_TILE_DP(3) }
+}
+#undef FVK_TILE_DP
+
+// f(integral_constant<int, 0>), ..., f(integral_constant<int, N - 1>).
+template <int N, class F>
+inline void static_for(F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (f(std::integral_constant<int, I>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+// c (MT x NT tiles of 16 x 16 fp32, NT * 16 floats per row) = rows [0, 16 MT) of A (lda bf16 per
+// row) times columns [0, 16 NT) of B (VNNI, ldb words per row), over kchunks chunks of 32 of K.
+// Tiles are not renamed, so a block is a chain load -> tdpbf16ps -> store: its MT * NT <= 4
+// accumulators are what keeps the tile unit busy (1 x 4 for a single row tile, else 2 x 2).
+template <int MT, int NT>
+inline void tile_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                       int64_t kchunks, float* c) {
+  static_assert(MT >= 1 && MT <= 2 && NT >= 1 && MT * NT <= 4, "4 accumulator tiles");
+  constexpr int kB0 = 4 + MT;  // B tiles kB0 .. 7, reused round-robin
+  const long sa = static_cast<long>(lda * 2), sb = static_cast<long>(ldb * 4);
+  static_for<MT * NT>([&](auto t) { tile_zero<t>(); });
+  for (int64_t kc = 0; kc < kchunks; ++kc) {
+    const uint16_t* ak = a + kc * kTileK;
+    const uint32_t* bk = b + kc * kTileRows * ldb;
+    static_for<MT>([&](auto m) { tile_load<4 + m>(ak + m * kTileRows * lda, sa); });
+    static_for<NT>([&](auto n) {
+      constexpr int bt = kB0 + n % (8 - kB0);
+      tile_load<bt>(bk + n * 16, sb);
+      static_for<MT>([&](auto m) { tile_dp<m * NT + n, 4 + m, bt>(); });
+    });
+  }
+  static_for<MT * NT>([&](auto t) {
+    tile_store<t>(c + (t / NT) * 16 * NT * 16 + (t % NT) * 16, NT * 16 * 4);
+  });
+}
+
+// Hands a finished MT x NT tile block (rows from i0, vector columns from jv0) to the epilogue,
+// with C0 added; rows from M on are padding.
+template <int MT, int NT, class Epi>
+inline void tile_block_epilogue(const float* c, int64_t i0, int64_t jv0, int64_t M,
+                                const float* C0, int64_t ldc0, Epi& epi) {
+  const int64_t rows = std::min<int64_t>(MT * kTileRows, M - i0);
+  for (int64_t r = 0; r < rows; ++r) {
+#pragma GCC unroll 4
+    for (int t = 0; t < NT; ++t) {
+      vf x = vload(c + r * NT * 16 + t * 16);
+      if (C0 != nullptr) x = vadd(x, vload(C0 + (i0 + r) * ldc0 + (jv0 + t) * kW));
+      epi(i0 + r, jv0 + t, x);
+    }
+  }
+}
+
+template <int MT, int NT, class Epi>
+inline void tile_block_run(const uint16_t* a16, int64_t Kp, const uint32_t* b, int64_t ldb,
+                           int64_t i0, int64_t jv0, int64_t M, const float* C0, int64_t ldc0,
+                           Epi& epi) {
+  alignas(64) float c[MT * NT * 256];
+  tile_block<MT, NT>(a16 + i0 * Kp, Kp, b + jv0 * kW, ldb, Kp / kTileK, c);
+  tile_block_epilogue<MT, NT>(c, i0, jv0, M, C0, ldc0, epi);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The product
+// ---------------------------------------------------------------------------------------------
+
+// Whether the tiles pay for a product of NVt vectors of columns and depth K. A tile block's chain
+// (load -> tdpbf16ps -> store, then the epilogue's loads, which cannot forward from a tile store)
+// costs a few hundred cycles that the FMA kernel does not pay, so a 16 x 16 x 16 score product runs
+// faster on gemm(). Decided from the product's shape only, never from M (which follows the task
+// split), so every row's result is the same for any thread count.
+constexpr int64_t kTileMinWork = 128;  // NVt * K
+inline bool tiles_pay(int64_t NVt, int64_t K) { return NVt * K >= kTileMinWork; }
+
+// C (M rows x NVt vectors) = A (M x K, strides ars / acs, one of them 1) * B (K rows of ldb
+// floats) (+ C0), in bf16 with fp32 accumulation; B16: B's VNNI twin (leading dimension ldb, at
+// least K rows) or null to convert B here. The epilogue gets each finished row vector, like gemm().
+template <class Epi>
+inline void gemm_bf16(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t ars, int64_t acs,
+                      const float* B, int64_t ldb, const uint32_t* B16, const float* C0,
+                      int64_t ldc0, Epi& epi) {
+  if (M <= 0 || NVt <= 0) return;
+  const int64_t N = NVt * kW, Kp = k_padded(K), Mp = round_up(M, kTileRows);
+  Bf16Buffers& buf = t_bf16_buffers;
+  uint16_t* a16 = buf.a.get<uint16_t>(Mp * Kp);
+  if (acs == 1)
+    pack_a_rows(A, ars, M, K, a16);
+  else  // ars == 1 (A read transposed)
+    pack_a_transposed(A, acs, M, K, buf.t.get<uint32_t>(Kp / 2 * Mp), a16);
+  int64_t ldv = ldb;
+  if (B16 == nullptr) {
+    uint32_t* b16 = buf.b.get<uint32_t>(Kp / 2 * N);
+    pack_vnni(B, ldb, K, N, N, N, b16);
+    B16 = b16;
+    ldv = N;
+  }
+
+  // The tile loads are asm without a memory operand: make the packing stores land first.
+  __asm__ __volatile__("" ::: "memory");
+  for (int64_t i = 0; i < M; i += 2 * kTileRows) {
+    if (i + kTileRows < M) {  // two row tiles: 2 x 2 blocks
+      for (int64_t jv = 0; jv < NVt; jv += 2) {
+        if (jv + 1 < NVt)
+          tile_block_run<2, 2>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi);
+        else
+          tile_block_run<2, 1>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi);
+      }
+    } else {  // one row tile: 1 x 4 blocks
+      for (int64_t jv = 0; jv < NVt; jv += 4) {
+        switch (std::min<int64_t>(4, NVt - jv)) {
+          case 4: tile_block_run<1, 4>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi); break;
+          case 3: tile_block_run<1, 3>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi); break;
+          case 2: tile_block_run<1, 2>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi); break;
+          default: tile_block_run<1, 1>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi); break;
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,123 @@
+"""The inference path (fastvit_kernels.optimize_for_inference, docs/serving.md): patched, folded
+LeViT in float32 and bfloat16, eager, under torch.compile (fullgraph, cpp_wrapper, freezing) and as
+an AOTInductor package, matches eager timm; the packaged model runs the fused ops without calling
+back into Python; bad input keeps its error on the compiled path."""
+
+import copy
+import os
+import sys
+
+import pytest
+import torch
+
+from fastvit_kernels import _native
+
+timm = pytest.importorskip("timm")
+from fastvit_kernels import optimize_for_inference  # noqa: E402
+from fastvit_kernels.bench.levit import build_levit  # noqa: E402
+
+needs_native = pytest.mark.skipif(not _native.available(), reason="the C++ kernels are not built")
+MODELS = ["levit_128s", "levit_conv_128s"]
+# Max relative error of the optimized model against eager float32 timm: float32 differs by the
+# folding's rounding; bfloat16 by running every layer in bf16 (timm itself in bf16 reaches ~7e-3
+# on these inputs).
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+
+
+def rel_err(got, want):
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def levit_pairs():
+    """name -> (timm model with randomised biases and BatchNorm statistics, input, its eager output)."""
+    out = {}
+    for name in MODELS:
+        model = build_levit(name, torch.device("cpu"), seed=1)
+        x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            out[name] = (model, x, model(x))
+    return out
+
+
+def test_bad_arguments_name_them():
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        optimize_for_inference("levit_128s")
+    with pytest.raises(ValueError, match="dtype must be .* got torch.int8"):
+        optimize_for_inference(torch.nn.Linear(2, 2), torch.int8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", MODELS)
+def test_eager_matches_timm(levit_pairs, name, dtype):
+    model, x, want = levit_pairs[name]
+    optimized = optimize_for_inference(copy.deepcopy(model), dtype)
+    report = optimized.fastvit_kernels_report
+    assert report.num_replaced > 0 and report.folded_batchnorms > 0
+    with torch.inference_mode():
+        assert rel_err(optimized(x.to(dtype)), want) < TOL[dtype]
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_fullgraph_cpp_wrapper_freezing_matches_timm(levit_pairs, dtype):
+    """The recipe's compile=True (freezing), with fullgraph=True and Inductor's C++ wrapper."""
+    model, x, want = levit_pairs["levit_128s"]
+    optimized = optimize_for_inference(copy.deepcopy(model), dtype)
+    torch._dynamo.reset()
+    compiled = torch.compile(optimized, fullgraph=True, options={"freezing": True, "cpp_wrapper": True})
+    with torch.inference_mode():
+        assert rel_err(compiled(x.to(dtype)), want) < TOL[dtype]
+
+
+def python_functions_called(fn, package: str = "fastvit_kernels"):
+    """Names of the Python functions of `package` that run during fn()."""
+    called = set()
+
+    def profile(frame, event, arg):
+        if event == "call" and package in frame.f_code.co_filename:
+            called.add(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return called
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", MODELS)
+def test_aoti_package_matches_timm_without_python(levit_pairs, name, dtype, tmp_path):
+    """torch.export keeps the fused op; the AOTInductor package loads, matches eager timm, and
+    runs without calling any fastvit_kernels Python (the ops are dispatched from C++)."""
+    model, x, want = levit_pairs[name]
+    optimized = optimize_for_inference(copy.deepcopy(model), dtype)
+    xd = x.to(dtype)
+    with torch.no_grad():
+        program = torch.export.export(optimized, (xd,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "fastvit_kernels.bias_attention_forward.default" in targets
+    path = torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(tmp_path / "levit.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    with torch.inference_mode():
+        got = runner(xd)
+        assert rel_err(got, want) < TOL[dtype]
+        assert python_functions_called(lambda: runner(xd)) == set()
+        assert torch.equal(runner(xd), got)
+
+
+@needs_native
+def test_compiled_op_keeps_its_index_error():
+    """A bias index out of range raises the eager error text from inside a compiled graph."""
+    from fastvit_kernels.ops import bias_attention
+
+    q, k, v = (torch.randn(1, 2, 7, 16) for _ in range(3))
+    table = torch.randn(2, 5)
+    index = torch.randint(0, 5, (7, 7))
+    index[3, 4] = 9
+    compiled = torch.compile(lambda q, k, v, t, i: bias_attention(q, k, v, t, i), fullgraph=True)
+    for fn in (bias_attention, compiled):
+        with pytest.raises(IndexError, match=r"bias_index values must be in \[0, T=5\).*got values from 0 to 9"):
+            fn(q, k, v, table, index)
