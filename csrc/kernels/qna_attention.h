@@ -1056,6 +1056,27 @@ inline void pack_output_planes(const void* x, const int64_t* st, int64_t b, int6
   }
 }
 
+// Part `part` of `parts` of the input pixels that output rows [oy0, oy0 + R) of image b read
+// (their cost and v blocks, when each is one dense run): prefetched while the task before runs,
+// since packing from cold memory (a pixel's channels, then a jump of stride pixels) leaves the
+// hardware prefetchers behind. T's element size: esize.
+inline void prefetch_task_part(const QnaAttentionInputs& a, int64_t esize, int64_t b, int64_t oy0,
+                               int64_t R, int64_t part, int64_t parts) {
+  int64_t y_begin, y_end;
+  input_rows_read(a, oy0, oy0 + R, &y_begin, &y_end);
+  const int64_t n = (y_end - y_begin) * a.Wi, first = n * part / parts, last = n * (part + 1) / parts;
+  const auto run = [&](const void* x, const int64_t* st, int64_t outer, int64_t inner, int64_t p) {
+    if (st[4] != 1 || st[3] != inner) return;
+    const char* base = static_cast<const char*>(x) +
+                       (b * st[0] + (y_begin + p / a.Wi) * st[1] + p % a.Wi * st[2]) * esize;
+    for (int64_t i = 0; i < outer * inner * esize; i += 64) prefetch(base + i);
+  };
+  for (int64_t p = first; p < last; ++p) {
+    run(a.cost, a.cost_stride, a.Q, a.H, p);
+    run(a.v, a.v_stride, a.H, a.D, p);
+  }
+}
+
 // What forward and backward tasks share: the input planes of the task and where things are.
 struct TaskPlanes {
   float* raw;       // [QHp][chs] cost, gaps -inf; packed only when a window needs it
@@ -1295,8 +1316,15 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
     const int64_t R = std::min(a.Ho - oy0, g.R);
     w.in.pack<T>(a, g, b, oy0, R);
     const int64_t positions = round_up(R * g.P, kNJ * kW);
-    for (int64_t h = 0; h < a.H; ++h)
+    const bool next = task + 1 < task_end;
+    const int64_t next_b = (task + 1) / a.tasks.tasks_per_image;
+    const int64_t next_oy0 = (task + 1) % a.tasks.tasks_per_image * g.R;
+    for (int64_t h = 0; h < a.H; ++h) {
+      if (next)
+        prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0, std::min(a.Ho - next_oy0, g.R), h,
+                           a.H);
       for (int64_t j = 0; j < positions; j += kNJ * kW) forward_block(a, g, tab, w, h, j);
+    }
     const int64_t first = (b * a.Ho + oy0) * a.Wo;
     unpack_output_planes<T>(w.out, C, g, R, a.Wo, w.in.staging, a.out, first * C);
     unpack_output_planes<ElemType::kFloat32>(w.lse, QH, g, R, a.Wo, w.in.staging, a.lse,
@@ -1496,7 +1524,8 @@ inline void backward_block(const QnaAttentionInputs& a, const Planes& g, const T
 template <ElemType T>
 inline void backward_rows(const QnaAttentionBwdArgs& a, const Planes& g, const Tables& tab,
                           int64_t b, int64_t oy0, float* partial, float* top_edge,
-                          float* bottom_edge, BwdScratch& w) {
+                          float* bottom_edge, BwdScratch& w, bool next, int64_t next_b,
+                          int64_t next_oy0) {
   const int64_t R = std::min(a.Ho - oy0, g.R), oy_end = oy0 + R;
   const int64_t QH = a.Q * a.H, C = a.H * a.D, QHp = round_up(QH, kW), Cp = round_up(C, kW);
   const int64_t taps = g.taps;
@@ -1507,6 +1536,9 @@ inline void backward_rows(const QnaAttentionBwdArgs& a, const Planes& g, const T
   std::fill(w.dv, w.dv + Cp * g.chs, 0.0f);
   const int64_t positions = round_up(R * g.P, kNJ * kW);
   for (int64_t h = 0; h < a.H; ++h) {
+    if (next)  // (see prefetch_task_part)
+      prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0,
+                         std::min(a.Ho - next_oy0, g.R), h, a.H);
     std::fill(w.drpe, w.drpe + taps * a.Q * kW, 0.0f);
     std::fill(w.dscale, w.dscale + taps * a.Q * kW, 0.0f);
     for (int64_t j = 0; j < positions; j += kNJ * kW) backward_block(a, g, tab, w, h, j);
@@ -1569,7 +1601,9 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
     const int64_t oy0 = task % a.tasks.tasks_per_image * g.R;
     float* edges = a.edge_partial + task * 2 * edge_floats;
     backward_rows<T>(a, g, tab, b, oy0, a.param_grad_partial + task * partial_floats, edges,
-                     edges + edge_floats, w);
+                     edges + edge_floats, w, task + 1 < task_end,
+                     (task + 1) / a.tasks.tasks_per_image,
+                     (task + 1) % a.tasks.tasks_per_image * g.R);
   }
 }
 

@@ -6,7 +6,6 @@
 // fastvit_kernels/reference/qna_attention.py.
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <tuple>
 #include <utility>
 
@@ -114,19 +113,24 @@ RowTasks row_tasks(const QnaAttentionInputs& a, int64_t budget_bytes, int64_t fl
   return {per_task, (a.Ho + per_task - 1) / per_task};
 }
 
-// The pixel-lane kernels (kernels/qna_attention.h, "Pixel lanes") from this window size on.
-constexpr int64_t kMinPixelLaneKernel = 5;
-
-bool use_pixel_lanes(const QnaAttentionInputs& a) {
-  if (const char* force = std::getenv("FVK_QNA_PIXEL_LANES"))  // development A/B only
-    return force[0] == '1';
-  return a.kernel_size >= kMinPixelLaneKernel;
+// The pixel-lane kernels (kernels/qna_attention.h, "Pixel lanes") or the channel-lane ones, from
+// the shapes only. Measured at the QnA-ViT tiny maps (d = 8, one thread): pixel lanes win from
+// k = 5 on at stride 1; at stride 2 a narrow output row fills few lanes of the s*s phase planes,
+// and they win only from k = 7 with Wo >= 28 (forward; k = 9 from Wo = 14) or Wo >= 14 (backward).
+bool use_pixel_lanes(const QnaAttentionInputs& a, bool backward) {
+  if (a.kernel_size < 5) return false;
+  if (a.stride == 1) return true;
+  if (backward) return a.kernel_size >= 7 && a.Wo >= 14;
+  return a.Wo >= (a.kernel_size >= 9 ? 14 : 28) && a.kernel_size >= 7;
 }
 
 // Tasks of the pixel-lane kernels: as row_tasks, but sized by their planes: per output row of a
 // task, stride^2 plane rows of pitch P of every input-side channel, and P positions of every
-// output-side channel; the window adds (max_shift - min_shift) plane rows.
-constexpr int64_t kPixelPlaneBytes = int64_t{768} << 10;
+// output-side channel; the window adds (max_shift - min_shift) plane rows. A task reads its planes
+// head by head (a head's fit in L1), so the budget is most of L2: taller tasks repack fewer halo
+// rows and waste fewer lanes on partial blocks (measured 1.3-1.8x at the 14 x 14 QnA-ViT maps
+// against 768 KiB).
+constexpr int64_t kPixelPlaneBytes = int64_t{1536} << 10;
 
 RowTasks pixel_row_tasks(const QnaAttentionInputs& a, int64_t in_channels, int64_t out_channels,
                          int64_t min_rows) {
@@ -137,8 +141,11 @@ RowTasks pixel_row_tasks(const QnaAttentionInputs& a, int64_t in_channels, int64
   const int64_t rows_fitting = (kPixelPlaneBytes - halo_bytes) / std::max<int64_t>(1, row_bytes);
   const int64_t blocks_wanted = (kMinTasks + a.B - 1) / a.B;
   const int64_t rows_parallel = (a.Ho + blocks_wanted - 1) / blocks_wanted;
-  const int64_t per_task =
+  const int64_t most =
       std::min(a.Ho, std::max({int64_t{1}, min_rows, std::min(rows_parallel, rows_fitting)}));
+  // The same number of tasks, evened out: a last task of a row or two would pack its whole halo
+  // for them.
+  const int64_t per_task = std::max((a.Ho + most - 1) / ((a.Ho + most - 1) / most), min_rows);
   return {per_task, (a.Ho + per_task - 1) / per_task};
 }
 
@@ -192,10 +199,11 @@ std::tuple<at::Tensor, at::Tensor> qna_attention_forward(
       poisoned(at::empty({a.B, a.Ho, a.Wo, a.Q, a.H}, cost.options().dtype(at::kFloat)));
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
-  // Packed per input pixel: cost and exp(cost - M), v (and the output-side planes).
-  a.pixel_lanes = use_pixel_lanes(a);
+  // Packed per input pixel: cost and exp(cost - M), v (pixel lanes: exp(cost - M) and v; the raw
+  // cost planes are packed only for a window on the direct path).
+  a.pixel_lanes = use_pixel_lanes(a, false);
   a.tasks = a.pixel_lanes
-                ? pixel_row_tasks(a, 2 * a.Q * a.H + a.H * a.D, a.Q * a.H + a.H * a.D, 1)
+                ? pixel_row_tasks(a, a.Q * a.H + a.H * a.D, a.Q * a.H + a.H * a.D, 1)
                 : row_tasks(a, kForwardPackedBytes, 2 * a.Q * a.H + a.H * a.D, 1);
   run_tasks(&KernelTable::qna_attention_forward, a, a.B * a.tasks.tasks_per_image);
   return {out, lse};
@@ -235,9 +243,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backwar
   // Packed per input pixel: cost and exp(cost - M), v, and the dcost / dv accumulators. At least
   // ceil(k / stride) rows per task, so that no input row is read by three tasks.
   const int64_t min_rows = (kernel_size + stride - 1) / stride;
-  a.pixel_lanes = use_pixel_lanes(a);
+  a.pixel_lanes = use_pixel_lanes(a, true);
   a.tasks = a.pixel_lanes
-                ? pixel_row_tasks(a, 3 * a.Q * a.H + 2 * a.H * a.D, a.H * a.D, min_rows)
+                ? pixel_row_tasks(a, 2 * a.Q * a.H + 2 * a.H * a.D, a.H * a.D, min_rows)
                 : row_tasks(a, kBackwardPackedBytes, 3 * a.Q * a.H + 2 * a.H * a.D, min_rows);
   const int64_t tasks = a.B * a.tasks.tasks_per_image;
   const int64_t taps = kernel_size * kernel_size;
