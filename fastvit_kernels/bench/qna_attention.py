@@ -1,8 +1,8 @@
 """Microbenchmark of `fastvit_kernels.ops.qna_attention` at the QnA-ViT tiny shapes.
 
 For each QnA layer shape of QnA-ViT tiny at 224x224 (56x56, 28x28 and 14x14 tokens, the three
-strided layers, each with k = 3 and k = 7) and each pass (forward; forward+backward), all
-implementations are timed in the same run:
+strided layers, each with k = 3, k = 5 and k = 7: k = 7 is QnA-ViT tiny_7x7) and each pass
+(forward; forward+backward), all implementations are timed in the same run:
 
   op              fastvit_kernels.ops.qna_attention, default backend
   unfold          the naive formulation: every window unfolded (pad + Tensor.unfold), masked
@@ -44,7 +44,7 @@ from fastvit_kernels.reference import qna_attention as reference
 
 IMPLS = ("op", "unfold", "conv", "compile-unfold", "compile-conv")
 PASSES = ("fwd", "fwd+bwd")
-KERNEL_SIZES = (3, 7)
+KERNEL_SIZES = (3, 5, 7)
 QUICK_SHAPES = ("s0.qna",)
 
 # Each case compiles new graphs; never fall back to eager silently, never use dynamic shapes.
