@@ -110,8 +110,10 @@ struct QnaAttentionBwdArgs : QnaAttentionInputs {
   // [tasks][2][k*k][Q][H]: per task, its drpe then its dattn_scale partial sums; every task
   // writes its whole slice.
   float* param_grad_partial;
-  // [tasks][2 (top, bottom)][edge_rows][Wi][Q*H + H*D]: per shared input pixel, its dcost then
-  // its dv terms from this task (fp32). A slot holds rows from the first row the task shares.
+  // [B][tasks_per_image - 1][2][edge_rows][Wi][Q*H + H*D]: per pair of neighbouring tasks of
+  // an image, the upper task's bottom slot then the lower task's top slot; per shared input
+  // pixel, its dcost then its dv terms from that task (fp32). A slot holds rows from the first
+  // row the two tasks share. (An image's first task has no top slot, its last no bottom slot.)
   float* edge_partial;
   int64_t edge_rows;
   void* dcost;  // [B, Hi, Wi, Q, H] contiguous
@@ -120,6 +122,19 @@ struct QnaAttentionBwdArgs : QnaAttentionInputs {
   // no input row is read by more than two tasks.
   RowTasks tasks;
 };
+
+// The edge slots of a backward task (see QnaAttentionBwdArgs): its top slot, shared with the
+// task above, and its bottom slot, shared with the task below; nullptr where the task has no such
+// neighbour.
+inline void qna_edge_slots(const QnaAttentionBwdArgs& a, int64_t task, float** top,
+                           float** bottom) {
+  const int64_t per_image = a.tasks.tasks_per_image;
+  const int64_t slot = a.edge_rows * a.Wi * (a.Q * a.H + a.H * a.D);
+  const int64_t b = task / per_image, i = task % per_image;
+  const int64_t pair = b * (per_image - 1) + i;  // with the task below; pair - 1: with the above
+  *top = i > 0 ? a.edge_partial + (2 * (pair - 1) + 1) * slot : nullptr;
+  *bottom = i + 1 < per_image ? a.edge_partial + 2 * pair * slot : nullptr;
+}
 
 }  // namespace cpu
 }  // namespace fastvit_kernels
@@ -797,13 +812,13 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
   w.tables.fill(a, L);
   std::vector<int32_t> taps(L.taps), pixels(L.taps);
   const int64_t partial_floats = 2 * L.taps * L.QH;
-  const int64_t edge_floats = a.edge_rows * a.Wi * (L.QH + L.C);
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
     const int64_t oy_begin = task % a.tasks.tasks_per_image * rows;
-    float* edges = a.edge_partial + task * 2 * edge_floats;
+    float *top_edge, *bottom_edge;
+    qna_edge_slots(a, task, &top_edge, &bottom_edge);
     backward_rows<T>(a, L, b, oy_begin, std::min(a.Ho, oy_begin + rows),
-                     a.param_grad_partial + task * partial_floats, edges, edges + edge_floats, w,
+                     a.param_grad_partial + task * partial_floats, top_edge, bottom_edge, w,
                      taps.data(), pixels.data());
   }
 }
@@ -1595,13 +1610,13 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
   std::vector<float> mem(w.carve(nullptr, a, g));
   w.carve(mem.data(), a, g);
   const int64_t partial_floats = 2 * g.taps * a.Q * a.H;
-  const int64_t edge_floats = a.edge_rows * a.Wi * (a.Q * a.H + a.H * a.D);
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
     const int64_t oy0 = task % a.tasks.tasks_per_image * g.R;
-    float* edges = a.edge_partial + task * 2 * edge_floats;
-    backward_rows<T>(a, g, tab, b, oy0, a.param_grad_partial + task * partial_floats, edges,
-                     edges + edge_floats, w, task + 1 < task_end,
+    float *top_edge, *bottom_edge;
+    qna_edge_slots(a, task, &top_edge, &bottom_edge);
+    backward_rows<T>(a, g, tab, b, oy0, a.param_grad_partial + task * partial_floats, top_edge,
+                     bottom_edge, w, task + 1 < task_end,
                      (task + 1) / a.tasks.tasks_per_image,
                      (task + 1) % a.tasks.tasks_per_image * g.R);
   }

@@ -150,7 +150,8 @@ RowTasks pixel_row_tasks(const QnaAttentionInputs& a, int64_t in_channels, int64
 }
 
 // dcost / dv of the input rows two neighbouring tasks share: the upper task's bottom edge slot
-// plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs).
+// plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs; pair j's slots are
+// the j-th two).
 template <typename scalar_t>
 void add_shared_rows(const QnaAttentionBwdArgs& a, const float* edges, scalar_t* dcost,
                      scalar_t* dv) {
@@ -164,8 +165,8 @@ void add_shared_rows(const QnaAttentionBwdArgs& a, const float* edges, scalar_t*
       const int64_t oy = (upper % per_image + 1) * a.tasks.rows_per_task;
       const int64_t y_begin = std::max<int64_t>(0, oy * a.stride - a.pad);
       const int64_t y_end = std::min(a.Hi, (oy - 1) * a.stride - a.pad + a.kernel_size);
-      const float* bottom_slot = edges + (2 * upper + 1) * slot;
-      const float* top_slot = edges + 2 * (upper + 1) * slot;
+      const float* bottom_slot = edges + 2 * j * slot;
+      const float* top_slot = edges + (2 * j + 1) * slot;
       for (int64_t i = 0; i < (y_end - y_begin) * a.Wi; ++i) {
         const int64_t p = (b * a.Hi + y_begin) * a.Wi + i;
         const float* above = bottom_slot + i * pixel;
@@ -253,8 +254,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backwar
   a.param_grad_partial = partial.data_ptr<float>();
   a.edge_rows = std::max<int64_t>(0, kernel_size - stride);
   const bool shared_rows = a.tasks.tasks_per_image > 1 && a.edge_rows > 0;
+  // Per pair of neighbouring tasks of an image (see QnaAttentionBwdArgs).
   at::Tensor edges = poisoned(at::empty(
-      {shared_rows ? tasks : 1, 2, a.edge_rows, a.Wi, a.Q * a.H + a.H * a.D}, f32));
+      {shared_rows ? a.B * (a.tasks.tasks_per_image - 1) : 1, 2, a.edge_rows, a.Wi,
+       a.Q * a.H + a.H * a.D},
+      f32));
   a.edge_partial = edges.data_ptr<float>();
 
   run_tasks(&KernelTable::qna_attention_backward, a, tasks);
