@@ -957,7 +957,7 @@ inline InputPosition input_position(const Planes& g, int64_t phase, int64_t p, i
 
 // Every position of the planes is written, kW positions at a time: their pixels (or gap) into
 // staging ([kW][round_up(F, kW)]), then one transpose per kW channels. fp32 pixels with dense
-// channels in a row go straight from the tensor.
+// channels go straight from the tensor (the gaps from a row of `gap` in staging).
 template <ElemType T>
 inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64_t Hi,
                               int64_t outer, int64_t inner, const Planes& g, int64_t y_first,
@@ -965,6 +965,7 @@ inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64
   const int64_t F = outer * inner, Fp = round_up(F, kW);
   const bool dense = T == ElemType::kFloat32 && st[4] == 1 && st[3] == inner && F % kW == 0;
   const vf gapv = vset1(gap);
+  bool gap_row_ready = false;
   for (int64_t phase = 0; phase < g.s * g.s; ++phase) {
     float* plane = planes + phase * g.Lp;
     for (int64_t p0 = 0; p0 < g.Lp; p0 += kW) {
@@ -982,6 +983,20 @@ inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64
         const float* s0 = static_cast<const float*>(x) + b * st[0] + src[0].y * st[1] + src[0].x * st[2];
         for (int64_t c0 = 0; c0 < Fp; c0 += kW)
           transpose_block(s0 + c0, g.s * st[2], plane + c0 * g.chs + p0, g.chs);
+        continue;
+      }
+      if (dense) {  // the same, the gaps read from a row of `gap`
+        if (!gap_row_ready) {
+          std::fill(staging, staging + Fp, gap);
+          gap_row_ready = true;
+        }
+        const float* rows[kW];
+        for (int64_t i = 0; i < kW; ++i)
+          rows[i] = src[i].y >= 0 ? static_cast<const float*>(x) + b * st[0] + src[i].y * st[1] +
+                                        src[i].x * st[2]
+                                  : staging;
+        for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+          transpose_rows([&](int i) { return rows[i] + c0; }, plane + c0 * g.chs + p0, g.chs);
         continue;
       }
       for (int64_t i = 0; i < kW; ++i) {
