@@ -142,9 +142,10 @@ class Case:
     def views(self, projection: torch.Tensor):
         """(cost, v) as strided views of the projection buffer, as the QnA module makes them."""
         s = self.shape
-        v = projection[..., : s.features].unflatten(-1, (s.heads, s.head_dim))
-        cost = projection[..., s.features:].unflatten(-1, (s.queries, s.heads))
-        return cost, v
+        # split, as the module: its backward writes both gradients into one buffer (two slices
+        # would each allocate and zero a projection-sized gradient, which the memory column counts).
+        v, cost = projection.split([s.features, s.queries * s.heads], dim=-1)
+        return cost.unflatten(-1, (s.queries, s.heads)), v.unflatten(-1, (s.heads, s.head_dim))
 
     def backend(self) -> str:
         cost, v = self.views(self.projection)
