@@ -144,6 +144,25 @@ def test_images_and_windows(backend_isa_device, Hi, Wi, k, stride):
     run_and_compare(backend, isa, *inputs, k, stride)
 
 
+# Large windows (the C++ backend's pixel-lane kernels, k >= 5: docs/qna_attention.md, "Backends"):
+# odd and non-square grids, maps smaller and larger than the window, both strides.
+LARGE_IMAGES = [(6, 11), (9, 9), (13, 8), (21, 17), (5, 30)]
+LARGE_WINDOWS = [(k, s) for k in (5, 7, 9, 11, 13) for s in (1, 2)]
+
+
+@pytest.mark.parametrize("backend_isa_device", BACKENDS)
+@pytest.mark.parametrize("Hi,Wi", LARGE_IMAGES, ids=[f"{h}x{w}" for h, w in LARGE_IMAGES])
+@pytest.mark.parametrize("k,stride", LARGE_WINDOWS, ids=[f"k{k}s{s}" for k, s in LARGE_WINDOWS])
+def test_large_windows(backend_isa_device, Hi, Wi, k, stride):
+    backend, isa, device = backend_isa_device
+    if is_interpreted(backend, device) and (Hi * Wi > 64 or k > 7):
+        pytest.skip("large windows on large maps: too slow for the Triton interpreter")
+    torch.manual_seed(Hi * 1000 + Wi * 100 + k * 10 + stride)
+    B, H = small(backend, device, Hi, Wi)
+    inputs = make_inputs(B, Hi, Wi, 2, H, 8, k, device=device)
+    run_and_compare(backend, isa, *inputs, k, stride)
+
+
 # Queries, heads and head widths: QnA-ViT uses Q=2 with d=8 (tiny) or 16 (base).
 WIDTHS = [(1, 1, 1), (2, 8, 8), (3, 5, 16), (2, 2, 5), (1, 4, 32), (2, 3, 64)]
 
@@ -163,7 +182,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("params", ["same-dtype", "fp32-params"])
-@pytest.mark.parametrize("k,stride", [(3, 1), (7, 2)], ids=["k3s1", "k7s2"])
+@pytest.mark.parametrize("k,stride", [(3, 1), (7, 1), (7, 2)], ids=["k3s1", "k7s1", "k7s2"])
 def test_dtypes(backend_isa_device, dtype, params, k, stride):
     backend, isa, device = backend_isa_device
     torch.manual_seed(7)
@@ -175,11 +194,44 @@ def test_dtypes(backend_isa_device, dtype, params, k, stride):
 
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)
 @pytest.mark.parametrize("layout", ["fused", "transposed", "contiguous"])
-def test_layouts(backend_isa_device, layout):
+@pytest.mark.parametrize("k", [3, 7])
+def test_layouts(backend_isa_device, layout, k):
     backend, isa, device = backend_isa_device
     torch.manual_seed(11)
-    inputs = make_inputs(2, 5, 6, 2, 3, 8, 3, device=device, layout=layout)
-    run_and_compare(backend, isa, *inputs, 3, 2)
+    inputs = make_inputs(2, 5, 6, 2, 3, 8, k, device=device, layout=layout)
+    run_and_compare(backend, isa, *inputs, k, 2)
+
+
+CPU_BACKENDS = [p for p in backend_params(include_reference=False) if p.values[0][0] == "cpu"]
+
+
+@pytest.mark.parametrize("backend_isa_device", CPU_BACKENDS)
+@pytest.mark.parametrize("B,Hi,Wi,k,stride", [(1, 28, 28, 3, 1), (1, 28, 28, 7, 1), (1, 29, 27, 7, 2),
+                                              (3, 14, 15, 9, 1), (2, 30, 9, 13, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_thread_count_does_not_change_results(backend_isa_device, B, Hi, Wi, k, stride, dtype):
+    """The C++ tasks depend on the shapes only and partial sums are added in a fixed order
+    (docs/qna_attention.md, "Numerics"): 1 and 2 threads give bitwise the same forward and
+    backward, also where a batch of 1 splits an image into several tasks."""
+    backend, isa, _ = backend_isa_device
+    torch.manual_seed(B * 100 + k)
+    inputs = make_inputs(B, Hi, Wi, 2, 8, 8, k, dtype=dtype)
+    grad = None
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = [t.detach().clone().requires_grad_() for t in inputs]
+            with running_on(backend, isa):
+                out = qna_attention(*leaves, kernel_size=k, stride=stride)
+                grad = torch.randn_like(out) if grad is None else grad
+                out.backward(grad)
+            results.append([out.detach()] + [x.grad for x in leaves])
+    finally:
+        torch.set_num_threads(threads)
+    for name, one, two in zip(("out", "dcost", "dv", "drpe", "dattn_scale"), *results):
+        assert torch.equal(one, two), f"{name} differs between 1 and 2 threads"
 
 
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)

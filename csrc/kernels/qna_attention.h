@@ -45,6 +45,7 @@
 #ifndef FASTVIT_KERNELS_KERNELS_QNA_ATTENTION_H
 #define FASTVIT_KERNELS_KERNELS_QNA_ATTENTION_H
 
+#include <algorithm>
 #include <cstdint>
 
 #include "kernels/elem_type.h"
@@ -65,7 +66,25 @@ struct QnaAttentionInputs {
   // [k*k, Q, H] fp32, contiguous.
   const float* rpe;
   const float* attn_scale;
+  // Which kernel: output pixels in the vector lanes (true; see "Pixel lanes" below) or a pixel's
+  // channels (false). Chosen by the op from the shapes only.
+  bool pixel_lanes;
 };
+
+// The pixel-lane kernels' plane geometry (see "Pixel lanes"), also needed by the op to size its
+// tasks: the shifts floor(-pad / stride) .. floor(pad / stride) of a window in units of the
+// stride, and the pitch of a plane row (input columns of a phase plus the zero gap the shifts
+// need, at least the output width plus the right shift).
+inline int64_t qna_floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+inline int64_t qna_min_shift(const QnaAttentionInputs& a) { return qna_floor_div(-a.pad, a.stride); }
+inline int64_t qna_max_shift(const QnaAttentionInputs& a) {
+  return qna_floor_div(a.kernel_size - 1 - a.pad, a.stride);
+}
+inline int64_t qna_plane_pitch(const QnaAttentionInputs& a) {
+  const int64_t columns = (a.Wi + a.stride - 1) / a.stride;  // of column phase 0, the widest
+  const int64_t gap_left = -qna_min_shift(a), right = a.Wo + qna_max_shift(a);
+  return std::max<int64_t>(1, std::max(columns + gap_left, right));
+}
 
 // Work split of a pass over image rows: task t covers image b = t / tasks_per_image and rows
 // [(t % tasks_per_image) * rows_per_task, ...) of it. It depends only on the shapes, never on the
@@ -91,8 +110,10 @@ struct QnaAttentionBwdArgs : QnaAttentionInputs {
   // [tasks][2][k*k][Q][H]: per task, its drpe then its dattn_scale partial sums; every task
   // writes its whole slice.
   float* param_grad_partial;
-  // [tasks][2 (top, bottom)][edge_rows][Wi][Q*H + H*D]: per shared input pixel, its dcost then
-  // its dv terms from this task (fp32). A slot holds rows from the first row the task shares.
+  // [B][tasks_per_image - 1][2][edge_rows][Wi][Q*H + H*D]: per pair of neighbouring tasks of
+  // an image, the upper task's bottom slot then the lower task's top slot; per shared input
+  // pixel, its dcost then its dv terms from that task (fp32). A slot holds rows from the first
+  // row the two tasks share. (An image's first task has no top slot, its last no bottom slot.)
   float* edge_partial;
   int64_t edge_rows;
   void* dcost;  // [B, Hi, Wi, Q, H] contiguous
@@ -101,6 +122,19 @@ struct QnaAttentionBwdArgs : QnaAttentionInputs {
   // no input row is read by more than two tasks.
   RowTasks tasks;
 };
+
+// The edge slots of a backward task (see QnaAttentionBwdArgs): its top slot, shared with the
+// task above, and its bottom slot, shared with the task below; nullptr where the task has no such
+// neighbour.
+inline void qna_edge_slots(const QnaAttentionBwdArgs& a, int64_t task, float** top,
+                           float** bottom) {
+  const int64_t per_image = a.tasks.tasks_per_image;
+  const int64_t slot = a.edge_rows * a.Wi * (a.Q * a.H + a.H * a.D);
+  const int64_t b = task / per_image, i = task % per_image;
+  const int64_t pair = b * (per_image - 1) + i;  // with the task below; pair - 1: with the above
+  *top = i > 0 ? a.edge_partial + (2 * (pair - 1) + 1) * slot : nullptr;
+  *bottom = i + 1 < per_image ? a.edge_partial + 2 * pair * slot : nullptr;
+}
 
 }  // namespace cpu
 }  // namespace fastvit_kernels
@@ -778,34 +812,866 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
   w.tables.fill(a, L);
   std::vector<int32_t> taps(L.taps), pixels(L.taps);
   const int64_t partial_floats = 2 * L.taps * L.QH;
-  const int64_t edge_floats = a.edge_rows * a.Wi * (L.QH + L.C);
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
     const int64_t oy_begin = task % a.tasks.tasks_per_image * rows;
-    float* edges = a.edge_partial + task * 2 * edge_floats;
+    float *top_edge, *bottom_edge;
+    qna_edge_slots(a, task, &top_edge, &bottom_edge);
     backward_rows<T>(a, L, b, oy_begin, std::min(a.Ho, oy_begin + rows),
-                     a.param_grad_partial + task * partial_floats, edges, edges + edge_floats, w,
+                     a.param_grad_partial + task * partial_floats, top_edge, bottom_edge, w,
                      taps.data(), pixels.data());
   }
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pixel lanes (larger windows): a vector holds kW output pixels of one channel
+// ---------------------------------------------------------------------------------------------
+//
+// The layout above puts a pixel's channels in the lanes. With d = 8 a head fills half an
+// AVX-512 vector, so every tap of the value sum costs a lane permutation per vector next to its
+// multiply-add, and the softmax works on Q*H lanes per pixel. Here the lanes are output pixels
+// instead, as in a depthwise convolution: a head's softmax weight of a tap is one vector over
+// kW output pixels, the value sum is d plain multiply-adds per tap, and nothing is permuted.
+//
+// Planes. A task packs the input rows it reads one plane per channel (cost, exp(cost - M) and v
+// per (q, h) / (h, d); fp32). With stride s a channel has s*s phase planes: phase (ry, rx) holds
+// the input pixels (Y*s + ry, X*s + rx), so that output pixel (oy, ox) reads, at tap (ty, tx),
+// pixel (oy + sy, ox + sx) of phase plane (ry, rx), where ty - pad = sy*s + ry (0 <= ry < s), and
+// the same for x. A phase plane stores its rows at a fixed pitch P with zeros between them
+// (raw scores: -inf) at least as wide as the largest shift, and whole zero rows for rows outside
+// the image: an output pixel at flat position j = r*P + ox (r = oy - first row of the task) reads
+// tap t at j + off[t], every tap of every pixel the same way, and the taps outside the image read
+// exp(cost) = 0, which is what masking them means. Lanes with ox >= Wo (the pitch's tail) compute
+// garbage that is never stored; the backward zeroes their weights so they add nothing.
+//
+// Work. Heads are independent here, so a task runs head by head over its planes (a head's planes
+// stay in L1), and within a head over blocks of kNJ vectors of output positions.
+// Forward per block: (1) the softmax sums S_q = sum_t exp(cost_q - M) exp(rpe - Rmax), one
+// multiply-add per tap and query; (2) the weight of each tap, m_t = sum_q exp(cost_q - M)
+// (exp(rpe - Rmax) attn_scale / S_q); (3) out_d = sum_t m_t v_d, d multiply-adds per tap. The
+// exponential factorisation and its per-vector fallback are those of the channel-lane kernel.
+// Backward per block: the same sums; u_t = g . v_t; the weights w_qt, delta_q and the tap
+// sums of dattn_scale; then, taps in column-major order (so that consecutive read-modify-writes
+// of a plane never overlap), ds, drpe and dcost += ds, and dv += m_t g scattered into the task's
+// input planes, which go back to pixel-major rows at the end as in the channel-lane kernel.
+
+namespace pixel {
+
+constexpr int kNJ = 2;       // output vectors per block
+constexpr int kDChunk = 8;   // value channels per pass over the taps (registers: kNJ * 8 sums)
+
+struct Planes {
+  int64_t s, k, taps, pad;
+  int64_t min_shift, max_shift;
+  int64_t P;     // pitch of a plane row
+  int64_t R;     // output rows of a task (at most)
+  int64_t NR;    // plane rows: R + max_shift - min_shift
+  int64_t lead;  // zeros before the first plane row: -min_shift
+  int64_t Lp;    // one phase plane
+  int64_t chs;   // one channel: s*s phase planes
+  int64_t olen;  // output positions of a task, a whole number of blocks
+  int64_t ostride;  // one output-side plane (olen plus a vector of slack for the transposes)
+  std::vector<int32_t> columns;  // [s]: data columns of each column phase
+  std::vector<int32_t> off;      // [taps]: read offset of tap t
+  std::vector<int32_t> scatter;  // [taps]: the taps in column-major order
+
+  Planes(const QnaAttentionInputs& a, int64_t rows_per_task)
+      : s(a.stride), k(a.kernel_size), taps(a.kernel_size * a.kernel_size), pad(a.pad) {
+    min_shift = qna_min_shift(a);
+    max_shift = qna_max_shift(a);
+    P = qna_plane_pitch(a);
+    R = rows_per_task;
+    NR = R + max_shift - min_shift;
+    lead = -min_shift;
+    Lp = round_up(lead + NR * P, kW);
+    chs = s * s * Lp;
+    olen = round_up(R * P, kNJ * kW);
+    ostride = olen + kW;
+    columns.resize(s);
+    for (int64_t r = 0; r < s; ++r)
+      columns[r] = static_cast<int32_t>(std::max<int64_t>(0, ceil_div(a.Wi - r, s)));
+    off.resize(taps);
+    for (int64_t ty = 0; ty < k; ++ty) {
+      const int64_t sy = floor_div(ty - pad, s), ry = ty - pad - sy * s;
+      for (int64_t tx = 0; tx < k; ++tx) {
+        const int64_t sx = floor_div(tx - pad, s), rx = tx - pad - sx * s;
+        off[ty * k + tx] =
+            static_cast<int32_t>((ry * s + rx) * Lp + lead + (sy - min_shift) * P + sx);
+      }
+    }
+    for (int64_t tx = 0; tx < k; ++tx)
+      for (int64_t ty = 0; ty < k; ++ty) scatter.push_back(static_cast<int32_t>(ty * k + tx));
+  }
+};
+
+// Per-(head, query) scalars of every tap, [H][Q][taps], and Rmax [H][Q]: broadcast operands.
+struct Tables {
+  int64_t taps;
+  std::vector<float> rpe, scale, er, ers, rmax;  // er = exp(rpe - Rmax), ers = er * attn_scale
+
+  explicit Tables(const QnaAttentionInputs& a) : taps(a.kernel_size * a.kernel_size) {
+    const int64_t n = a.H * a.Q * taps;
+    rpe.resize(n); scale.resize(n); er.resize(n); ers.resize(n); rmax.resize(a.H * a.Q);
+    for (int64_t h = 0; h < a.H; ++h) {
+      for (int64_t q = 0; q < a.Q; ++q) {
+        const int64_t row = (h * a.Q + q) * taps;
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < taps; ++t) {
+          rpe[row + t] = a.rpe[(t * a.Q + q) * a.H + h];
+          scale[row + t] = a.attn_scale[(t * a.Q + q) * a.H + h];
+          m = std::max(m, rpe[row + t]);
+        }
+        rmax[h * a.Q + q] = m;
+        for (int64_t t = 0; t < taps; ++t) {
+          er[row + t] = std::exp(rpe[row + t] - m);
+          ers[row + t] = er[row + t] * scale[row + t];
+        }
+      }
+    }
+  }
+  const float* of(const std::vector<float>& x, int64_t Q, int64_t h, int64_t q) const {
+    return x.data() + (h * Q + q) * taps;
+  }
+};
+
+// valid ? x : 0 for a 0 / 1 lane mask.
+inline vf keep(vf valid, vf x) { return vsel_lt(vzero(), valid, x, vzero()); }
+
+// Input planes of a task: channel c of the F = outer * inner of a pixel of x at
+// planes + c * chs; phase (ry, rx) at (ry * s + rx) * Lp; there, row Yrel and column X at
+// lead + Yrel * P + X, for input pixel ((y_first + Yrel) * s + ry, X * s + rx). Position p of a
+// phase plane holds that pixel when it is in the image, else `gap`.
+struct InputPosition {
+  int64_t y, x;  // y < 0: a gap
+};
+
+inline InputPosition input_position(const Planes& g, int64_t phase, int64_t p, int64_t y_first,
+                                    int64_t Hi) {
+  const int64_t rel = p - g.lead;
+  if (rel < 0) return {-1, 0};
+  const int64_t ry = phase / g.s, rx = phase % g.s, Yrel = rel / g.P, X = rel % g.P;
+  const int64_t y = (y_first + Yrel) * g.s + ry;
+  if (Yrel >= g.NR || X >= g.columns[rx] || y < 0 || y >= Hi) return {-1, 0};
+  return {y, X * g.s + rx};
+}
+
+// Every position of the planes is written, kW positions at a time: their pixels (or gap) into
+// staging ([kW][round_up(F, kW)]), then one transpose per kW channels. fp32 pixels with dense
+// channels go straight from the tensor (the gaps from a row of `gap` in staging).
+template <ElemType T>
+inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64_t Hi,
+                              int64_t outer, int64_t inner, const Planes& g, int64_t y_first,
+                              float gap, float* staging, float* planes) {
+  const int64_t F = outer * inner, Fp = round_up(F, kW);
+  const bool dense = T == ElemType::kFloat32 && st[4] == 1 && st[3] == inner && F % kW == 0;
+  const vf gapv = vset1(gap);
+  bool gap_row_ready = false;
+  for (int64_t phase = 0; phase < g.s * g.s; ++phase) {
+    float* plane = planes + phase * g.Lp;
+    for (int64_t p0 = 0; p0 < g.Lp; p0 += kW) {
+      InputPosition src[kW];
+      int64_t pixels = 0;
+      for (int64_t i = 0; i < kW; ++i) {
+        src[i] = input_position(g, phase, p0 + i, y_first, Hi);
+        pixels += src[i].y >= 0;
+      }
+      if (pixels == 0) {
+        for (int64_t c = 0; c < Fp; ++c) vstore(plane + c * g.chs + p0, gapv);
+        continue;
+      }
+      if (dense && pixels == kW && src[kW - 1].y == src[0].y) {  // kW pixels of one row
+        const float* s0 = static_cast<const float*>(x) + b * st[0] + src[0].y * st[1] + src[0].x * st[2];
+        for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+          transpose_block(s0 + c0, g.s * st[2], plane + c0 * g.chs + p0, g.chs);
+        continue;
+      }
+      if (dense) {  // the same, the gaps read from a row of `gap`
+        if (!gap_row_ready) {
+          std::fill(staging, staging + Fp, gap);
+          gap_row_ready = true;
+        }
+        const float* rows[kW];
+        for (int64_t i = 0; i < kW; ++i)
+          rows[i] = src[i].y >= 0 ? static_cast<const float*>(x) + b * st[0] + src[i].y * st[1] +
+                                        src[i].x * st[2]
+                                  : staging;
+        for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+          transpose_rows([&](int i) { return rows[i] + c0; }, plane + c0 * g.chs + p0, g.chs);
+        continue;
+      }
+      for (int64_t i = 0; i < kW; ++i) {
+        float* row = staging + i * Fp;
+        if (src[i].y >= 0) {
+          load_block<T>(x, b * st[0] + src[i].y * st[1] + src[i].x * st[2], st[3], st[4], outer,
+                        inner, row);
+          std::fill(row + F, row + Fp, gap);
+        } else {
+          std::fill(row, row + Fp, gap);
+        }
+      }
+      for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+        transpose_block(staging + c0, Fp, plane + c0 * g.chs + p0, g.chs);
+    }
+  }
+}
+
+// The reverse, for the input rows [y_begin, y_end): sink(y, x, row) gets each of their pixels'
+// F channels (row: fp32, valid until the next call).
+template <class Sink>
+inline void unpack_input_planes(const float* planes, int64_t F, const Planes& g, int64_t y_first,
+                                int64_t y_begin, int64_t y_end, float* staging, Sink&& sink) {
+  const int64_t Fp = round_up(F, kW);
+  for (int64_t phase = 0; phase < g.s * g.s; ++phase) {
+    const float* plane = planes + phase * g.Lp;
+    for (int64_t p0 = 0; p0 < g.Lp; p0 += kW) {
+      InputPosition src[kW];
+      bool any = false;
+      for (int64_t i = 0; i < kW; ++i) {
+        src[i] = input_position(g, phase, p0 + i, y_first, y_end);
+        if (src[i].y < y_begin) src[i].y = -1;
+        any |= src[i].y >= 0;
+      }
+      if (!any) continue;
+      for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+        transpose_block(plane + c0 * g.chs + p0, g.chs, staging + c0, Fp);
+      for (int64_t i = 0; i < kW; ++i)
+        if (src[i].y >= 0) sink(src[i].y, src[i].x, staging + i * Fp);
+    }
+  }
+}
+
+// Output-side planes: channel c at planes + c * ostride, output (r, ox) of the task at r * P + ox.
+// To the contiguous [R, Wo, F] rows at dst + off.
+template <ElemType T>
+inline void unpack_output_planes(const float* planes, int64_t F, const Planes& g, int64_t R,
+                                 int64_t Wo, float* staging, void* dst, int64_t off) {
+  const int64_t Fp = round_up(F, kW);
+  for (int64_t p0 = 0; p0 < R * g.P; p0 += kW) {
+    if (p0 % g.P >= Wo && p0 / g.P == (p0 + kW - 1) / g.P) continue;  // all in one row's gap
+    for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+      transpose_block(planes + c0 * g.ostride + p0, g.ostride, staging + c0, Fp);
+    for (int64_t i = 0; i < kW && p0 + i < R * g.P; ++i) {
+      const int64_t r = (p0 + i) / g.P, ox = (p0 + i) % g.P;
+      if (ox < Wo) store_row<T>(dst, off + (r * Wo + ox) * F, F, staging + i * Fp);
+    }
+  }
+}
+
+// The reverse for grad_out (any strides): R rows from output row oy0, gaps zero.
+template <ElemType T>
+inline void pack_output_planes(const void* x, const int64_t* st, int64_t b, int64_t oy0,
+                               int64_t R, int64_t Wo, int64_t outer, int64_t inner,
+                               const Planes& g, float* staging, float* planes) {
+  const int64_t F = outer * inner, Fp = round_up(F, kW);
+  for (int64_t p0 = 0; p0 < g.olen; p0 += kW) {
+    bool any = false;
+    for (int64_t i = 0; i < kW; ++i) {
+      float* row = staging + i * Fp;
+      const int64_t r = (p0 + i) / g.P, ox = (p0 + i) % g.P;
+      if (r < R && ox < Wo) {
+        load_block<T>(x, b * st[0] + (oy0 + r) * st[1] + ox * st[2], st[3], st[4], outer, inner,
+                      row);
+        std::fill(row + F, row + Fp, 0.0f);
+        any = true;
+      } else {
+        std::fill(row, row + Fp, 0.0f);
+      }
+    }
+    if (!any) {
+      for (int64_t c = 0; c < Fp; ++c) vstore(planes + c * g.ostride + p0, vzero());
+      continue;
+    }
+    for (int64_t c0 = 0; c0 < Fp; c0 += kW)
+      transpose_block(staging + c0, Fp, planes + c0 * g.ostride + p0, g.ostride);
+  }
+}
+
+// Part `part` of `parts` of the input pixels that output rows [oy0, oy0 + R) of image b read
+// (their cost and v blocks, when each is one dense run): prefetched while the task before runs,
+// since packing from cold memory (a pixel's channels, then a jump of stride pixels) leaves the
+// hardware prefetchers behind. T's element size: esize.
+inline void prefetch_task_part(const QnaAttentionInputs& a, int64_t esize, int64_t b, int64_t oy0,
+                               int64_t R, int64_t part, int64_t parts) {
+  int64_t y_begin, y_end;
+  input_rows_read(a, oy0, oy0 + R, &y_begin, &y_end);
+  const int64_t n = (y_end - y_begin) * a.Wi, first = n * part / parts, last = n * (part + 1) / parts;
+  const auto run = [&](const void* x, const int64_t* st, int64_t outer, int64_t inner, int64_t p) {
+    if (st[4] != 1 || st[3] != inner) return;
+    const char* base = static_cast<const char*>(x) +
+                       (b * st[0] + (y_begin + p / a.Wi) * st[1] + p % a.Wi * st[2]) * esize;
+    for (int64_t i = 0; i < outer * inner * esize; i += 64) prefetch(base + i);
+  };
+  for (int64_t p = first; p < last; ++p) {
+    run(a.cost, a.cost_stride, a.Q, a.H, p);
+    run(a.v, a.v_stride, a.H, a.D, p);
+  }
+}
+
+// What forward and backward tasks share: the input planes of the task and where things are.
+struct TaskPlanes {
+  float* raw;       // [QHp][chs] cost, gaps -inf; packed only when a window needs it
+  float* ec;        // [QHp][chs] exp(cost - M), gaps 0
+  float* cost_max;  // [QHp] M
+  float* v;         // [Cp][chs]
+  float* valid;     // [olen] 1 for output positions of the task, else 0
+  float* staging;   // [kW][max(QHp, Cp)]
+  bool raw_ready;
+  int64_t b, y_first;  // of the packed task
+
+  void carve(Carver& c, const QnaAttentionInputs& a, const Planes& g) {
+    const int64_t QHp = round_up(a.Q * a.H, kW), Cp = round_up(a.H * a.D, kW);
+    // Reads of garbage lanes run up to a block (and the largest shift) past a channel's planes.
+    const int64_t slack = (kNJ + 1) * kW + g.max_shift + g.P;
+    raw = c.take(QHp * g.chs + slack);
+    ec = c.take(QHp * g.chs + slack);
+    cost_max = c.take(QHp);
+    v = c.take(Cp * g.chs + slack);
+    valid = c.take(g.olen);
+    staging = c.take(kW * std::max(QHp, Cp));
+  }
+
+  // Packs the task (image b, output rows [oy0, oy0 + R)): exp(cost - M) and v.
+  template <ElemType T>
+  void pack(const QnaAttentionInputs& a, const Planes& g, int64_t image, int64_t oy0, int64_t R) {
+    b = image;
+    y_first = oy0 + g.min_shift;
+    raw_ready = false;
+    const int64_t QH = a.Q * a.H;
+    pack_input_planes<T>(a.cost, a.cost_stride, b, a.Hi, a.Q, a.H, g, y_first,
+                         -std::numeric_limits<float>::infinity(), staging, ec);
+    for (int64_t c = 0; c < QH; ++c) {
+      float* e = ec + c * g.chs;
+      vf m = vset1(-std::numeric_limits<float>::infinity());
+      for (int64_t i = 0; i < g.chs; i += kW) m = vmax(vload(e + i), m);
+      cost_max[c] = vhmax(m);
+      const vf mv = vset1(cost_max[c]);
+      for (int64_t i = 0; i < g.chs; i += kW) vstore(e + i, vexp(vsub(vload(e + i), mv)));
+    }
+    // The padding channels (read by garbage lanes past the last channel) hold -inf: zeros.
+    std::fill(ec + QH * g.chs, ec + round_up(QH, kW) * g.chs, 0.0f);
+    pack_input_planes<T>(a.v, a.v_stride, b, a.Hi, a.H, a.D, g, y_first, 0.0f, staging, v);
+    for (int64_t j = 0; j < g.olen; ++j)
+      valid[j] = j < R * g.P && j % g.P < a.Wo ? 1.0f : 0.0f;
+  }
+
+  // The raw scores, for the windows that take the direct path (rare).
+  const float* raw_scores(const QnaAttentionInputs& a, const Planes& g) {
+    if (!raw_ready) {
+      switch (a.dtype) {
+        case ElemType::kFloat32: pack_raw<ElemType::kFloat32>(a, g); break;
+        case ElemType::kBFloat16: pack_raw<ElemType::kBFloat16>(a, g); break;
+        case ElemType::kFloat16: pack_raw<ElemType::kFloat16>(a, g); break;
+      }
+      raw_ready = true;
+    }
+    return raw;
+  }
+
+  template <ElemType T>
+  void pack_raw(const QnaAttentionInputs& a, const Planes& g) {
+    pack_input_planes<T>(a.cost, a.cost_stride, b, a.Hi, a.Q, a.H, g, y_first,
+                         -std::numeric_limits<float>::infinity(), staging, raw);
+  }
+};
+
+// Sums S_q = sum_t ec_q(t) er_t over the taps of kNJ vectors at j (two chains per vector).
+inline void tap_sums(const float* ecq, const int32_t* off, int64_t taps, const float* er,
+                     vf* sum) {
+  vf s[kNJ][2];
+  for (int n = 0; n < kNJ; ++n) s[n][0] = s[n][1] = vzero();
+  int64_t t = 0;
+  for (; t + 2 <= taps; t += 2) {
+    const vf e0 = vset1(er[t]), e1 = vset1(er[t + 1]);
+#pragma GCC unroll 4
+    for (int n = 0; n < kNJ; ++n) {
+      s[n][0] = vfma(vload(ecq + off[t] + n * kW), e0, s[n][0]);
+      s[n][1] = vfma(vload(ecq + off[t + 1] + n * kW), e1, s[n][1]);
+    }
+  }
+  if (t < taps)
+    for (int n = 0; n < kNJ; ++n) s[n][0] = vfma(vload(ecq + off[t] + n * kW), vset1(er[t]), s[n][0]);
+  for (int n = 0; n < kNJ; ++n) sum[n] = vadd(s[n][0], s[n][1]);
+}
+
+// The direct path of one vector (its scores far below the task's reference): exp(cost + rpe - max)
+// with the vector's own max over the taps; e[t * stride] gets them (0 in invalid lanes). Returns
+// the sum; *lse_ref = the max.
+inline vf direct_exps(const float* rawq, const int32_t* off, int64_t taps, const float* rpe,
+                      vf valid, float* e, int64_t stride, vf* max_out) {
+  vf mx = vset1(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < taps; ++t) mx = vmax(vadd(vload(rawq + off[t]), vset1(rpe[t])), mx);
+  vf sum = vzero();
+  for (int64_t t = 0; t < taps; ++t) {
+    const vf et = keep(valid, vexp(vsub(vadd(vload(rawq + off[t]), vset1(rpe[t])), mx)));
+    vstore(e + t * stride, et);
+    sum = vadd(sum, et);
+  }
+  *max_out = mx;
+  return sum;
+}
+
+// ---- Forward ----
+
+struct FwdScratch {
+  TaskPlanes in;
+  float* out;  // [Cp][ostride]
+  float* lse;  // [QHp][ostride]
+  float* m;    // [taps][kNJ][kW]: the weight of each tap
+  float* e;    // [taps][kW]: direct exps
+
+  int64_t carve(float* base, const QnaAttentionInputs& a, const Planes& g) {
+    Carver c(base);
+    in.carve(c, a, g);
+    out = c.take(round_up(a.H * a.D, kW) * g.ostride);
+    lse = c.take(round_up(a.Q * a.H, kW) * g.ostride);
+    m = c.take(g.taps * kNJ * kW);
+    e = c.take(g.taps * kW);
+    return c.used();
+  }
+};
+
+// out_d = sum_t m_t v_d(t) for DC channels from d0 of head h.
+template <int DC>
+inline void forward_values(const QnaAttentionInputs& a, const Planes& g, const FwdScratch& w,
+                           int64_t h, int64_t d0, int64_t j) {
+  vf acc[kNJ][DC];
+#pragma GCC unroll 16
+  for (int n = 0; n < kNJ; ++n)
+    for (int d = 0; d < DC; ++d) acc[n][d] = vzero();
+  const float* v = w.in.v + (h * a.D + d0) * g.chs + j;
+  const int64_t chs = g.chs;
+  for (int64_t t = 0; t < g.taps; ++t) {
+    const float* vt = v + g.off[t];
+#pragma GCC unroll 4
+    for (int n = 0; n < kNJ; ++n) {
+      const vf mt = vload(w.m + (t * kNJ + n) * kW);
+#pragma GCC unroll 16
+      for (int d = 0; d < DC; ++d) acc[n][d] = vfma(mt, vload(vt + d * chs + n * kW), acc[n][d]);
+    }
+  }
+  float* out = w.out + (h * a.D + d0) * g.ostride + j;
+#pragma GCC unroll 16
+  for (int n = 0; n < kNJ; ++n)
+    for (int d = 0; d < DC; ++d) vstore(out + d * g.ostride + n * kW, acc[n][d]);
+}
+
+// Calls f(std::integral_constant<int, n>{}) for n in 1 .. kDChunk.
+template <class F>
+inline void with_chunk(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+// One block (kNJ vectors at output position j) of head h.
+inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
+                          FwdScratch& w, int64_t h, int64_t j) {
+  const int64_t taps = g.taps, Q = a.Q, H = a.H;
+  const int32_t* off = g.off.data();
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t c = q * H + h;
+    const float* ecq = w.in.ec + c * g.chs + j;
+    const float* ers = tab.of(tab.ers, Q, h, q);
+    vf sum[kNJ], inv[kNJ];
+    bool direct[kNJ], any_direct = false;
+    tap_sums(ecq, off, taps, tab.of(tab.er, Q, h, q), sum);
+    const vf ref = vset1(w.in.cost_max[c] + tab.rmax[h * Q + q]);
+    for (int n = 0; n < kNJ; ++n) {
+      const vf valid = vload(w.in.valid + j + n * kW);
+      inv[n] = vdiv(vset1(1.0f), sum[n]);
+      direct[n] = !vall_le(keep(valid, inv[n]), kMaxReferenceScale);
+      any_direct |= direct[n];
+      if (!direct[n]) vstore(w.lse + c * g.ostride + j + n * kW, vadd(ref, vlog(sum[n])));
+    }
+    if (!any_direct) {
+      for (int64_t t = 0; t < taps; ++t) {
+        const vf s = vset1(ers[t]);
+#pragma GCC unroll 4
+        for (int n = 0; n < kNJ; ++n) {
+          float* m = w.m + (t * kNJ + n) * kW;
+          const vf wt = vmul(vload(ecq + off[t] + n * kW), vmul(inv[n], s));
+          vstore(m, q == 0 ? wt : vadd(vload(m), wt));
+        }
+      }
+      continue;
+    }
+    const float* scale = tab.of(tab.scale, Q, h, q);
+    for (int n = 0; n < kNJ; ++n) {
+      const vf valid = vload(w.in.valid + j + n * kW);
+      const float* e = ecq + n * kW;
+      int64_t e_stride = 0;  // taps read from the planes (offsets) or from w.e
+      vf c_inv = inv[n];
+      const float* er_or_one = ers;
+      if (direct[n]) {
+        vf mx;
+        const vf s = direct_exps(w.in.raw_scores(a, g) + c * g.chs + j + n * kW, off, taps,
+                                 tab.of(tab.rpe, Q, h, q), valid, w.e, kW, &mx);
+        c_inv = keep(valid, vdiv(vset1(1.0f), s));
+        vstore(w.lse + c * g.ostride + j + n * kW, vadd(mx, vlog(s)));
+        e = w.e;
+        e_stride = kW;
+        er_or_one = scale;
+      }
+      for (int64_t t = 0; t < taps; ++t) {
+        float* m = w.m + (t * kNJ + n) * kW;
+        const vf et = vload(e_stride != 0 ? e + t * e_stride : e + off[t]);
+        const vf wt = vmul(et, vmul(c_inv, vset1(er_or_one[t])));
+        vstore(m, q == 0 ? wt : vadd(vload(m), wt));
+      }
+    }
+  }
+  for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
+    with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
+               [&](auto dc) { forward_values<dc>(a, g, w, h, d0, j); });
+}
+
+template <ElemType T>
+inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const Planes g(a, a.tasks.rows_per_task);
+  const Tables tab(a);
+  FwdScratch w{};
+  std::vector<float> mem(w.carve(nullptr, a, g));
+  w.carve(mem.data(), a, g);
+  const int64_t QH = a.Q * a.H, C = a.H * a.D;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t b = task / a.tasks.tasks_per_image;
+    const int64_t oy0 = task % a.tasks.tasks_per_image * g.R;
+    const int64_t R = std::min(a.Ho - oy0, g.R);
+    w.in.pack<T>(a, g, b, oy0, R);
+    const int64_t positions = round_up(R * g.P, kNJ * kW);
+    const bool next = task + 1 < task_end;
+    const int64_t next_b = (task + 1) / a.tasks.tasks_per_image;
+    const int64_t next_oy0 = (task + 1) % a.tasks.tasks_per_image * g.R;
+    for (int64_t h = 0; h < a.H; ++h) {
+      if (next)
+        prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0, std::min(a.Ho - next_oy0, g.R), h,
+                           a.H);
+      for (int64_t j = 0; j < positions; j += kNJ * kW) forward_block(a, g, tab, w, h, j);
+    }
+    const int64_t first = (b * a.Ho + oy0) * a.Wo;
+    unpack_output_planes<T>(w.out, C, g, R, a.Wo, w.in.staging, a.out, first * C);
+    unpack_output_planes<ElemType::kFloat32>(w.lse, QH, g, R, a.Wo, w.in.staging, a.lse,
+                                             first * QH);
+  }
+}
+
+// ---- Backward ----
+
+struct BwdScratch {
+  TaskPlanes in;
+  float* grad;     // [Cp][ostride] grad_out
+  float* dcost;    // [QHp][chs]
+  float* dv;       // [Cp][chs]
+  float* w;        // [Q][taps][kNJ][kW]: exp(s - ref), then the weights
+  float* u;        // [taps][kNJ][kW]
+  float* m;        // [taps][kNJ][kW]: sum_q w a
+  float* stats;    // [Q][3][kNJ][kW]: 1 / sum, sum of the weights, -delta
+  float* drpe;     // [taps][Q][kW]: the head's partial sums over the task
+  float* dscale;   // [taps][Q][kW]
+
+  int64_t carve(float* base, const QnaAttentionInputs& a, const Planes& g) {
+    Carver c(base);
+    in.carve(c, a, g);
+    const int64_t QHp = round_up(a.Q * a.H, kW), Cp = round_up(a.H * a.D, kW);
+    grad = c.take(Cp * g.ostride);
+    // Garbage lanes add zeros up to a block past a channel's planes.
+    const int64_t slack = (kNJ + 1) * kW + g.max_shift + g.P;
+    dcost = c.take(QHp * g.chs + slack);
+    dv = c.take(Cp * g.chs + slack);
+    w = c.take(a.Q * g.taps * kNJ * kW);
+    u = c.take(g.taps * kNJ * kW);
+    m = c.take(g.taps * kNJ * kW);
+    stats = c.take(a.Q * 3 * kNJ * kW);
+    drpe = c.take(g.taps * a.Q * kW);
+    dscale = c.take(g.taps * a.Q * kW);
+    return c.used();
+  }
+};
+
+// u_t = sum_d g_d v_d(t) over DC channels from d0 (added to u unless d0 == 0).
+template <int DC>
+inline void backward_dots(const QnaAttentionInputs& a, const Planes& g, const BwdScratch& w,
+                          int64_t h, int64_t d0, int64_t j) {
+  vf gd[kNJ][DC];
+  const float* grad = w.grad + (h * a.D + d0) * g.ostride + j;
+#pragma GCC unroll 16
+  for (int n = 0; n < kNJ; ++n)
+    for (int d = 0; d < DC; ++d) gd[n][d] = vload(grad + d * g.ostride + n * kW);
+  const float* v = w.in.v + (h * a.D + d0) * g.chs + j;
+  const int64_t chs = g.chs;
+  for (int64_t t = 0; t < g.taps; ++t) {
+    const float* vt = v + g.off[t];
+#pragma GCC unroll 4
+    for (int n = 0; n < kNJ; ++n) {
+      float* u = w.u + (t * kNJ + n) * kW;
+      vf even = d0 == 0 ? vzero() : vload(u), odd = vzero();
+#pragma GCC unroll 16
+      for (int d = 0; d < DC; ++d) {
+        const vf x = vmul(gd[n][d], vload(vt + d * chs + n * kW));
+        if (d % 2 == 0) even = vadd(even, x); else odd = vadd(odd, x);
+      }
+      vstore(u, vadd(even, odd));
+    }
+  }
+}
+
+// dv_d(t) += m_t g_d over DC channels from d0, taps in scatter order.
+template <int DC>
+inline void backward_dv(const QnaAttentionInputs& a, const Planes& g, const BwdScratch& w,
+                        int64_t h, int64_t d0, int64_t j) {
+  vf gd[kNJ][DC];
+  const float* grad = w.grad + (h * a.D + d0) * g.ostride + j;
+#pragma GCC unroll 16
+  for (int n = 0; n < kNJ; ++n)
+    for (int d = 0; d < DC; ++d) gd[n][d] = vload(grad + d * g.ostride + n * kW);
+  float* dv = w.dv + (h * a.D + d0) * g.chs + j;
+  const int64_t chs = g.chs;
+  for (int64_t i = 0; i < g.taps; ++i) {
+    const int64_t t = g.scatter[i];
+    float* dvt = dv + g.off[t];
+#pragma GCC unroll 4
+    for (int n = 0; n < kNJ; ++n) {
+      const vf mt = vload(w.m + (t * kNJ + n) * kW);
+#pragma GCC unroll 16
+      for (int d = 0; d < DC; ++d) {
+        float* p = dvt + d * chs + n * kW;
+        vstore(p, vfma(mt, gd[n][d], vload(p)));
+      }
+    }
+  }
+}
+
+inline void backward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
+                           BwdScratch& w, int64_t h, int64_t j) {
+  const int64_t taps = g.taps, Q = a.Q, H = a.H;
+  const int32_t* off = g.off.data();
+  constexpr int64_t kBlock = kNJ * kW;
+  // exp(s - ref) of every tap, the sums, 1 / sum (0 in invalid lanes) and the weight sum.
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t c = q * H + h;
+    const float* ecq = w.in.ec + c * g.chs + j;
+    const float* er = tab.of(tab.er, Q, h, q);
+    float* e = w.w + q * taps * kBlock;
+    vf s[kNJ][2];
+    for (int n = 0; n < kNJ; ++n) s[n][0] = s[n][1] = vzero();
+    for (int64_t t = 0; t < taps; ++t) {
+      const vf ert = vset1(er[t]);
+#pragma GCC unroll 4
+      for (int n = 0; n < kNJ; ++n) {
+        const vf et = vmul(vload(ecq + off[t] + n * kW), ert);
+        vstore(e + t * kBlock + n * kW, et);
+        s[n][t & 1] = vadd(s[n][t & 1], et);
+      }
+    }
+    float* stats = w.stats + q * 3 * kBlock;
+    for (int n = 0; n < kNJ; ++n) {
+      const vf valid = vload(w.in.valid + j + n * kW);
+      vf sum = vadd(s[n][0], s[n][1]);
+      vf inv = keep(valid, vdiv(vset1(1.0f), sum));
+      if (!vall_le(inv, kMaxReferenceScale)) {
+        vf mx;
+        sum = direct_exps(w.in.raw_scores(a, g) + c * g.chs + j + n * kW, off, taps, tab.of(tab.rpe, Q, h, q),
+                          valid, e + n * kW, kBlock, &mx);
+        inv = keep(valid, vdiv(vset1(1.0f), sum));
+      }
+      vstore(stats + n * kW, inv);
+      vstore(stats + kBlock + n * kW, vmul(sum, inv));
+    }
+  }
+  // u_t = g . v_t.
+  for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
+    with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
+               [&](auto dc) { backward_dots<dc>(a, g, w, h, d0, j); });
+  // The weights, delta_q = sum_t w a u and the dattn_scale terms w u.
+  for (int64_t q = 0; q < Q; ++q) {
+    const float* scale = tab.of(tab.scale, Q, h, q);
+    float* e = w.w + q * taps * kBlock;
+    float* stats = w.stats + q * 3 * kBlock;
+    vf inv[kNJ], delta[kNJ][2];
+    for (int n = 0; n < kNJ; ++n) {
+      inv[n] = vload(stats + n * kW);
+      delta[n][0] = delta[n][1] = vzero();
+    }
+    for (int64_t t = 0; t < taps; ++t) {
+      const vf at = vset1(scale[t]);
+      vf wu_sum = vzero();
+#pragma GCC unroll 4
+      for (int n = 0; n < kNJ; ++n) {
+        const vf wt = vmul(vload(e + t * kBlock + n * kW), inv[n]);
+        vstore(e + t * kBlock + n * kW, wt);
+        const vf wu = vmul(wt, vload(w.u + t * kBlock + n * kW));
+        wu_sum = vadd(wu_sum, wu);
+        delta[n][t & 1] = vfma(wu, at, delta[n][t & 1]);
+      }
+      float* ds = w.dscale + (t * Q + q) * kW;
+      vstore(ds, vadd(vload(ds), wu_sum));
+    }
+    for (int n = 0; n < kNJ; ++n)
+      vstore(stats + 2 * kBlock + n * kW, vsub(vzero(), vadd(delta[n][0], delta[n][1])));
+  }
+  // ds = w (a u W - delta), scattered to dcost; drpe; m_t = sum_q w a.
+  for (int64_t i = 0; i < taps; ++i) {
+    const int64_t t = g.scatter[i];
+    vf m[kNJ], u[kNJ];
+    for (int n = 0; n < kNJ; ++n) {
+      m[n] = vzero();
+      u[n] = vload(w.u + t * kBlock + n * kW);
+    }
+    for (int64_t q = 0; q < Q; ++q) {
+      const vf at = vset1(tab.of(tab.scale, Q, h, q)[t]);
+      const float* e = w.w + q * taps * kBlock + t * kBlock;
+      const float* stats = w.stats + q * 3 * kBlock;
+      float* dcost = w.dcost + (q * H + h) * g.chs + j + off[t];
+      vf ds_sum = vzero();
+#pragma GCC unroll 4
+      for (int n = 0; n < kNJ; ++n) {
+        const vf wt = vload(e + n * kW);
+        // a u scaled by the rounded sum of the weights (~1): the ds of a window then sum to 0 up
+        // to rounding, and a one-tap window gives 0.
+        const vf uw = vmul(u[n], vload(stats + kBlock + n * kW));
+        const vf ds = vmul(wt, vfma(uw, at, vload(stats + 2 * kBlock + n * kW)));
+        ds_sum = vadd(ds_sum, ds);
+        vstore(dcost + n * kW, vadd(vload(dcost + n * kW), ds));
+        m[n] = vfma(wt, at, m[n]);
+      }
+      float* dr = w.drpe + (t * Q + q) * kW;
+      vstore(dr, vadd(vload(dr), ds_sum));
+    }
+    for (int n = 0; n < kNJ; ++n) vstore(w.m + t * kBlock + n * kW, m[n]);
+  }
+  for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
+    with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
+               [&](auto dc) { backward_dv<dc>(a, g, w, h, d0, j); });
+}
+
+template <ElemType T>
+inline void backward_rows(const QnaAttentionBwdArgs& a, const Planes& g, const Tables& tab,
+                          int64_t b, int64_t oy0, float* partial, float* top_edge,
+                          float* bottom_edge, BwdScratch& w, bool next, int64_t next_b,
+                          int64_t next_oy0) {
+  const int64_t R = std::min(a.Ho - oy0, g.R), oy_end = oy0 + R;
+  const int64_t QH = a.Q * a.H, C = a.H * a.D, QHp = round_up(QH, kW), Cp = round_up(C, kW);
+  const int64_t taps = g.taps;
+  w.in.pack<T>(a, g, b, oy0, R);
+  pack_output_planes<T>(a.grad_out, a.grad_out_stride, b, oy0, R, a.Wo, a.H, a.D, g,
+                        w.in.staging, w.grad);
+  std::fill(w.dcost, w.dcost + QHp * g.chs, 0.0f);
+  std::fill(w.dv, w.dv + Cp * g.chs, 0.0f);
+  const int64_t positions = round_up(R * g.P, kNJ * kW);
+  for (int64_t h = 0; h < a.H; ++h) {
+    if (next)  // (see prefetch_task_part)
+      prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0,
+                         std::min(a.Ho - next_oy0, g.R), h, a.H);
+    std::fill(w.drpe, w.drpe + taps * a.Q * kW, 0.0f);
+    std::fill(w.dscale, w.dscale + taps * a.Q * kW, 0.0f);
+    for (int64_t j = 0; j < positions; j += kNJ * kW) backward_block(a, g, tab, w, h, j);
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t q = 0; q < a.Q; ++q) {
+        partial[(t * a.Q + q) * a.H + h] = vhsum(vload(w.drpe + (t * a.Q + q) * kW));
+        partial[((taps + t) * a.Q + q) * a.H + h] = vhsum(vload(w.dscale + (t * a.Q + q) * kW));
+      }
+    }
+  }
+  // The input rows: to the outputs, or to the edge slots when a neighbouring task also reads
+  // them (as the channel-lane backward_rows).
+  int64_t y_begin, y_end, above_end, below_begin, unused;
+  input_rows_read(a, oy0, oy_end, &y_begin, &y_end);
+  above_end = y_begin;
+  below_begin = y_end;
+  if (oy0 > 0) input_rows_read(a, oy0 - 1, oy0, &unused, &above_end);
+  if (oy_end < a.Ho) input_rows_read(a, oy_end, oy_end + 1, &below_begin, &unused);
+  const int64_t edge_pixel = QH + C;
+  // The edge slot row of input row y, or nullptr when only this task reads it.
+  const auto edge_row = [&](int64_t y) -> float* {
+    if (y < above_end) return top_edge + (y - y_begin) * a.Wi * edge_pixel;
+    if (y >= below_begin) return bottom_edge + (y - below_begin) * a.Wi * edge_pixel;
+    return nullptr;
+  };
+  unpack_input_planes(w.dcost, QH, g, w.in.y_first, y_begin, y_end, w.in.staging,
+                      [&](int64_t y, int64_t x, const float* row) {
+                        if (float* edge = edge_row(y))
+                          store_row<ElemType::kFloat32>(edge, x * edge_pixel, QH, row);
+                        else
+                          store_row<T>(a.dcost, ((b * a.Hi + y) * a.Wi + x) * QH, QH, row);
+                      });
+  unpack_input_planes(w.dv, C, g, w.in.y_first, y_begin, y_end, w.in.staging,
+                      [&](int64_t y, int64_t x, const float* row) {
+                        if (float* edge = edge_row(y))
+                          store_row<ElemType::kFloat32>(edge, x * edge_pixel + QH, C, row);
+                        else
+                          store_row<T>(a.dv, ((b * a.Hi + y) * a.Wi + x) * C, C, row);
+                      });
+  const int64_t gap_end = oy_end < a.Ho ? below_begin : a.Hi;
+  for (int64_t y = y_end; y < gap_end; ++y) {
+    using E = Elem<T>;
+    const int64_t p = (b * a.Hi + y) * a.Wi;
+    std::fill_n(static_cast<typename E::type*>(a.dcost) + p * QH, a.Wi * QH, E::from_f32(0.0f));
+    std::fill_n(static_cast<typename E::type*>(a.dv) + p * C, a.Wi * C, E::from_f32(0.0f));
+  }
+}
+
+template <ElemType T>
+inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const Planes g(a, a.tasks.rows_per_task);
+  const Tables tab(a);
+  BwdScratch w{};
+  std::vector<float> mem(w.carve(nullptr, a, g));
+  w.carve(mem.data(), a, g);
+  const int64_t partial_floats = 2 * g.taps * a.Q * a.H;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t b = task / a.tasks.tasks_per_image;
+    const int64_t oy0 = task % a.tasks.tasks_per_image * g.R;
+    float *top_edge, *bottom_edge;
+    qna_edge_slots(a, task, &top_edge, &bottom_edge);
+    backward_rows<T>(a, g, tab, b, oy0, a.param_grad_partial + task * partial_floats, top_edge,
+                     bottom_edge, w, task + 1 < task_end,
+                     (task + 1) / a.tasks.tasks_per_image,
+                     (task + 1) % a.tasks.tasks_per_image * g.R);
+  }
+}
+
+}  // namespace pixel
+
+// ---------------------------------------------------------------------------------------------
 // Entry points: one instantiation per element type
 // ---------------------------------------------------------------------------------------------
 
+template <ElemType T>
+inline void forward_dispatch(const QnaAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  if (a.pixel_lanes)
+    pixel::forward_impl<T>(a, task_begin, task_end);
+  else
+    forward_impl<T>(a, task_begin, task_end);
+}
+
+template <ElemType T>
+inline void backward_dispatch(const QnaAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
+  if (a.pixel_lanes)
+    pixel::backward_impl<T>(a, task_begin, task_end);
+  else
+    backward_impl<T>(a, task_begin, task_end);
+}
+
 inline void forward_kernel(const QnaAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
   switch (a.dtype) {
-    case ElemType::kFloat32: forward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
-    case ElemType::kBFloat16: forward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
-    case ElemType::kFloat16: forward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat32: forward_dispatch<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: forward_dispatch<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: forward_dispatch<ElemType::kFloat16>(a, task_begin, task_end); break;
   }
 }
 
 inline void backward_kernel(const QnaAttentionBwdArgs& a, int64_t task_begin, int64_t task_end) {
   switch (a.dtype) {
-    case ElemType::kFloat32: backward_impl<ElemType::kFloat32>(a, task_begin, task_end); break;
-    case ElemType::kBFloat16: backward_impl<ElemType::kBFloat16>(a, task_begin, task_end); break;
-    case ElemType::kFloat16: backward_impl<ElemType::kFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat32: backward_dispatch<ElemType::kFloat32>(a, task_begin, task_end); break;
+    case ElemType::kBFloat16: backward_dispatch<ElemType::kBFloat16>(a, task_begin, task_end); break;
+    case ElemType::kFloat16: backward_dispatch<ElemType::kFloat16>(a, task_begin, task_end); break;
   }
 }
 

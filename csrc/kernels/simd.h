@@ -142,10 +142,12 @@ inline bool vall_le(vf x, float bound) {
   return _mm512_cmp_ps_mask(x, _mm512_set1_ps(bound), _CMP_LE_OQ) == 0xffff;
 }
 
-// dst[c * ldd + r] = src[r * lds + c] for a 16 x 16 block: pairs, quads, then 128-bit lanes.
-inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+// dst[c * ldd + r] = row(r)[c] for a 16 x 16 block: pairs, quads, then 128-bit lanes.
+// transpose_block: row r at src + r * lds.
+template <class Row>
+inline void transpose_rows(Row&& row, float* dst, int64_t ldd) {
   __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(row(i));
   for (int i = 0; i < 16; i += 2) {
     t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
@@ -168,6 +170,10 @@ inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t l
     _mm512_storeu_ps(dst + (8 + c) * ldd, _mm512_shuffle_f32x4(v0, v2, 0xdd));
     _mm512_storeu_ps(dst + (12 + c) * ldd, _mm512_shuffle_f32x4(v1, v3, 0xdd));
   }
+}
+
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  transpose_rows([&](int i) { return src + i * lds; }, dst, ldd);
 }
 
 #elif defined(FVK_SIMD_AVX2)
@@ -255,10 +261,12 @@ inline bool vall_le(vf x, float bound) {
   return _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_set1_ps(bound), _CMP_LE_OQ)) == 0xff;
 }
 
-// dst[c * ldd + r] = src[r * lds + c] for an 8 x 8 block: pairs, quads, then 128-bit lanes.
-inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+// dst[c * ldd + r] = row(r)[c] for an 8 x 8 block: pairs, quads, then 128-bit lanes.
+// transpose_block: row r at src + r * lds.
+template <class Row>
+inline void transpose_rows(Row&& row, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(row(i));
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -274,6 +282,10 @@ inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t l
     _mm256_storeu_ps(dst + c * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
     _mm256_storeu_ps(dst + (4 + c) * ldd, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
   }
+}
+
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  transpose_rows([&](int i) { return src + i * lds; }, dst, ldd);
 }
 
 #elif defined(FVK_SIMD_SCALAR)
@@ -330,6 +342,8 @@ inline vf vgather(const float* base, vindex idx) { return base[idx]; }
 inline bool vall_le(vf x, float bound) { return x <= bound; }  // false for NaN
 
 inline void transpose_block(const float* src, int64_t, float* dst, int64_t) { *dst = *src; }
+template <class Row>
+inline void transpose_rows(Row&& row, float* dst, int64_t) { *dst = *row(0); }
 
 #else
 #error "define one of FVK_SIMD_AVX512, FVK_SIMD_AVX2, FVK_SIMD_SCALAR before including simd.h"

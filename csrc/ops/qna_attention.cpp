@@ -113,8 +113,45 @@ RowTasks row_tasks(const QnaAttentionInputs& a, int64_t budget_bytes, int64_t fl
   return {per_task, (a.Ho + per_task - 1) / per_task};
 }
 
+// The pixel-lane kernels (kernels/qna_attention.h, "Pixel lanes") or the channel-lane ones, from
+// the shapes only. Measured at the QnA-ViT tiny maps (d = 8, one thread): pixel lanes win from
+// k = 5 on at stride 1; at stride 2 a narrow output row fills few lanes of the s*s phase planes,
+// and they win only from k = 7 with Wo >= 28 (forward; k = 9 from Wo = 14) or Wo >= 14 (backward).
+bool use_pixel_lanes(const QnaAttentionInputs& a, bool backward) {
+  if (a.kernel_size < 5) return false;
+  if (a.stride == 1) return true;
+  if (backward) return a.kernel_size >= 7 && a.Wo >= 14;
+  return a.Wo >= (a.kernel_size >= 9 ? 14 : 28) && a.kernel_size >= 7;
+}
+
+// Tasks of the pixel-lane kernels: as row_tasks, but sized by their planes: per output row of a
+// task, stride^2 plane rows of pitch P of every input-side channel, and P positions of every
+// output-side channel; the window adds (max_shift - min_shift) plane rows. A task reads its planes
+// head by head (a head's fit in L1), so the budget is most of L2: taller tasks repack fewer halo
+// rows and waste fewer lanes on partial blocks (measured 1.3-1.8x at the 14 x 14 QnA-ViT maps
+// against 768 KiB).
+constexpr int64_t kPixelPlaneBytes = int64_t{1536} << 10;
+
+RowTasks pixel_row_tasks(const QnaAttentionInputs& a, int64_t in_channels, int64_t out_channels,
+                         int64_t min_rows) {
+  const int64_t P = qna_plane_pitch(a), s2 = a.stride * a.stride;
+  const int64_t halo = qna_max_shift(a) - qna_min_shift(a);
+  const int64_t row_bytes = (in_channels * s2 + out_channels) * P * int64_t{sizeof(float)};
+  const int64_t halo_bytes = in_channels * s2 * halo * P * int64_t{sizeof(float)};
+  const int64_t rows_fitting = (kPixelPlaneBytes - halo_bytes) / std::max<int64_t>(1, row_bytes);
+  const int64_t blocks_wanted = (kMinTasks + a.B - 1) / a.B;
+  const int64_t rows_parallel = (a.Ho + blocks_wanted - 1) / blocks_wanted;
+  const int64_t most =
+      std::min(a.Ho, std::max({int64_t{1}, min_rows, std::min(rows_parallel, rows_fitting)}));
+  // The same number of tasks, evened out: a last task of a row or two would pack its whole halo
+  // for them.
+  const int64_t per_task = std::max((a.Ho + most - 1) / ((a.Ho + most - 1) / most), min_rows);
+  return {per_task, (a.Ho + per_task - 1) / per_task};
+}
+
 // dcost / dv of the input rows two neighbouring tasks share: the upper task's bottom edge slot
-// plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs).
+// plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs; pair j's slots are
+// the j-th two).
 template <typename scalar_t>
 void add_shared_rows(const QnaAttentionBwdArgs& a, const float* edges, scalar_t* dcost,
                      scalar_t* dv) {
@@ -128,8 +165,8 @@ void add_shared_rows(const QnaAttentionBwdArgs& a, const float* edges, scalar_t*
       const int64_t oy = (upper % per_image + 1) * a.tasks.rows_per_task;
       const int64_t y_begin = std::max<int64_t>(0, oy * a.stride - a.pad);
       const int64_t y_end = std::min(a.Hi, (oy - 1) * a.stride - a.pad + a.kernel_size);
-      const float* bottom_slot = edges + (2 * upper + 1) * slot;
-      const float* top_slot = edges + 2 * (upper + 1) * slot;
+      const float* bottom_slot = edges + 2 * j * slot;
+      const float* top_slot = edges + (2 * j + 1) * slot;
       for (int64_t i = 0; i < (y_end - y_begin) * a.Wi; ++i) {
         const int64_t p = (b * a.Hi + y_begin) * a.Wi + i;
         const float* above = bottom_slot + i * pixel;
@@ -163,8 +200,12 @@ std::tuple<at::Tensor, at::Tensor> qna_attention_forward(
       poisoned(at::empty({a.B, a.Ho, a.Wo, a.Q, a.H}, cost.options().dtype(at::kFloat)));
   a.out = out.data_ptr();
   a.lse = lse.data_ptr<float>();
-  // Packed per input pixel: cost and exp(cost - M), v.
-  a.tasks = row_tasks(a, kForwardPackedBytes, 2 * a.Q * a.H + a.H * a.D, 1);
+  // Packed per input pixel: cost and exp(cost - M), v (pixel lanes: exp(cost - M) and v; the raw
+  // cost planes are packed only for a window on the direct path).
+  a.pixel_lanes = use_pixel_lanes(a, false);
+  a.tasks = a.pixel_lanes
+                ? pixel_row_tasks(a, a.Q * a.H + a.H * a.D, a.Q * a.H + a.H * a.D, 1)
+                : row_tasks(a, kForwardPackedBytes, 2 * a.Q * a.H + a.H * a.D, 1);
   run_tasks(&KernelTable::qna_attention_forward, a, a.B * a.tasks.tasks_per_image);
   return {out, lse};
 }
@@ -202,16 +243,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backwar
   a.dv = dv.data_ptr();
   // Packed per input pixel: cost and exp(cost - M), v, and the dcost / dv accumulators. At least
   // ceil(k / stride) rows per task, so that no input row is read by three tasks.
-  a.tasks = row_tasks(a, kBackwardPackedBytes, 3 * a.Q * a.H + 2 * a.H * a.D,
-                      (kernel_size + stride - 1) / stride);
+  const int64_t min_rows = (kernel_size + stride - 1) / stride;
+  a.pixel_lanes = use_pixel_lanes(a, true);
+  a.tasks = a.pixel_lanes
+                ? pixel_row_tasks(a, 2 * a.Q * a.H + 2 * a.H * a.D, a.H * a.D, min_rows)
+                : row_tasks(a, kBackwardPackedBytes, 3 * a.Q * a.H + 2 * a.H * a.D, min_rows);
   const int64_t tasks = a.B * a.tasks.tasks_per_image;
   const int64_t taps = kernel_size * kernel_size;
   at::Tensor partial = poisoned(at::empty({tasks, 2, taps, a.Q, a.H}, f32));
   a.param_grad_partial = partial.data_ptr<float>();
   a.edge_rows = std::max<int64_t>(0, kernel_size - stride);
   const bool shared_rows = a.tasks.tasks_per_image > 1 && a.edge_rows > 0;
+  // Per pair of neighbouring tasks of an image (see QnaAttentionBwdArgs).
   at::Tensor edges = poisoned(at::empty(
-      {shared_rows ? tasks : 1, 2, a.edge_rows, a.Wi, a.Q * a.H + a.H * a.D}, f32));
+      {shared_rows ? a.B * (a.tasks.tasks_per_image - 1) : 1, 2, a.edge_rows, a.Wi,
+       a.Q * a.H + a.H * a.D},
+      f32));
   a.edge_partial = edges.data_ptr<float>();
 
   run_tasks(&KernelTable::qna_attention_backward, a, tasks);

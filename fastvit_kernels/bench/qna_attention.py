@@ -1,8 +1,8 @@
 """Microbenchmark of `fastvit_kernels.ops.qna_attention` at the QnA-ViT tiny shapes.
 
 For each QnA layer shape of QnA-ViT tiny at 224x224 (56x56, 28x28 and 14x14 tokens, the three
-strided layers, each with k = 3 and k = 7) and each pass (forward; forward+backward), all
-implementations are timed in the same run:
+strided layers, each with k = 3, k = 5 and k = 7: k = 7 is QnA-ViT tiny_7x7) and each pass
+(forward; forward+backward), all implementations are timed in the same run:
 
   op              fastvit_kernels.ops.qna_attention, default backend
   unfold          the naive formulation: every window unfolded (pad + Tensor.unfold), masked
@@ -44,7 +44,7 @@ from fastvit_kernels.reference import qna_attention as reference
 
 IMPLS = ("op", "unfold", "conv", "compile-unfold", "compile-conv")
 PASSES = ("fwd", "fwd+bwd")
-KERNEL_SIZES = (3, 7)
+KERNEL_SIZES = (3, 5, 7)
 QUICK_SHAPES = ("s0.qna",)
 
 # Each case compiles new graphs; never fall back to eager silently, never use dynamic shapes.
@@ -142,9 +142,10 @@ class Case:
     def views(self, projection: torch.Tensor):
         """(cost, v) as strided views of the projection buffer, as the QnA module makes them."""
         s = self.shape
-        v = projection[..., : s.features].unflatten(-1, (s.heads, s.head_dim))
-        cost = projection[..., s.features:].unflatten(-1, (s.queries, s.heads))
-        return cost, v
+        # split, as the module: its backward writes both gradients into one buffer (two slices
+        # would each allocate and zero a projection-sized gradient, which the memory column counts).
+        v, cost = projection.split([s.features, s.queries * s.heads], dim=-1)
+        return cost.unflatten(-1, (s.queries, s.heads)), v.unflatten(-1, (s.heads, s.head_dim))
 
     def backend(self) -> str:
         cost, v = self.views(self.projection)
