@@ -49,6 +49,9 @@ __all__ = ["BiasAttention", "ShrinkAttention", "LinearNorm", "ConvNorm", "Subsam
 
 Resolution = Union[int, Tuple[int, int]]
 
+# proj.act classes the op runs as its epilogue (docs/bias_attention.md, "Definition").
+_FUSED_ACTIVATIONS = {nn.Hardswish: "hardswish", nn.SiLU: "silu"}
+
 def _pair(value: Resolution) -> Tuple[int, int]:
     if isinstance(value, (tuple, list)):
         if len(value) != 2:
@@ -218,13 +221,13 @@ class _LevitBiasAttentionBase(nn.Module):
     # -- the op -----------------------------------------------------------------------------------
 
     def _fused_activation(self) -> Optional[str]:
-        """The op's activation for `proj.act`, or None when the op cannot fuse it. (One isinstance
-        per class, not a loop over a table: TorchScript compiles this.)"""
-        if isinstance(self.proj.act, nn.Hardswish):
-            return "hardswish"
-        if isinstance(self.proj.act, nn.SiLU):
-            return "silu"
-        return None
+        """The op's activation for `proj.act`, or None when the op cannot fuse it."""
+        if torch.jit.is_scripting():
+            # TorchScript cannot isinstance-check against a module class it has not compiled:
+            # __prepare_scriptable__ decided in Python.
+            name = self._scripted_activation
+            return None if name == "none" else name
+        return _FUSED_ACTIVATIONS.get(type(self.proj.act))
 
     def _project(self, x: Tensor, fused: Optional[str]) -> Tensor:
         return self.proj.ln(x) if fused is not None else self.proj(x)
@@ -251,8 +254,9 @@ class _LevitBiasAttentionBase(nn.Module):
         )
 
     def __prepare_scriptable__(self):
-        # Called by torch.jit.script before compiling forward: say why scripting cannot work here
-        # instead of TorchScript's "unknown builtin op".
+        # Called by torch.jit.script before compiling forward: fix the activation as a string, and
+        # say why scripting cannot work here instead of TorchScript's "unknown builtin op".
+        self._scripted_activation = self._fused_activation() or "none"
         if not _native.has_kernel("bias_attention_forward"):
             raise RuntimeError(
                 f"torch.jit.script of {type(self).__name__} needs the native CPU kernels (TorchScript "
