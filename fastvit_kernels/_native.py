@@ -44,6 +44,16 @@ def kernel(name: str):
     return getattr(torch.ops.fastvit_kernels, name)
 
 
+def require_for_script(module: str, name: str) -> None:
+    """Raise, naming `module`, unless the C++ kernel `name` that its TorchScript forward calls is loaded."""
+    if not has_kernel(name):
+        raise RuntimeError(
+            f"torch.jit.script of {module} needs the native CPU kernels (TorchScript calls "
+            f"torch.ops.fastvit_kernels.{name}), which are not available: {load_error}. Rebuild the "
+            "package, or use torch.compile / torch.export instead."
+        )
+
+
 def warn_fallback(op: str) -> None:
     """Warn once per op that the native CPU kernel is missing and the reference runs instead."""
     if op in _warned:

@@ -57,6 +57,17 @@ def build_pair(name, **kwargs):
     return model, model
 
 
+def build_eval_pair(name, fold_bn=False):
+    """build_pair in eval mode, the patched LeViT folded with fold_bn=True (skips other models)."""
+    if fold_bn and not name.startswith("levit"):
+        pytest.skip("BatchNorm folding is LeViT's")
+    ref, ours = build_pair(name)
+    ref.eval(), ours.eval()
+    if fold_bn:
+        patch_timm(ours, fold_bn=True)
+    return ref, ours
+
+
 def input_for(model, batch=2, seed=1):
     return image(model.pretrained_cfg["input_size"][1:], batch=batch, seed=seed)
 
@@ -125,12 +136,7 @@ def test_timm_fx_feature_extractor(name):
 @pytest.mark.parametrize("fold_bn", [False, True])
 @pytest.mark.parametrize("name", every_model(LEVIT_SUBSET + GGEM_SUBSET))
 def test_torchscript_forward(name, fold_bn):
-    if fold_bn and not name.startswith("levit"):
-        pytest.skip("BatchNorm folding is LeViT's")
-    ref, ours = build_pair(name)
-    ref.eval(), ours.eval()
-    if fold_bn:
-        patch_timm(ours, fold_bn=True)
+    ref, ours = build_eval_pair(name, fold_bn)
     scripted = torch.jit.script(ours)
     x = input_for(ours)
     with torch.no_grad():
@@ -196,12 +202,7 @@ def onnx_export(model, x, path, dynamo: bool):
 def test_onnx_export_runs_in_onnxruntime(name, fold_bn, dynamo, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    if fold_bn and not name.startswith("levit"):
-        pytest.skip("BatchNorm folding is LeViT's")
-    ref, ours = build_pair(name)
-    ref.eval(), ours.eval()
-    if fold_bn:
-        patch_timm(ours, fold_bn=True)
+    ref, ours = build_eval_pair(name, fold_bn)
     path = str(tmp_path / f"{name}.onnx")
     onnx_export(ours, input_for(ours, batch=2), path, dynamo)
     model = onnx_load_checked(path)

@@ -257,12 +257,7 @@ class _LevitBiasAttentionBase(nn.Module):
         # Called by torch.jit.script before compiling forward: fix the activation as a string, and
         # say why scripting cannot work here instead of TorchScript's "unknown builtin op".
         self._scripted_activation = self._fused_activation() or "none"
-        if not _native.has_kernel("bias_attention_forward"):
-            raise RuntimeError(
-                f"torch.jit.script of {type(self).__name__} needs the native CPU kernels (TorchScript "
-                f"calls torch.ops.fastvit_kernels.bias_attention_forward), which are not available: "
-                f"{_native.load_error}. Rebuild the package, or use torch.compile / torch.export instead."
-            )
+        _native.require_for_script(type(self).__name__, "bias_attention_forward")
         return self
 
     # -- timm conversion --------------------------------------------------------------------------

@@ -99,12 +99,7 @@ class GGeM(nn.Module):
 
     def __prepare_scriptable__(self):
         # Called by torch.jit.script before compiling forward: say why scripting cannot work here.
-        if not _native.has_kernel("ggem_pool_forward"):
-            raise RuntimeError(
-                "torch.jit.script of GGeM needs the native CPU kernels (TorchScript calls "
-                f"torch.ops.fastvit_kernels.ggem_pool_forward), which are not available: {_native.load_error}. "
-                "Rebuild the package, or use torch.compile / torch.export instead."
-            )
+        _native.require_for_script("GGeM", "ggem_pool_forward")
         return self
 
     def extra_repr(self) -> str:
