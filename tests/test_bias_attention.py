@@ -53,19 +53,23 @@ def make_inputs(B, H, Nq, Nk, Dk, Dv, dtype=torch.float32, device="cpu", layout=
     return q, k, v, table, index
 
 
-def run_and_compare(backend, isa, q, k, v, table, index, activation, scale=None):
-    """Forward and backward through the op on one backend vs the float64 oracle."""
+def run_and_compare(backend, isa, q, k, v, table, index, activation, scale=None, mask=None,
+                    table_view=None):
+    """Forward and backward through the op on one backend vs the float64 oracle. table_view(t)
+    is what the op gets instead of the table leaf t (e.g. Swin's [T, H] storage, transposed)."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     table_leaf = table.detach().clone().requires_grad_() if table is not None else None
+    table_arg = table_view(table_leaf) if table_view is not None else table_leaf
     with running_on(backend, isa):
-        out = bias_attention(*leaves, table_leaf, index, scale=scale, activation=activation)
+        out = bias_attention(*leaves, table_arg, index, mask=mask, scale=scale, activation=activation)
         grad = torch.randn_like(out)
         out.backward(grad)
 
     def oracle_of(dtype):
         xs = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
         tab = table.detach().to(dtype).requires_grad_() if table is not None else None
-        o = reference.bias_attention(*xs, tab, index, scale, activation)
+        tab_arg = table_view(tab) if table_view is not None else tab
+        o = reference.bias_attention(*xs, tab_arg, index, scale, activation, mask)
         o.backward(grad.to(dtype))
         return o, [x.grad for x in xs] + ([tab.grad] if tab is not None else [])
 
@@ -79,6 +83,30 @@ def run_and_compare(backend, isa, q, k, v, table, index, activation, scale=None)
     for name, got, ref, low in zip(names, got_grads, ref_grads, low_grads):
         assert got.dtype == (table.dtype if name == "dtable" else q.dtype), name
         assert_matches(name, got, ref, low, dtype=q.dtype)
+
+
+def swin_shift_mask(windows, Nq, Nk, device="cpu", dtype=torch.float32, seed=0):
+    """A mask like Swin's shifted windows: tokens carry region labels, pairs from different
+    regions get -100, the same region 0 (so each query keeps at least one key when Nq <= Nk)."""
+    g = torch.Generator().manual_seed(seed)
+    labels_q = torch.randint(0, 3, (windows, Nq), generator=g)
+    labels_k = torch.randint(0, 3, (windows, Nk), generator=g)
+    labels_k[:, :Nq] = labels_q[:, :Nk]
+    mask = (labels_q[:, :, None] != labels_k[:, None, :]).to(dtype) * -100.0
+    return mask.to(device)
+
+
+def swin_inputs(windows, images, H, N, D, dtype=torch.float32, device="cpu"):
+    """q, k, v as Swin's qkv projection lays them out ([B·W, N, 3, H, D] permuted), a table
+    stored [T, H] and Swin's relative-position index for a square window of N tokens."""
+    w = int(N ** 0.5)
+    qkv = torch.randn(images * windows, N, 3, H, D, dtype=dtype, device=device).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    table_th = 2 * torch.randn((2 * w - 1) ** 2, H, dtype=dtype, device=device)
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :] + (w - 1)
+    index = (rel[0] * (2 * w - 1) + rel[1]).to(device)
+    return q, k, v, table_th, index
 
 
 def small_batch(backend, device, N):
@@ -101,6 +129,72 @@ def test_token_counts(backend_isa_device, Nq, Nk):
     layout = "fused" if Nq == Nk else "shrink"
     inputs = make_inputs(B, H, Nq, Nk, 16, 32, device=device, layout=layout)
     run_and_compare(backend, isa, *inputs, activation="hardswish")
+
+
+MASK_CASES = [  # (windows W, images, H, Nq, Nk, Dk, Dv, with a table)
+    (4, 2, 3, 49, 49, 32, 32, True),    # Swin-T stage 3 windows, shifted
+    (1, 3, 2, 16, 16, 16, 16, True),    # one window per image
+    (7, 1, 2, 7, 50, 16, 32, True),     # Nq != Nk, odd sizes
+    (2, 2, 2, 49, 49, 16, 16, False),   # a mask without a table
+]
+
+
+def _needs_mask_support(backend):
+    if backend == "triton":
+        pytest.skip("the Triton kernels do not take a mask yet")
+
+
+@pytest.mark.parametrize("backend_isa_device", BACKENDS)
+@pytest.mark.parametrize("case", MASK_CASES, ids=[f"W{c[0]}-{c[3]}x{c[4]}-{'table' if c[7] else 'notable'}" for c in MASK_CASES])
+def test_mask(backend_isa_device, case):
+    """mask[b % W] joins the scores; the table stored [T, H] is passed as a transposed view."""
+    backend, isa, device = backend_isa_device
+    _needs_mask_support(backend)
+    W, images, H, Nq, Nk, Dk, Dv, with_table = case
+    torch.manual_seed(W * 100 + Nq)
+    mask = swin_shift_mask(W, Nq, Nk, device=device, seed=Nk)
+    if Nq == Nk and Dk == Dv and with_table:
+        q, k, v, table_th, index = swin_inputs(W, images, H, Nq, Dk, device=device)
+        run_and_compare(backend, isa, q, k, v, table_th, index, None, mask=mask,
+                        table_view=lambda t: t.t())
+    else:
+        q, k, v, table, index = make_inputs(W * images, H, Nq, Nk, Dk, Dv, device=device,
+                                            layout="shrink", bias="table" if with_table else None)
+        run_and_compare(backend, isa, q, k, v, table, index, "hardswish", mask=mask)
+
+
+@pytest.mark.parametrize("backend_isa_device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_dtype", ["inputs", "float32"])
+def test_mask_half_precision(backend_isa_device, dtype, mask_dtype):
+    backend, isa, device = backend_isa_device
+    _needs_mask_support(backend)
+    torch.manual_seed(3)
+    q, k, v, table_th, index = swin_inputs(4, 2, 3, 49, 32, dtype=dtype, device=device)
+    mask = swin_shift_mask(4, 49, 49, device=device, dtype=dtype if mask_dtype == "inputs" else torch.float32)
+    run_and_compare(backend, isa, q, k, v, table_th, index, None, mask=mask, table_view=lambda t: t.t())
+
+
+@pytest.mark.parametrize("backend_isa_device", BACKENDS)
+def test_mask_updated_in_place_is_seen(backend_isa_device):
+    """The C++ backend caches the dense bias and mask rows per tensor version: an in-place change
+    of the mask (or a new mask object) must reach the next call."""
+    backend, isa, device = backend_isa_device
+    _needs_mask_support(backend)
+    torch.manual_seed(4)
+    q, k, v, table_th, index = swin_inputs(2, 1, 2, 16, 16, device=device)
+    mask = swin_shift_mask(2, 16, 16, device=device)
+    first_mask = mask.clone()
+    with running_on(backend, isa), torch.no_grad():
+        first = bias_attention(q, k, v, table_th.t(), index, mask=mask)
+        mask[1].copy_(-2 * torch.rand(16, 16, device=device))
+        second = bias_attention(q, k, v, table_th.t(), index, mask=mask)
+        without = bias_attention(q, k, v, table_th.t(), index)
+    for got, m in ((first, first_mask), (second, mask), (without, None)):
+        want = reference.bias_attention(q.double(), k.double(), v.double(), table_th.t().double(), index,
+                                        None, None, None if m is None else m.double())
+        assert_matches("out", got, want)
+    assert not torch.equal(first[1], second[1]) and torch.equal(first[0], second[0])
 
 
 WIDTHS = [(Dk, Dv) for Dk in (8, 16, 32, 64) for Dv in (16, 32, 64, 128)]
@@ -227,10 +321,10 @@ def test_explicit_reference_backward_matches_autograd(activation):
     out = reference.bias_attention(*xs[:3], xs[3], index, 0.4, activation)
     grad = torch.randn_like(out)
     out.backward(grad)
-    out_b, o_pre, lse = reference.forward(q, k, v, table, index, 0.4, activation, True)
+    out_b, o_pre, lse = reference.forward(q, k, v, table, index, None, 0.4, activation, True)
     torch.testing.assert_close(out_b, out.detach(), rtol=1e-12, atol=1e-14)
     saved = out_b if activation == "none" else o_pre
-    grads = reference.backward(grad, q, k, v, table, index, saved, lse, 0.4, activation)
+    grads = reference.backward(grad, q, k, v, table, index, None, saved, lse, 0.4, activation)
     for got, x in zip(grads, xs):
         torch.testing.assert_close(got, x.grad, rtol=1e-10, atol=1e-12)
 
@@ -305,7 +399,7 @@ def _good():
 
 def _call(**kw):
     kw = {**_good(), **kw}
-    extra = {name: kw.pop(name) for name in ("scale", "activation") if name in kw}
+    extra = {name: kw.pop(name) for name in ("scale", "activation", "mask") if name in kw}
     return bias_attention(kw["q"], kw["k"], kw["v"], kw["bias_table"], kw["bias_index"], **extra)
 
 
@@ -331,6 +425,11 @@ BAD = [
     ("activation 'none'", dict(activation="none"), ValueError,
      r"activation must be one of \(None, 'hardswish', 'silu'\), got 'none'"),
     ("scale", dict(scale=float("nan")), ValueError, r"scale must be None or a finite float"),
+    ("mask rank", dict(mask=torch.zeros(7, 9)), ValueError, r"mask must be a 3-D tensor \[W, Nq, Nk\].*2-D"),
+    ("mask shape", dict(mask=torch.zeros(2, 9, 7)), ValueError, r"mask.shape must be \[W>=1, Nq=7, Nk=9\].*\[2, 9, 7\]"),
+    ("mask windows", dict(mask=torch.zeros(3, 7, 9)), ValueError, r"q.shape\[0\] \(B\) must be a multiple of the mask's window count W=3, got 2"),
+    ("mask dtype", dict(mask=torch.zeros(2, 7, 9, dtype=torch.float64)), ValueError, r"mask.dtype must be q's dtype"),
+    ("mask grad", dict(mask=torch.zeros(2, 7, 9, requires_grad=True)), ValueError, r"mask must be a constant"),
     ("empty keys", dict(k=torch.randn(2, 3, 0, 8), v=torch.randn(2, 3, 0, 16), bias_table=None, bias_index=None),
      ValueError, r"Nk\) must be at least 1"),
 ]
@@ -351,11 +450,11 @@ def test_unknown_activation_at_the_op_level(backend_isa_device):
     forward, backward, extra = OPS.overloads(backend)
     message = r"activation must be one of .*'none'.*'hardswish'.*'silu'.*got 'gelu'"
     with running_on(backend, isa):
-        out, o_pre, lse = forward(q, k, v, table, index, 0.25, "silu", True, *extra)
+        out, o_pre, lse = forward(q, k, v, table, index, None, 0.25, "silu", True, *extra)
         with pytest.raises(ValueError, match=message):
-            forward(q, k, v, table, index, 0.25, "gelu", True, *extra)
+            forward(q, k, v, table, index, None, 0.25, "gelu", True, *extra)
         with pytest.raises(ValueError, match=message):
-            backward(torch.randn_like(out), q, k, v, table, index, o_pre, lse, 0.25, "gelu", *extra)
+            backward(torch.randn_like(out), q, k, v, table, index, None, o_pre, lse, 0.25, "gelu", *extra)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")

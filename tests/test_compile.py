@@ -22,12 +22,12 @@ def test_opcheck(backend_isa_device, activation):
     leaves = [t.detach().requires_grad_() for t in (q, k, v, table)]
     forward, backward, extra = BIAS_OPS.overloads(backend)  # the ops that run this backend
     with running_on(backend, isa):
-        torch.library.opcheck(forward, (*leaves[:3], leaves[3], index, 0.25, activation, True, *extra))
-        torch.library.opcheck(forward, (q, k, v, None, None, 0.25, activation, False, *extra))
-        out, o_pre, lse = forward(q, k, v, table, index, 0.25, activation, True, *extra)
+        torch.library.opcheck(forward, (*leaves[:3], leaves[3], index, None, 0.25, activation, True, *extra))
+        torch.library.opcheck(forward, (q, k, v, None, None, None, 0.25, activation, False, *extra))
+        out, o_pre, lse = forward(q, k, v, table, index, None, 0.25, activation, True, *extra)
         saved = out if activation == "none" else o_pre
         grad = torch.randn_like(out)
-        torch.library.opcheck(backward, (grad, q, k, v, table, index, saved, lse, 0.25, activation, *extra))
+        torch.library.opcheck(backward, (grad, q, k, v, table, index, None, saved, lse, 0.25, activation, *extra))
 
 
 def test_compile_fullgraph_matches_eager_without_recompiling():

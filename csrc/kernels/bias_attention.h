@@ -39,6 +39,9 @@ enum class Activation : int { kNone = 0, kHardswish = 1, kSilu = 2 };
 // kernels' vector padding for free. bias_ld is a multiple of kBiasRowAlign, so any ISA whose
 // vector width divides it can read whole vectors. Without a table, a single row of zeros (then
 // -inf) is used with both strides 0.
+// An additive mask (Swin's shifted windows, docs/bias_attention.md) comes as fp32 rows of the same
+// bias_ld, padded with 0: batch b adds row (b % mask_windows, i) at mask + (b % mask_windows) *
+// mask_w_stride + i * bias_ld; null without a mask.
 constexpr int64_t kBiasRowAlign = 16;
 
 // What forward and backward both read: sizes, the op's settings, q / k / v and the dense bias.
@@ -52,6 +55,7 @@ struct BiasAttentionInputs {
   const void* k; int64_t k_stride[4];
   const void* v; int64_t v_stride[4];
   const float* bias; int64_t bias_h_stride, bias_i_stride, bias_ld;
+  const float* mask; int64_t mask_windows, mask_w_stride;
 };
 
 struct BiasAttentionFwdArgs : BiasAttentionInputs {
@@ -124,14 +128,27 @@ inline void prefetch_rows(const void* x, const int64_t* s, int64_t b, int64_t h,
   prefetch_rows_by<T>(x, head_rows(s, b, h), s[3], N, D);
 }
 
-// Epilogue of S: C = acc * mul + X, the bias joining after the dot product as in plain PyTorch
-// (starting from the bias adds error); mul is the scale with bf16 products, else 1.
+// Epilogue of S: C = acc * mul + X (+ M), the bias and then the mask joining after the dot product
+// as in plain PyTorch (starting from the bias adds error); mul is the scale with bf16 products,
+// else 1. m is null without a mask.
 struct AddStoreEpi {
-  float* c; int64_t ldc; const float* x; int64_t ldx; float mul;
+  float* c; int64_t ldc; const float* x; int64_t ldx; float mul; const float* m; int64_t ldm;
   void operator()(int64_t i, int64_t jv, vf acc) {
-    vstore(c + i * ldc + jv * kW, vfma(acc, vset1(mul), vload(x + i * ldx + jv * kW)));
+    vf s = vfma(acc, vset1(mul), vload(x + i * ldx + jv * kW));
+    if (m != nullptr) s = vadd(s, vload(m + i * ldm + jv * kW));
+    vstore(c + i * ldc + jv * kW, s);
   }
 };
+
+// The epilogue adding (b, h)'s bias and mask rows from query row i0 on, storing into c.
+inline AddStoreEpi bias_epilogue(const BiasAttentionInputs& a, int64_t b, int64_t h, int64_t i0,
+                                 float* c, int64_t ldc, float mul) {
+  const float* m = a.mask == nullptr
+                       ? nullptr
+                       : a.mask + (b % a.mask_windows) * a.mask_w_stride + i0 * a.bias_ld;
+  return AddStoreEpi{c, ldc, a.bias + h * a.bias_h_stride + i0 * a.bias_i_stride, a.bias_i_stride,
+                     mul, m, a.bias_ld};
+}
 
 // act(x) and act'(x) of the fused epilogue (not called for Activation::kNone).
 inline vf activate(Activation act, vf x) {
@@ -200,8 +217,7 @@ inline void forward_rows(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, in
                 w.qs + r * Dk);
 
   // S = (q * scale) k^T + bias; the bias rows' -inf padding masks columns >= Nk.
-  AddStoreEpi s_epi{w.s, Nkp, a.bias + h * a.bias_h_stride + i0 * a.bias_i_stride,
-                    a.bias_i_stride, sc.result};
+  AddStoreEpi s_epi = bias_epilogue(a, b, h, i0, w.s, Nkp, sc.result);
   product<T>(rows, Nkp / kW, Dk, w.qs, Dk, 1, w.kt, Nkp, w.kt16, nullptr, 0, s_epi);
 
   // Softmax numerators in place; lse and 1 / sum per row.
@@ -341,8 +357,7 @@ inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, i
   }
 
   // P = exp(q k^T * scale + bias - lse).
-  AddStoreEpi s_epi{w.p, Nkp, a.bias + h * a.bias_h_stride + i0 * a.bias_i_stride,
-                    a.bias_i_stride, sc.result};
+  AddStoreEpi s_epi = bias_epilogue(a, b, h, i0, w.p, Nkp, sc.result);
   product<T>(rows, Nkp / kW, Dk, w.qs, Dkp, 1, w.kt, Nkp, w.kt16, nullptr, 0, s_epi);
   for (int64_t r = 0; r < rows; ++r) {
     float* pr = w.p + r * Nkp;

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <initializer_list>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -76,6 +77,8 @@ struct DenseBias {
   at::Tensor rows;     // [H, Nq, ld] fp32, or [ld] when there is no table
   at::Tensor index32;  // [Nq, Nk] int32, undefined when there is no table
   int64_t h_stride = 0, i_stride = 0, ld = 0, T = 0;
+  at::Tensor mask_rows;  // [W, Nq, ld] fp32 padded with 0, undefined without a mask
+  int64_t mask_windows = 1;
 };
 
 // index as dense int32 [Nq, Nk], after checking every value lies in [0, T) (the message is the
@@ -98,8 +101,30 @@ void convert_index(const at::Tensor& index, int64_t T, int32_t* out) {
                     ") (T = bias_table.shape[1]), got values from ", low, " to ", high);
 }
 
-DenseBias dense_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
-                     const std::optional<at::Tensor>& index_opt, const at::Tensor& q, int64_t Nk) {
+bool given(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The mask [W, Nq, Nk] as fp32 rows of ld floats, zero-padded (the bias rows' -inf masks the padding).
+void add_mask_rows(const char* fn, const at::Tensor& mask, const at::Tensor& q, int64_t Nk,
+                   DenseBias& bias) {
+  const int64_t B = q.size(0), Nq = q.size(2);
+  check_cpu(fn, "mask", mask);
+  check_dims(fn, "mask", mask, 3, "[W, Nq, Nk]");
+  const int64_t W = mask.size(0);
+  TORCH_CHECK(W >= 1 && mask.size(1) == Nq && mask.size(2) == Nk, fn, ": mask must have shape [W, Nq=",
+              Nq, ", Nk=", Nk, "] with W >= 1, got ", mask.sizes());
+  TORCH_CHECK(B % W == 0, fn, ": q.shape[0] (B) must be a multiple of the mask's window count W=", W,
+              ", got ", B);
+  check_param_dtype(fn, "mask", mask, q.scalar_type(), "q");
+  const int64_t ld = bias.ld;
+  const at::Tensor m = mask.to(at::kFloat).contiguous();
+  bias.mask_rows = at::zeros({W, Nq, ld}, q.options().dtype(at::kFloat));
+  bias.mask_rows.narrow(2, 0, Nk).copy_(m);
+  bias.mask_windows = W;
+}
+
+DenseBias dense_table_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
+                           const std::optional<at::Tensor>& index_opt, const at::Tensor& q,
+                           int64_t Nk) {
   const int64_t H = q.size(1), Nq = q.size(2);
   DenseBias bias;
   bias.ld = round_up(Nk, kBiasRowAlign);
@@ -157,6 +182,14 @@ DenseBias dense_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
   return bias;
 }
 
+DenseBias dense_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
+                     const std::optional<at::Tensor>& index_opt,
+                     const std::optional<at::Tensor>& mask_opt, const at::Tensor& q, int64_t Nk) {
+  DenseBias bias = dense_table_bias(fn, table_opt, index_opt, q, Nk);
+  if (given(mask_opt)) add_mask_rows(fn, *mask_opt, q, Nk, bias);
+  return bias;
+}
+
 // A model's bias table and index are constant at inference: gathering and checking them on every
 // call would redo the same work. The dense bias is kept per (table, index) and reused while both
 // tensors are the same objects, at the same addresses and versions (every in-place update, an
@@ -165,47 +198,65 @@ DenseBias dense_bias(const char* fn, const std::optional<at::Tensor>& table_opt,
 class DenseBiasCache {
  public:
   DenseBias get(const char* fn, const std::optional<at::Tensor>& table,
-                const std::optional<at::Tensor>& index, const at::Tensor& q, int64_t Nk) {
-    const bool cacheable = table.has_value() && table->defined() && index.has_value() &&
-                           index->defined() && !table->is_inference() && !index->is_inference();
-    if (!cacheable) return dense_bias(fn, table, index, q, Nk);
-    const Key key = key_of(*table, *index, q, Nk);
+                const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& mask,
+                const at::Tensor& q, int64_t Nk) {
+    const std::vector<at::Tensor> inputs = given_tensors({&table, &index, &mask});
+    bool cacheable = given(table) || given(mask);
+    for (const at::Tensor& t : inputs) cacheable = cacheable && !t.is_inference();
+    if (!cacheable) return dense_bias(fn, table, index, mask, q, Nk);
+    const Key key = key_of(inputs, q, Nk);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       for (const Entry& e : entries_)
-        if (e.key == key && !e.table.expired() && !e.index.expired()) return e.bias;
+        if (e.key == key && alive(e)) return e.bias;
     }
-    DenseBias bias = dense_bias(fn, table, index, q, Nk);  // checks, and throws on bad input
+    DenseBias bias = dense_bias(fn, table, index, mask, q, Nk);  // checks, and throws on bad input
     std::lock_guard<std::mutex> lock(mutex_);
     if (entries_.size() >= kMaxEntries) entries_.erase(entries_.begin());
-    entries_.push_back(Entry{key, WeakImpl(table->getIntrusivePtr()), WeakImpl(index->getIntrusivePtr()), bias});
+    Entry entry{key, {}, bias};
+    for (const at::Tensor& t : inputs) entry.tensors.emplace_back(t.getIntrusivePtr());
+    entries_.push_back(std::move(entry));
     return bias;
   }
 
  private:
-  struct Key {
-    const void* table_impl; const void* table_data; int64_t table_version;
-    const void* index_impl; const void* index_data; int64_t index_version;
-    int64_t H, Nq, Nk;
-    bool operator==(const Key& o) const {
-      return table_impl == o.table_impl && table_data == o.table_data &&
-             table_version == o.table_version && index_impl == o.index_impl &&
-             index_data == o.index_data && index_version == o.index_version && H == o.H &&
-             Nq == o.Nq && Nk == o.Nk;
-    }
-  };
+  // Per given tensor (table, index, mask, in order; absent ones left out: the TensorImpls tell
+  // them apart): its TensorImpl, data pointer and version; then B mod W, H, Nq, Nk.
+  using Key = std::vector<int64_t>;
   using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
   struct Entry {
     Key key;
-    WeakImpl table, index;  // a freed tensor's address may be reused: the entry then expires
+    std::vector<WeakImpl> tensors;  // a freed tensor's address may be reused: the entry then expires
     DenseBias bias;
   };
   static constexpr size_t kMaxEntries = 64;  // a few dozen attention layers per model
 
-  static Key key_of(const at::Tensor& table, const at::Tensor& index, const at::Tensor& q, int64_t Nk) {
-    return Key{table.unsafeGetTensorImpl(), table.data_ptr(), table._version(),
-               index.unsafeGetTensorImpl(), index.data_ptr(), index._version(),
-               q.size(1), q.size(2), Nk};
+  static std::vector<at::Tensor> given_tensors(
+      std::initializer_list<const std::optional<at::Tensor>*> ts) {
+    std::vector<at::Tensor> out;
+    for (const auto* t : ts)
+      if (given(*t)) out.push_back(**t);
+    return out;
+  }
+
+  static Key key_of(const std::vector<at::Tensor>& inputs, const at::Tensor& q, int64_t Nk) {
+    Key key;
+    for (const at::Tensor& t : inputs) {
+      key.push_back(reinterpret_cast<int64_t>(t.unsafeGetTensorImpl()));
+      key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+      key.push_back(t._version());
+    }
+    // With a mask, B mod W (a cached entry has passed the check that it is 0).
+    const int64_t b_mod_w = inputs.back().dim() == 3 && inputs.back().size(0) > 0
+                                ? q.size(0) % inputs.back().size(0) : 0;
+    key.insert(key.end(), {b_mod_w, q.size(1), q.size(2), Nk});
+    return key;
+  }
+
+  static bool alive(const Entry& e) {
+    for (const WeakImpl& t : e.tensors)
+      if (t.expired()) return false;
+    return true;
   }
 
   std::mutex mutex_;
@@ -213,9 +264,10 @@ class DenseBiasCache {
 };
 
 DenseBias cached_dense_bias(const char* fn, const std::optional<at::Tensor>& table,
-                            const std::optional<at::Tensor>& index, const at::Tensor& q, int64_t Nk) {
+                            const std::optional<at::Tensor>& index,
+                            const std::optional<at::Tensor>& mask, const at::Tensor& q, int64_t Nk) {
   static DenseBiasCache cache;
-  return cache.get(fn, table, index, q, Nk);
+  return cache.get(fn, table, index, mask, q, Nk);
 }
 
 // The part of the kernel arguments forward and backward share.
@@ -231,6 +283,9 @@ void fill_inputs(BiasAttentionInputs& a, const at::Tensor& q, const at::Tensor& 
   a.v = v.data_ptr(); copy_strides(v, a.v_stride);
   a.bias = bias.rows.data_ptr<float>();
   a.bias_h_stride = bias.h_stride; a.bias_i_stride = bias.i_stride; a.bias_ld = bias.ld;
+  a.mask = bias.mask_rows.defined() ? bias.mask_rows.data_ptr<float>() : nullptr;
+  a.mask_windows = bias.mask_windows;
+  a.mask_w_stride = bias.mask_rows.defined() ? bias.mask_rows.stride(0) : 0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,8 +311,9 @@ int64_t backward_batch_chunk(int64_t B, int64_t H, bool has_table) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index, double scale,
-    const std::string& activation, bool save_pre_activation) {
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index,
+    const std::optional<at::Tensor>& mask, double scale, const std::string& activation,
+    bool save_pre_activation) {
   constexpr const char* fn = "bias_attention_forward";
   check_qkv(fn, q, k, v);
   const Activation act = parse_activation(fn, activation);
@@ -272,7 +328,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
   at::Tensor lse = poisoned(at::empty({B, H, Nq}, q.options().dtype(at::kFloat)));
   if (B * H * Nq == 0) return {out, o_pre, lse};
 
-  const DenseBias bias = cached_dense_bias(fn, table, index, q, Nk);
+  const DenseBias bias = cached_dense_bias(fn, table, index, mask, q, Nk);
 
   BiasAttentionFwdArgs a{};
   fill_inputs(a, q, k, v, bias, act, scale);
@@ -295,7 +351,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index,
-    const at::Tensor& o_pre, const at::Tensor& lse, double scale, const std::string& activation) {
+    const std::optional<at::Tensor>& mask, const at::Tensor& o_pre, const at::Tensor& lse,
+    double scale, const std::string& activation) {
   constexpr const char* fn = "bias_attention_backward";
   check_qkv(fn, q, k, v);
   const Activation act = parse_activation(fn, activation);
@@ -318,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_attention_backwa
   at::Tensor dq = empty_bhnd(B, H, Nq, Dk, q.options());
   at::Tensor dk = empty_bhnd(B, H, Nk, Dk, q.options());
   at::Tensor dv = empty_bhnd(B, H, Nk, Dv, q.options());
-  const DenseBias bias = cached_dense_bias(fn, table, index, q, Nk);
+  const DenseBias bias = cached_dense_bias(fn, table, index, mask, q, Nk);
   const bool has_table = bias.index32.defined();
   const int64_t b_chunk = backward_batch_chunk(B, H, has_table);
   const int64_t chunks = (B + b_chunk - 1) / b_chunk;
@@ -373,16 +430,16 @@ class BiasAttentionFunction : public torch::autograd::Function<BiasAttentionFunc
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
       const at::Tensor& v, const std::optional<at::Tensor>& table,
-      const std::optional<at::Tensor>& index, double scale, const std::string& activation,
-      bool save_pre_activation) {
+      const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& mask, double scale,
+      const std::string& activation, bool save_pre_activation) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto op = native_op<decltype(bias_attention_forward)>("fastvit_kernels::bias_attention_forward");
-    auto [out, o_pre, lse] = op.call(q, k, v, table, index, scale, activation, save_pre_activation);
+    auto [out, o_pre, lse] = op.call(q, k, v, table, index, mask, scale, activation, save_pre_activation);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["activation"] = activation;
     // With no activation, the output itself is the pre-activation output.
     ctx->save_for_backward({q, k, v, table.value_or(at::Tensor()), index.value_or(at::Tensor()),
-                            activation == "none" ? out : o_pre, lse});
+                            mask.value_or(at::Tensor()), activation == "none" ? out : o_pre, lse});
     ctx->mark_non_differentiable({o_pre, lse});
     return {out, o_pre, lse};
   }
@@ -390,7 +447,7 @@ class BiasAttentionFunction : public torch::autograd::Function<BiasAttentionFunc
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o_pre = saved[5];
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &o_pre = saved[6];
     const std::string activation = ctx->saved_data["activation"].toStringRef();
     // sym_numel: under torch.compile the sizes may be symbolic.
     TORCH_CHECK(activation == "none" || o_pre.sym_numel() > 0,
@@ -399,19 +456,21 @@ class BiasAttentionFunction : public torch::autograd::Function<BiasAttentionFunc
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(o_pre);
     const std::optional<at::Tensor> table = saved[3].defined() ? std::optional(saved[3]) : std::nullopt;
     const std::optional<at::Tensor> index = saved[4].defined() ? std::optional(saved[4]) : std::nullopt;
+    const std::optional<at::Tensor> mask = saved[5].defined() ? std::optional(saved[5]) : std::nullopt;
     static const auto op = native_op<decltype(bias_attention_backward)>("fastvit_kernels::bias_attention_backward");
-    auto [dq, dk, dv, dtable] = op.call(grad_out, q, k, v, table, index, o_pre, saved[6],
+    auto [dq, dk, dv, dtable] = op.call(grad_out, q, k, v, table, index, mask, o_pre, saved[7],
                                         ctx->saved_data["scale"].toDouble(), activation);
     return {dq, dk, dv, table ? dtable : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bias_attention_forward_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index, double scale,
-    const std::string& activation, bool save_pre_activation) {
-  auto out = BiasAttentionFunction::apply(q, k, v, table, index, scale, activation,
+    const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index,
+    const std::optional<at::Tensor>& mask, double scale, const std::string& activation,
+    bool save_pre_activation) {
+  auto out = BiasAttentionFunction::apply(q, k, v, table, index, mask, scale, activation,
                                           save_pre_activation);
   return {out[0], out[1], out[2]};
 }
@@ -430,10 +489,11 @@ TORCH_LIBRARY_FRAGMENT(fastvit_kernels, m) {
   m.set_python_module("fastvit_kernels.ops.bias_attention");  // registers the fake implementations
   // -> (out [B,H,Nq,Dv] over [B,Nq,H,Dv] memory, o_pre (same, or 0-element), lse [B,H,Nq] fp32)
   m.def("bias_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? index, "
-        "float scale, str activation, bool save_pre_activation) -> (Tensor, Tensor, Tensor)");
+        "Tensor? mask, float scale, str activation, bool save_pre_activation) "
+        "-> (Tensor, Tensor, Tensor)");
   // -> (dq, dk, dv over [B,N,H,D] memory, dtable [H,T] in table's dtype or 0-element)
   m.def("bias_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? table, "
-        "Tensor? index, Tensor o_pre, Tensor lse, float scale, str activation) "
+        "Tensor? index, Tensor? mask, Tensor o_pre, Tensor lse, float scale, str activation) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 

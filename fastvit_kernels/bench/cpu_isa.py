@@ -40,11 +40,11 @@ def bias_case(B, H, N, Dk, Dv):
     scale = Dk ** -0.5
 
     def fwd():
-        return OPS.bias_attention_forward(q, k, v, table, index, scale, "hardswish", True)
+        return OPS.bias_attention_forward(q, k, v, table, index, None, scale, "hardswish", True)
 
     def fwd_bwd():
-        out, o_pre, lse = OPS.bias_attention_forward(q, k, v, table, index, scale, "hardswish", True)
-        return OPS.bias_attention_backward(torch.ones_like(out), q, k, v, table, index, o_pre, lse,
+        out, o_pre, lse = OPS.bias_attention_forward(q, k, v, table, index, None, scale, "hardswish", True)
+        return OPS.bias_attention_backward(torch.ones_like(out), q, k, v, table, index, None, o_pre, lse,
                                            scale, "hardswish")
     return fwd, fwd_bwd
 

@@ -43,7 +43,7 @@ def cases(grad: bool) -> Dict[str, Callable[[], object]]:
     }
     if hasattr(native, "bias_attention_forward"):
         out["dispatcher: bias_attention_forward"] = lambda: native.bias_attention_forward(
-            q, q, q, table, index, 0.25, "none", False)
+            q, q, q, table, index, None, 0.25, "none", False)
     return out
 
 

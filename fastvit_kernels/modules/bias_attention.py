@@ -246,7 +246,7 @@ class _LevitBiasAttentionBase(nn.Module):
                 q.requires_grad or k.requires_grad or v.requires_grad or self.attention_biases.requires_grad
             )
             return torch.ops.fastvit_kernels.bias_attention_forward(
-                q, k, v, self.attention_biases, self.attention_bias_idxs, self.scale, activation,
+                q, k, v, self.attention_biases, self.attention_bias_idxs, None, self.scale, activation,
                 activation != "none" and needs_grad,
             )[0]
         return bias_attention(

@@ -34,15 +34,21 @@ MAX_HEAD_DIM = 256
 
 
 def bias_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Optional[Tensor] = None,
-                   bias_index: Optional[Tensor] = None, *, scale: Optional[float] = None,
-                   activation: Optional[str] = None) -> Tensor:
-    """softmax(q kᵀ · scale + bias_table[:, bias_index]) v, then an optional Hardswish or SiLU.
+                   bias_index: Optional[Tensor] = None, *, mask: Optional[Tensor] = None,
+                   scale: Optional[float] = None, activation: Optional[str] = None) -> Tensor:
+    """softmax(q kᵀ · scale + bias_table[:, bias_index] + mask[b % W]) v, then an optional
+    Hardswish or SiLU.
 
     Args:
         q: [B, H, Nq, Dk]; k: [B, H, Nk, Dk]; v: [B, H, Nk, Dv]. Any strides (per-head views
             of a fused qkv projection are read in place). float32, bfloat16 or float16.
-        bias_table: [H, T] learnable relative-position biases (the inputs' dtype or float32).
+        bias_table: [H, T] learnable relative-position biases (the inputs' dtype or float32),
+            any strides: a table stored [T, H] (Swin) is passed as `table.t()`, no copy.
         bias_index: [Nq, Nk] integer tensor with values in [0, T). Both None: no bias.
+        mask: [W, Nq, Nk] additive mask, constant (no gradient), in the inputs' dtype or
+            float32; image b of the batch adds mask[b % W] (Swin's shifted windows: B is the
+            number of images times W, windows of one image consecutive). B must be a multiple
+            of W.
         scale: multiplies q·k; defaults to Dk ** -0.5.
         activation: None, "hardswish" or "silu" (LeViT applies one to the attention output;
             fused, forward and backward).
@@ -51,20 +57,21 @@ def bias_attention(q: Tensor, k: Tensor, v: Tensor, bias_table: Optional[Tensor]
         [B, H, Nq, Dv] in q's dtype, whose memory is laid out [B, Nq, H, Dv], so
         `out.transpose(1, 2).reshape(B, Nq, H * Dv)` needs no copy.
     """
-    _check_inputs(q, k, v, bias_table, bias_index, scale, activation)
+    _check_inputs(q, k, v, bias_table, bias_index, mask, scale, activation)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     if torch.onnx.is_in_onnx_export():
         # ONNX exporters trace the reference math into standard ONNX operators (docs/patching.md, "ONNX").
-        return reference.bias_attention(q, k, v, bias_table, bias_index, scale, activation)
+        return reference.bias_attention(q, k, v, bias_table, bias_index, scale, activation, mask)
     # The pre-activation output is kept only when a backward can follow.
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, bias_table)
     )
     save_pre_activation = activation is not None and needs_grad
-    backend = select_backend(q, k, v, bias_table, bias_index)
+    backend = select_backend(q, k, v, bias_table, bias_index, mask)
     out, _, _ = OPS.forward(
-        backend.name, q, k, v, bias_table, bias_index, float(scale), activation or "none", save_pre_activation
+        backend.name, q, k, v, bias_table, bias_index, mask, float(scale), activation or "none",
+        save_pre_activation,
     )
     return out
 
@@ -73,7 +80,7 @@ def _fail(argument: str, expected: str, given) -> None:
     raise ValueError(f"bias_attention: {argument} must be {expected}, got {given}")
 
 
-def _check_inputs(q, k, v, table, index, scale, activation) -> None:
+def _check_inputs(q, k, v, table, index, mask, scale, activation) -> None:
     """Checks that need only metadata, so they also run while torch.compile traces."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -123,10 +130,29 @@ def _check_inputs(q, k, v, table, index, scale, activation) -> None:
             _fail("bias_index.dtype", "torch.int64 or torch.int32", index.dtype)
         if index.device != q.device:
             _fail("bias_index.device", f"q's device {q.device}", index.device)
+    if mask is not None:
+        _check_mask(mask, q, Nq, Nk)
     if activation not in ACTIVATIONS:
         _fail("activation", f"one of {ACTIVATIONS}", repr(activation))
     if scale is not None and not (isinstance(scale, (int, float)) and abs(float(scale)) < float("inf")):
         _fail("scale", "None or a finite float", repr(scale))
+
+
+def _check_mask(mask, q, Nq, Nk) -> None:
+    if not isinstance(mask, Tensor) or mask.dim() != 3:
+        _fail("mask", "a 3-D tensor [W, Nq, Nk]", _describe(mask))
+    W = mask.shape[0]
+    if tuple(mask.shape[1:]) != (Nq, Nk) or W < 1:
+        _fail("mask.shape", f"[W>=1, Nq={Nq}, Nk={Nk}]", list(mask.shape))
+    if q.shape[0] % W != 0:
+        _fail("q.shape[0] (B)", f"a multiple of the mask's window count W={W}", q.shape[0])
+    if mask.dtype not in (q.dtype, torch.float32):
+        _fail("mask.dtype", f"q's dtype {q.dtype} or torch.float32", mask.dtype)
+    if mask.device != q.device:
+        _fail("mask.device", f"q's device {q.device}", mask.device)
+    if mask.requires_grad and torch.is_grad_enabled():
+        _fail("mask", "a constant (requires_grad=False: the op gives the mask no gradient)",
+              "a tensor that requires grad")
 
 
 def _describe(x) -> str:
@@ -167,17 +193,17 @@ def _check_index_values(index: Optional[Tensor], num_columns: int) -> None:
 
 # -> (out, pre-activation out or a 0-element tensor, lse [B, H, Nq] float32)
 FORWARD_SCHEMA = (
-    "(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? index, float scale, str activation, "
-    "bool save_pre_activation) -> (Tensor, Tensor, Tensor)"
+    "(Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? index, Tensor? mask, float scale, "
+    "str activation, bool save_pre_activation) -> (Tensor, Tensor, Tensor)"
 )
 # -> (dq, dk, dv, dtable or a 0-element tensor)
 BACKWARD_SCHEMA = (
-    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? index, Tensor o_pre, "
-    "Tensor lse, float scale, str activation) -> (Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? table, Tensor? index, Tensor? mask, "
+    "Tensor o_pre, Tensor lse, float scale, str activation) -> (Tensor, Tensor, Tensor, Tensor)"
 )
 
 
-def _fake_forward(q, k, v, table, index, scale, activation, save_pre_activation):
+def _fake_forward(q, k, v, table, index, mask, scale, activation, save_pre_activation):
     B, H, Nq, _ = q.shape
     Dv = v.shape[3]
     out = reference.empty_bhnd(B, H, Nq, Dv, q)
@@ -189,7 +215,7 @@ def _fake_forward(q, k, v, table, index, scale, activation, save_pre_activation)
     return out, o_pre, lse
 
 
-def _fake_backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation):
+def _fake_backward(grad_out, q, k, v, table, index, mask, o_pre, lse, scale, activation):
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     dq = reference.empty_bhnd(B, H, Nq, Dk, q)
@@ -199,7 +225,7 @@ def _fake_backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activatio
     return dq, dk, dv, dtable
 
 
-def _value_checks(q, k, v, table, index, scale, activation, save_pre_activation):
+def _value_checks(q, k, v, table, index, mask, scale, activation, save_pre_activation):
     """What the Python backends check of the values before running (the C++ kernels check the
     same, with the same message)."""
     if table is not None:
@@ -212,17 +238,17 @@ def _value_checks(q, k, v, table, index, scale, activation, save_pre_activation)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, index, scale, activation, _ = inputs
+    q, k, v, table, index, mask, scale, activation, _ = inputs
     out, o_pre, lse = output
     ctx.scale = scale
     ctx.activation = activation
     # With no activation, the output itself is the pre-activation output.
-    ctx.save_for_backward(q, k, v, table, index, out if activation == "none" else o_pre, lse)
+    ctx.save_for_backward(q, k, v, table, index, mask, out if activation == "none" else o_pre, lse)
     ctx.mark_non_differentiable(o_pre, lse)
 
 
 def _backward(ctx, grad_out, _grad_o_pre, _grad_lse):
-    q, k, v, table, index, o_pre, lse = ctx.saved_tensors
+    q, k, v, table, index, mask, o_pre, lse = ctx.saved_tensors
     if ctx.activation != "none" and o_pre.numel() == 0:
         raise RuntimeError(
             "bias_attention: backward needs the pre-activation output, which was not saved "
@@ -231,7 +257,7 @@ def _backward(ctx, grad_out, _grad_o_pre, _grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(o_pre)
     dq, dk, dv, dtable = OPS.backward(
-        ctx.backend, grad_out, q, k, v, table, index, o_pre, lse, ctx.scale, ctx.activation
+        ctx.backend, grad_out, q, k, v, table, index, mask, o_pre, lse, ctx.scale, ctx.activation
     )
     needs = ctx.needs_input_grad
     return (
@@ -239,6 +265,7 @@ def _backward(ctx, grad_out, _grad_o_pre, _grad_lse):
         dk if needs[1] else None,
         dv if needs[2] else None,
         dtable if table is not None and needs[3] else None,
+        None,
         None,
         None,
         None,
@@ -251,7 +278,7 @@ def _backward(ctx, grad_out, _grad_o_pre, _grad_lse):
 # ---------------------------------------------------------------------------------------------
 
 
-def _native_limits(q, k, v, table, index) -> List[str]:
+def _native_limits(q, k, v, table, index, mask=None) -> List[str]:
     reasons = []
     if q.dtype not in DTYPES:
         reasons.append(f"dtype {q.dtype} not in (float32, bfloat16, float16)")
@@ -267,5 +294,5 @@ OPS = DispatcherOps(BACKENDS, FORWARD_SCHEMA, BACKWARD_SCHEMA, fake_forward=_fak
                     value_checks=_value_checks)
 
 
-def select_backend(q, k, v, table=None, index=None) -> Backend:
-    return BACKENDS.select(q.device.type, q, k, v, table, index)
+def select_backend(q, k, v, table=None, index=None, mask=None) -> Backend:
+    return BACKENDS.select(q.device.type, q, k, v, table, index, mask)

@@ -4,23 +4,25 @@ This file is the specification of the op: the test oracle (run it in float64), t
 backend when no native kernel fits, and the path that exports (ONNX, TorchScript) because it is
 ordinary tensor code.
 
-Shapes: q [B, H, Nq, Dk], k [B, H, Nk, Dk], v [B, H, Nk, Dv], table [H, T], index [Nq, Nk].
+Shapes: q [B, H, Nq, Dk], k [B, H, Nk, Dk], v [B, H, Nk, Dv], table [H, T], index [Nq, Nk],
+mask [W, Nq, Nk] (B a multiple of W).
 
-    S[b, h, i, j] = (q_i . k_j) * scale + table[h, index[i, j]]
+    S[b, h, i, j] = (q_i . k_j) * scale + table[h, index[i, j]] + mask[b % W, i, j]
     P = softmax_j(S)
     O = P @ v
     out = activation(O)          # activation is None, hardswish or silu
 
 Backend contract (shared by the reference, the C++ and the Triton backends; the arguments are
 the op schema's, passed on unchanged — activation is the string "none", "hardswish" or "silu"):
-    forward(q, k, v, table, index, scale, activation, save_pre_activation)
+    forward(q, k, v, table, index, mask, scale, activation, save_pre_activation)
         -> out     [B, H, Nq, Dv] in q's dtype, memory laid out [B, Nq, H, Dv]
            o_pre   same layout, the output before the activation; a 0-element tensor unless
                    activation is not "none" and save_pre_activation is True
            lse     [B, H, Nq] float32, log(sum_j exp(S[i, j])): the softmax statistics
-    backward(grad_out, q, k, v, table, index, o_pre, lse, scale, activation)
+    backward(grad_out, q, k, v, table, index, mask, o_pre, lse, scale, activation)
         -> dq, dk, dv  shaped like q, k, v, memory laid out [B, N, H, D]
-           dtable      [H, T] in table's dtype (a 0-element tensor when table is None)
+           dtable      [H, T] in table's dtype (a 0-element tensor when table is None); the mask
+                       gets no gradient
        o_pre is the forward's output before the activation (the forward's `out` when no activation).
 """
 
@@ -37,6 +39,16 @@ def gather_bias(table: Tensor, index: Tensor) -> Tensor:
     return table[:, index]
 
 
+def add_mask(scores: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """scores [B, H, Nq, Nk] + mask[b % W] for each b (mask [W, Nq, Nk]; windows of one image are
+    consecutive in the batch, as Swin lays them out)."""
+    if mask is None:
+        return scores
+    B, H, Nq, Nk = scores.shape
+    W = mask.shape[0]
+    return (scores.reshape(B // W, W, H, Nq, Nk) + mask.to(scores.dtype)[:, None]).reshape(B, H, Nq, Nk)
+
+
 def bias_attention(
     q: Tensor,
     k: Tensor,
@@ -45,6 +57,7 @@ def bias_attention(
     index: Optional[Tensor] = None,
     scale: Optional[float] = None,
     activation: Optional[str] = None,
+    mask: Optional[Tensor] = None,
 ) -> Tensor:
     """The op as differentiable tensor code, in the inputs' dtype (use float64 for an oracle)."""
     if scale is None:
@@ -52,6 +65,7 @@ def bias_attention(
     scores = (q @ k.transpose(-2, -1)) * scale
     if table is not None:
         scores = scores + gather_bias(table, index).to(scores.dtype)
+    scores = add_mask(scores, mask)
     return activate(scores.softmax(dim=-1) @ v, activation)
 
 
@@ -91,6 +105,7 @@ def forward(
     v: Tensor,
     table: Optional[Tensor],
     index: Optional[Tensor],
+    mask: Optional[Tensor],
     scale: float,
     activation: str,
     save_pre_activation: bool,
@@ -103,6 +118,7 @@ def forward(
     scores = (q.to(acc) @ k.to(acc).transpose(-2, -1)) * scale
     if table is not None:
         scores = scores + gather_bias(table, index).to(acc)
+    scores = add_mask(scores, mask)
     lse = torch.logsumexp(scores, dim=-1)
     o = torch.exp(scores - lse[..., None]) @ v.to(acc)
     out = empty_bhnd(B, H, Nq, Dv, q)
@@ -121,6 +137,7 @@ def backward(
     v: Tensor,
     table: Optional[Tensor],
     index: Optional[Tensor],
+    mask: Optional[Tensor],
     o_pre: Tensor,
     lse: Tensor,
     scale: float,
@@ -140,6 +157,7 @@ def backward(
     scores = (qa @ ka.transpose(-2, -1)) * scale
     if table is not None:
         scores = scores + gather_bias(table, index).to(acc)
+    scores = add_mask(scores, mask)
     p = torch.exp(scores - lse.to(acc)[..., None])
     dv = p.transpose(-2, -1) @ do
     dp = do @ va.transpose(-2, -1)

@@ -425,11 +425,13 @@ def forward(
     v: Tensor,
     table: Optional[Tensor],
     index: Optional[Tensor],
+    mask: Optional[Tensor],
     scale: float,
     activation: str,
     save_pre_activation: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     _check_activation(activation)
+    _check_no_mask(mask)
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     save_pre = activation != "none" and bool(save_pre_activation)
@@ -479,12 +481,14 @@ def backward(
     v: Tensor,
     table: Optional[Tensor],
     index: Optional[Tensor],
+    mask: Optional[Tensor],
     o_pre: Tensor,
     lse: Tensor,
     scale: float,
     activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_activation(activation)
+    _check_no_mask(mask)
     act = activation != "none"
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
@@ -594,10 +598,10 @@ def compile_variants() -> Iterator[CompileVariant]:
         if table_dtype is not None:
             table = meta(q.shape[1], max(Nk, 3), dtype=table_dtype)
             index = meta(Nq, Nk, dtype=index_dtype)
-        out, o_pre, lse = forward(q, k, v, table, index, 0.25, activation, save_pre)
+        out, o_pre, lse = forward(q, k, v, table, index, None, 0.25, activation, save_pre)
         if activation == "none" or save_pre:
-            backward(out, q, k, v, table, index, out if activation == "none" else o_pre, lse, 0.25,
-                     activation)
+            backward(out, q, k, v, table, index, None, out if activation == "none" else o_pre, lse,
+                     0.25, activation)
 
     activations = [("none", False), ("hardswish", False), ("hardswish", True), ("silu", False),
                    ("silu", True)]
@@ -625,9 +629,17 @@ def compile_variants() -> Iterator[CompileVariant]:
 
 
 
-def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Optional[Tensor]) -> List[str]:
+def _check_no_mask(mask: Optional[Tensor]) -> None:
+    if mask is not None:
+        raise NotImplementedError("bias_attention (triton): the mask argument is not supported yet")
+
+
+def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Optional[Tensor],
+            mask: Optional[Tensor] = None) -> List[str]:
     """Reasons these Triton kernels cannot run the inputs ([] when they can)."""
     reasons: List[str] = []
+    if mask is not None:
+        reasons.append("mask not supported yet")
     tensors = [("q", q), ("k", k), ("v", v)]
     if table is not None:
         tensors.append(("bias_table", table))
