@@ -5,7 +5,8 @@
 // Math (docs/bias_attention.md, "Definition" and "Backward"), fp32 accumulation and softmax
 // statistics for every element type:
 //   S = q k^T * scale + bias,  P = softmax_j(S),  O = P v,  out = act(O),  lse = log sum_j exp(S)
-// Backward: dO' = dout * act'(O), delta_i = dO'_i . O_i, dP = dO' v^T, dS = P * (dP - delta),
+// Backward: P = softmax_j(S) again (not exp(S - lse)), dO' = dout * act'(O), dP = dO' v^T,
+//   delta_i = sum_j P_ij dP_ij, dS = P * (dP - delta),
 //   dq = dS k * scale, dk = dS^T q * scale, dv = P^T dO', dtable[h, index[i, j]] += dS[i, j].
 //
 // Every product goes through product<T>() of attention_gemm.h, on operands packed into fp32
@@ -71,8 +72,8 @@ struct BiasAttentionFwdArgs : BiasAttentionInputs {
 
 struct BiasAttentionBwdArgs : BiasAttentionInputs {
   const void* grad_out; int64_t grad_out_stride[4];
-  const void* o_pre; int64_t o_pre_stride[4];
-  const float* lse; int64_t lse_stride[3];
+  const void* o_pre; int64_t o_pre_stride[4];  // read only with an activation
+  // (No lse: the kernel recomputes each row's softmax from its scores.)
   // Dense validated index [Nq, Nk] (values in [0, T)) and the per-task dtable partial sums
   // [tasks, 2, T], zero-initialised by the caller; both null when there is no table.
   const int32_t* index; int64_t T; float* dtable_partial;
@@ -287,9 +288,10 @@ struct BwdScratch {
   float* qs;      // q * scale [QB][Dkp]
   float* dout;    // dO' [QB][Dvp]
   float* p;       // P, then dS [QB][Nkp]
+  float* dp;      // dP [QB][Nkp]
   float* dq;      // dq rows [QB][Dkp]
-  float* delta;   // dO' . o_pre [QB]
-  float* lse;     // [QB]
+  float* row_max;  // the softmax statistics of a block's rows [round_up(QB, kW)]
+  float* inv_sum;  // [round_up(QB, kW)]
   float* tmp;     // an o_pre row; transpose staging [kW][max(Dkp, Dvp)]
   float* ds_sum;  // dS summed over a task's batches [Nq][Nkp], only with a table
   uint32_t* kt16;  // bf16 twins of kt, ks, vt (bf16 products only, else null)
@@ -308,9 +310,10 @@ struct BwdScratch {
     qs = c.take(QB * Dkp);
     dout = c.take(QB * Dvp);
     p = c.take(QB * Nkp);
+    dp = c.take(QB * Nkp);
     dq = c.take(QB * Dkp);
-    delta = c.take(QB);
-    lse = c.take(QB);
+    row_max = c.take(round_up(QB, kW));
+    inv_sum = c.take(round_up(QB, kW));
     tmp = c.take(kW * std::max(Dkp, Dvp));
     ds_sum = a.index != nullptr ? c.take(a.Nq * Nkp) : nullptr;
     kt16 = take_twin<T>(c, a.Dk, Nkp);
@@ -328,7 +331,7 @@ inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, i
   const int64_t Nkp = round_up(Nk, kW), Dkp = round_up(Dk, kW), Dvp = round_up(Dv, kW);
   const ScalePlacement sc = scale_placement<T>(a.scale);
 
-  // Per row: q * scale, dO' = dout * act'(o_pre), delta = dO' . o_pre (= rowsum(P * dP)), lse.
+  // Per row: q * scale, dO' = dout * act'(o_pre).
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t i = i0 + r;
     float* qr = w.qs + r * Dkp;
@@ -337,41 +340,46 @@ inline void backward_rows(const BiasAttentionBwdArgs& a, int64_t b, int64_t h, i
     float* gr = w.dout + r * Dvp;
     load_row<T>(a.grad_out, offset4(a.grad_out_stride, b, h, i), a.grad_out_stride[3], Dv, 1.0f,
                 gr);
-    load_row<T>(a.o_pre, offset4(a.o_pre_stride, b, h, i), a.o_pre_stride[3], Dv, 1.0f, w.tmp);
-    for (int64_t d = Dv; d < Dvp; ++d) gr[d] = w.tmp[d] = 0.0f;
-    vf dot = vzero();
-    for (int64_t c = 0; c < Dvp; c += kW) {
-      vf g = vload(gr + c);
-      const vf x = vload(w.tmp + c);
-      if (a.activation != Activation::kNone) {
-        // With bf16 products dO' enters dP = dO' v^T in bf16: delta takes the same rounded dO',
-        // so each row of dS = P (dP - delta) still sums to ~0 (dtable sums dS; grad_out itself
-        // is already bf16).
-        g = as_product_operand<T>(vmul(g, activate_grad(a.activation, x)));
-        vstore(gr + c, g);
+    for (int64_t d = Dv; d < Dvp; ++d) gr[d] = 0.0f;
+    if (a.activation != Activation::kNone) {
+      load_row<T>(a.o_pre, offset4(a.o_pre_stride, b, h, i), a.o_pre_stride[3], Dv, 1.0f, w.tmp);
+      for (int64_t d = Dv; d < Dvp; ++d) w.tmp[d] = 0.0f;
+      for (int64_t c = 0; c < Dvp; c += kW) {
+        // With bf16 products dO' enters dP = dO' v^T in bf16 (grad_out itself is already bf16).
+        vstore(gr + c, as_product_operand<T>(
+                           vmul(vload(gr + c), activate_grad(a.activation, vload(w.tmp + c)))));
       }
-      dot = vfma(g, x, dot);
     }
-    w.delta[r] = vhsum(dot);
-    w.lse[r] = a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] + i * a.lse_stride[2]];
   }
 
-  // P = exp(q k^T * scale + bias - lse).
+  // P = softmax(q k^T * scale + bias), from each row's own max and sum rather than
+  // exp(S - lse) with the forward's lse: an fp32 lse of magnitude ~30 (large scores) is off by
+  // up to 1e-6 absolute, and that error would enter every P (docs/bias_attention.md, "Backward").
+  // The rows are whole here, so the softmax costs one more pass over them.
   AddStoreEpi s_epi = bias_epilogue(a, b, h, i0, w.p, Nkp, sc.result);
   product<T>(rows, Nkp / kW, Dk, w.qs, Dkp, 1, w.kt, Nkp, w.kt16, nullptr, 0, s_epi);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* pr = w.p + r * Nkp;
-    const vf l = vset1(w.lse[r]);
-    for (int64_t c = 0; c < Nkp; c += kW) vstore(pr + c, vexp(vsub(vload(pr + c), l)));
-  }
+  softmax_rows(w.p, rows, Nkp, round_up(rows, kW), w.row_max, w.inv_sum);
+  for (int64_t r = 0; r < rows; ++r) scale_rows(w.p + r * Nkp, Nkp, w.inv_sum[r]);
 
   // dv += P^T dO' (A = P read transposed).
   StoreEpi dv_epi{w.dv, Dvp};
   product<T>(Nk, Dvp / kW, rows, w.p, 1, Nkp, w.dout, Dvp, nullptr, w.dv, Dvp, dv_epi);
 
-  // dS = P * (dO' v^T - delta), written over P.
-  SoftmaxGradEpi ds_epi{w.p, Nkp, w.delta};
-  product<T>(rows, Nkp / kW, Dv, w.dout, Dvp, 1, w.vt, Nkp, w.vt16, nullptr, 0, ds_epi);
+  // dP = dO' v^T; delta = rowsum(P * dP) from these same P and dP (not dO' . O, the form
+  // attention kernels that tile keys use): near one-hot rows make dP - delta a cancellation, and
+  // only a consistent delta keeps its error relative to the difference
+  // (docs/bias_attention.md, "Backward"). Then dS = P * (dP - delta), written over P.
+  StoreEpi dp_epi{w.dp, Nkp};
+  product<T>(rows, Nkp / kW, Dv, w.dout, Dvp, 1, w.vt, Nkp, w.vt16, nullptr, 0, dp_epi);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* pr = w.p + r * Nkp;
+    const float* dpr = w.dp + r * Nkp;
+    vf dot = vzero();
+    for (int64_t c = 0; c < Nkp; c += kW) dot = vfma(vload(pr + c), vload(dpr + c), dot);
+    const vf delta = vset1(vhsum(dot));
+    for (int64_t c = 0; c < Nkp; c += kW)
+      vstore(pr + c, vmul(vload(pr + c), vsub(vload(dpr + c), delta)));
+  }
 
   // dq = dS (k * scale).
   StoreEpi dq_epi{w.dq, Dkp};

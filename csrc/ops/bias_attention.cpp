@@ -386,7 +386,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bias_attention_backwa
     fill_inputs(a, q, k, v, bias, act, scale);
     a.grad_out = grad_out.data_ptr(); copy_strides(grad_out, a.grad_out_stride);
     a.o_pre = o_pre.data_ptr(); copy_strides(o_pre, a.o_pre_stride);
-    a.lse = lse.data_ptr<float>(); copy_strides(lse, a.lse_stride);
     if (has_table) {
       a.index = bias.index32.data_ptr<int32_t>();
       a.T = bias.T;

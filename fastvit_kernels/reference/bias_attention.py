@@ -158,10 +158,14 @@ def backward(
     if table is not None:
         scores = scores + gather_bias(table, index).to(acc)
     scores = add_mask(scores, mask)
-    p = torch.exp(scores - lse.to(acc)[..., None])
+    # P from the scores' own softmax, not exp(scores - lse): an fp32 lse of magnitude ~30 carries
+    # ~1e-6 of rounding into every P (docs/bias_attention.md, "Backward"). lse is unused here.
+    p = torch.softmax(scores, dim=-1)
     dv = p.transpose(-2, -1) @ do
     dp = do @ va.transpose(-2, -1)
-    delta = (do * o).sum(-1, keepdim=True)  # = rowsum(P * dP)
+    # delta = rowsum(P * dP) (= dO · O): from the same P and dP, so dP - delta keeps its accuracy
+    # when a row of P is nearly one-hot (docs/bias_attention.md, "Backward").
+    delta = (p * dp).sum(-1, keepdim=True)
     ds = p * (dp - delta)
     dq = (ds @ ka) * scale
     dk = (ds.transpose(-2, -1) @ qa) * scale
