@@ -158,8 +158,8 @@ def build_pair(name, **kwargs):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_supported_models_are_every_levit():
-    names = supported_timm_models()
+def test_supported_models_include_every_levit():
+    names = [n for n in supported_timm_models() if n.startswith("levit")]
     assert names == sorted(timm.list_models("levit*"))
     assert len([n for n in names if n.startswith("levit_conv_")]) == 10
     assert len([n for n in names if not n.startswith("levit_conv_")]) == 10
@@ -471,7 +471,8 @@ def test_not_a_module_is_a_type_error():
 def test_registry():
     assert registry[levit.Attention] is BiasAttention
     assert registry[levit.AttentionDownsample] is ShrinkAttention
-    assert set(registry) == set(TIMM_CLASSES) and len(registry) == 2
+    assert set(TIMM_CLASSES) <= set(registry) and len(registry) == len(set(registry))
+    entries = len(registry)
     assert registry.timm_class_for(BiasAttention(16, 4, 2, resolution=3)) is levit.Attention
 
     class NotAReplacement(nn.Module):
@@ -502,7 +503,7 @@ def test_registry():
         assert not any(type(m) is FakeMlp for m in model.modules())
     finally:
         registry.unregister("timm.models.levit.LevitMlp")
-    assert len(registry) == 2
+    assert len(registry) == entries
 
 
 def test_package_exports():

@@ -147,7 +147,7 @@ class Subsample(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _adopt(source: nn.Module, cls: type) -> nn.Module:
+def adopt(source: nn.Module, cls: type) -> nn.Module:
     """A `cls` instance that shares everything `source` holds (parameters, buffers, submodules,
     hooks, attributes): the same tensors, no copies, so optimizer state stays valid. The
     containers are copied, so registering a new parameter on one does not change the other."""
@@ -156,7 +156,8 @@ def _adopt(source: nn.Module, cls: type) -> nn.Module:
     for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
         if key in state:
             state[key] = copy.copy(state[key])
-    state["attention_bias_cache"] = {}
+    if "attention_bias_cache" in state:
+        state["attention_bias_cache"] = {}  # timm's eval-mode cache of gathered biases: not shared
     target.__dict__.update(state)
     return target
 
@@ -271,11 +272,11 @@ class _LevitBiasAttentionBase(nn.Module):
                 f"{cls.__name__}.from_timm expects a timm.models.levit.{cls.TIMM_CLASS}, "
                 f"got {type(module).__module__}.{type(module).__qualname__}"
             )
-        return _adopt(module, cls)
+        return adopt(module, cls)
 
     def to_timm(self) -> nn.Module:
         """The timm module this replaces, sharing this module's parameters, buffers and submodules."""
-        return _adopt(self, _timm_class(self.TIMM_CLASS))
+        return adopt(self, _timm_class(self.TIMM_CLASS))
 
     def extra_repr(self) -> str:
         return (

@@ -32,7 +32,7 @@ import importlib
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch.nn as nn
 
@@ -49,13 +49,36 @@ __all__ = ["patch_timm", "unpatch_timm", "supported_timm_models", "registry", "P
 # -> replacement class. Adding a supported module is one line here.
 # ---------------------------------------------------------------------------------------------
 
-_REGISTRY_SPEC: Dict[str, type] = {
+# A replacement given as a dotted path is imported when the registry is first used
+# (modules/timm_attention.py subclasses timm's classes, so it imports timm).
+_FAMILIES = "fastvit_kernels.modules.timm_attention"
+_REGISTRY_SPEC: Dict[str, Union[type, str]] = {
     "timm.models.levit.Attention": BiasAttention,
     "timm.models.levit.AttentionDownsample": ShrinkAttention,
+    "timm.models.swin_transformer.WindowAttention": f"{_FAMILIES}.SwinWindowAttention",
+    "timm.models.tiny_vit.Attention": f"{_FAMILIES}.TinyVitAttention",
+    "timm.models.efficientformer.Attention": f"{_FAMILIES}.EfficientFormerAttention",
+    "timm.models.efficientvit_msra.CascadedGroupAttention": f"{_FAMILIES}.EfficientVitCascadedAttention",
+    "timm.models.efficientformer_v2.Attention2dDownsample": f"{_FAMILIES}.EfficientFormerV2Downsample",
 }
 
 # Model-name patterns (timm.list_models) whose attention the registry covers.
-_SUPPORTED_MODEL_PATTERNS: Tuple[str, ...] = ("levit*",)
+# (efficientformerv2_*: only the downsampling attention; the report names what is left alone.)
+_SUPPORTED_MODEL_PATTERNS: Tuple[str, ...] = (
+    "levit*", "swin_*", "tiny_vit_*", "efficientformer_l*", "efficientvit_m*", "efficientformerv2_*",
+)
+
+# timm attention classes with a learned bias that patch_timm leaves alone, and why (the report
+# lists them; docs/patching.md, "Families").
+LEFT_ALONE: Dict[str, str] = {
+    "timm.models.efficientformer_v2.Attention2d":
+        "talking heads mix the heads before and after the softmax (not one softmax per head)",
+    "timm.models.swin_transformer_v2.WindowAttention":
+        "cosine attention with a learned per-head logit scale and a bias from an MLP over "
+        "log-spaced coordinates (16·sigmoid), not a table lookup",
+    "timm.models.swin_transformer_v2_cr.WindowMultiHeadAttention":
+        "cosine attention with a learned temperature and an MLP position bias, not a table lookup",
+}
 
 
 def _resolve(path: str) -> type:
@@ -92,7 +115,9 @@ class TimmRegistry:
 
     def mapping(self) -> Dict[type, type]:
         if self._resolved is None:
-            self._resolved = {_resolve(path): cls for path, cls in self._spec.items()}
+            self._resolved = {
+                _resolve(path): _resolve(cls) if isinstance(cls, str) else cls for path, cls in self._spec.items()
+            }
         return dict(self._resolved)
 
     def replacement_for(self, module: nn.Module) -> Optional[type]:
@@ -120,7 +145,7 @@ class TimmRegistry:
         return self.mapping().items()
 
     def __repr__(self) -> str:
-        body = ", ".join(f"{path}: {cls.__name__}" for path, cls in self._spec.items())
+        body = ", ".join(f"{path}: {cls if isinstance(cls, str) else cls.__name__}" for path, cls in self._spec.items())
         return f"TimmRegistry({{{body}}})"
 
 
@@ -128,7 +153,8 @@ registry = TimmRegistry(_REGISTRY_SPEC)
 
 
 def supported_timm_models() -> List[str]:
-    """Every timm model name whose attention modules patch_timm replaces (timm.list_models('levit*'))."""
+    """Every timm model name whose attention modules patch_timm replaces (timm.list_models of
+    _SUPPORTED_MODEL_PATTERNS)."""
     import timm
 
     names = set()
@@ -157,6 +183,8 @@ class PatchReport:
     replaced: Dict[str, int] = field(default_factory=dict)
     already_patched: int = 0
     folded_batchnorms: int = 0
+    # "efficientformer_v2.Attention2d" -> (count, why it was left alone); see LEFT_ALONE
+    left_alone: Dict[str, Tuple[int, str]] = field(default_factory=dict)
 
     @property
     def num_replaced(self) -> int:
@@ -170,6 +198,8 @@ class PatchReport:
             text = f"fastvit_kernels.patch_timm({self.model}): replaced no modules"
         if self.already_patched:
             text += f"; {self.already_patched} were already patched"
+        for name, (count, why) in self.left_alone.items():
+            text += f"; left {count} {name} alone ({why})"
         if self.folded_batchnorms:
             text += f"; folded {self.folded_batchnorms} BatchNorms into their Linear/Conv (inference only)"
         else:
@@ -203,7 +233,9 @@ def patch_timm(
     vits = pool_targets(model, pool) if pool is not None else []  # fails before any change too
     mapping = registry.mapping()
     patched_classes = set(mapping.values())
+    left_alone = _left_alone_classes()
     replaced: Counter = Counter()
+    skipped: Counter = Counter()
     already = 0
 
     def convert(module: nn.Module) -> Optional[nn.Module]:
@@ -213,6 +245,8 @@ def patch_timm(
             return None
         cls = mapping.get(type(module))
         if cls is None:
+            if type(module) in left_alone:
+                skipped[type(module)] += 1
             return None
         replaced[f"{_class_name(type(module))} -> {cls.__name__}"] += 1
         return cls.from_timm(module)
@@ -224,13 +258,25 @@ def patch_timm(
             continue
         install_ggem_pool(vit)
         replaced[f"{_class_name(type(vit))}.attn_pool -> GGeM"] += 1
-    report = PatchReport(model=type(model).__name__, replaced=dict(replaced), already_patched=already)
+    report = PatchReport(model=type(model).__name__, replaced=dict(replaced), already_patched=already,
+                         left_alone={_class_name(c): (n, left_alone[c]) for c, n in skipped.items()})
     if fold_bn:
         report.folded_batchnorms = fold(model)
     model.fastvit_kernels_report = report
     if verbose:
         print(report)
     return model
+
+
+def _left_alone_classes() -> Dict[type, str]:
+    """LEFT_ALONE with the classes this timm version has (older versions lack some)."""
+    classes = {}
+    for path, why in LEFT_ALONE.items():
+        try:
+            classes[_resolve(path)] = why
+        except ImportError:
+            pass
+    return classes
 
 
 def unpatch_timm(model: nn.Module) -> nn.Module:
