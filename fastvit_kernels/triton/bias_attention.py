@@ -623,6 +623,13 @@ def _levit_inputs(B: int, H: int, Nq: int, Nk: int, Dk: int, Dv: int, dtype: tor
     return q, k, v
 
 
+# Swin-like mask launches (tokens per window, with a table, mask dtype; None: the inputs'):
+# 7×7 windows (several key blocks in dq) with a float32 mask and one in the inputs' dtype, 4×4
+# windows (dq's ONE_KBLOCK path: the bias gathered once, the mask per batch), a mask alone.
+_MASK_VARIANTS = ((49, True, torch.float32), (49, True, None), (16, True, torch.float32),
+                  (49, False, None))
+
+
 def compile_variants() -> Iterator[CompileVariant]:
     """Every kernel configuration forward and backward launch, recorded on meta tensors: each
     dtype; head widths Dk and Dv each of every padded width 16..256 (_MAX_HEAD_DIM); Nq and Nk
@@ -631,17 +638,20 @@ def compile_variants() -> Iterator[CompileVariant]:
     Inputs are laid out as LeViT's linear modules pass them (_levit_inputs), the bias in the
     inputs' dtype with int64 indices. Pointer types and strides that change no configuration are
     recorded for one LeViT shrink shape per dtype: a float32 table (autocast), int32 indices, the
-    conv layout."""
+    conv layout. The mask (HAS_MASK) only adds a tile load, so it is recorded for a few Swin
+    window shapes per dtype rather than across the whole product (see _MASK_VARIANTS)."""
 
-    def run(q, k, v, table_dtype, index_dtype, activation, save_pre):
+    def run(q, k, v, table_dtype, index_dtype, activation, save_pre, mask_dtype=None, windows=1):
         Nq, Nk = q.shape[2], k.shape[2]
-        table = index = None
+        table = index = mask = None
         if table_dtype is not None:
             table = meta(q.shape[1], max(Nk, 3), dtype=table_dtype)
             index = meta(Nq, Nk, dtype=index_dtype)
-        out, o_pre, lse = forward(q, k, v, table, index, None, 0.25, activation, save_pre)
+        if mask_dtype is not None:
+            mask = meta(windows, Nq, Nk, dtype=mask_dtype)
+        out, o_pre, lse = forward(q, k, v, table, index, mask, 0.25, activation, save_pre)
         if activation == "none" or save_pre:
-            backward(out, q, k, v, table, index, None, out if activation == "none" else o_pre, lse,
+            backward(out, q, k, v, table, index, mask, out if activation == "none" else o_pre, lse,
                      0.25, activation)
 
     activations = [("none", False), ("hardswish", False), ("hardswish", True), ("silu", False),
@@ -660,6 +670,10 @@ def compile_variants() -> Iterator[CompileVariant]:
             q, k, v = _levit_inputs(2, 4, 49, 196, 16, 64, dtype, conv=True)
             run(q, k, v, dtype, torch.int64, "hardswish", True)
             variants.case = ""
+            for N, with_table, mask_dtype in _MASK_VARIANTS:
+                q, k, v = _levit_inputs(8, 3, N, N, 32, 32, dtype)  # 2 images of 4 windows
+                run(q, k, v, dtype if with_table else None, torch.int64, "none", False,
+                    mask_dtype=mask_dtype or dtype, windows=4)
     yield from variants
 
 
