@@ -139,17 +139,11 @@ MASK_CASES = [  # (windows W, images, H, Nq, Nk, Dk, Dv, with a table)
 ]
 
 
-def _needs_mask_support(backend):
-    if backend == "triton":
-        pytest.skip("the Triton kernels do not take a mask yet")
-
-
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)
 @pytest.mark.parametrize("case", MASK_CASES, ids=[f"W{c[0]}-{c[3]}x{c[4]}-{'table' if c[7] else 'notable'}" for c in MASK_CASES])
 def test_mask(backend_isa_device, case):
     """mask[b % W] joins the scores; the table stored [T, H] is passed as a transposed view."""
     backend, isa, device = backend_isa_device
-    _needs_mask_support(backend)
     W, images, H, Nq, Nk, Dk, Dv, with_table = case
     torch.manual_seed(W * 100 + Nq)
     mask = swin_shift_mask(W, Nq, Nk, device=device, seed=Nk)
@@ -168,7 +162,6 @@ def test_mask(backend_isa_device, case):
 @pytest.mark.parametrize("mask_dtype", ["inputs", "float32"])
 def test_mask_half_precision(backend_isa_device, dtype, mask_dtype):
     backend, isa, device = backend_isa_device
-    _needs_mask_support(backend)
     torch.manual_seed(3)
     q, k, v, table_th, index = swin_inputs(4, 2, 3, 49, 32, dtype=dtype, device=device)
     mask = swin_shift_mask(4, 49, 49, device=device, dtype=dtype if mask_dtype == "inputs" else torch.float32)
@@ -180,7 +173,6 @@ def test_mask_updated_in_place_is_seen(backend_isa_device):
     """The C++ backend caches the dense bias and mask rows per tensor version: an in-place change
     of the mask (or a new mask object) must reach the next call."""
     backend, isa, device = backend_isa_device
-    _needs_mask_support(backend)
     torch.manual_seed(4)
     q, k, v, table_th, index = swin_inputs(2, 1, 2, 16, 16, device=device)
     mask = swin_shift_mask(2, 16, 16, device=device)
@@ -195,6 +187,21 @@ def test_mask_updated_in_place_is_seen(backend_isa_device):
                                         None, None, None if m is None else m.double())
         assert_matches("out", got, want)
     assert not torch.equal(first[1], second[1]) and torch.equal(first[0], second[0])
+
+
+@pytest.mark.parametrize("backend_isa_device", BACKENDS)
+def test_mask_of_minus_infinity(backend_isa_device):
+    """-inf entries (another common way to write a mask) may hide all of a row's keys in whole key
+    blocks (the Triton forward's online softmax must not subtract -inf from -inf) or all keys
+    but one: the results stay finite and match the oracle."""
+    backend, isa, device = backend_isa_device
+    torch.manual_seed(5)
+    q, k, v, table, index = make_inputs(4, 2, 50, 50, 16, 32, device=device, layout="shrink")
+    mask = torch.zeros(2, 50, 50)
+    mask[0, :, :40] = float("-inf")  # window 0: keys 40 to 49 only, after a hidden key block
+    mask[1, :, :-1] = float("-inf")  # window 1: the last key alone
+    mask[1, ::2] = 0.0               # (on every other row)
+    run_and_compare(backend, isa, q, k, v, table, index, "hardswish", mask=mask.to(device))
 
 
 WIDTHS = [(Dk, Dv) for Dk in (8, 16, 32, 64) for Dv in (16, 32, 64, 128)]

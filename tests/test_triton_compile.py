@@ -11,10 +11,10 @@ never fatal.
 
 - test_compile_representative_subset (default): the representative subset: for every kernel, arch
   and dtype the smallest and largest block configuration, plus variants until every flag value,
-  num_warps, num_stages, argument type and layout case occurs: 280 variants, ~170 CPU-seconds
+  num_warps, num_stages, argument type and layout case occurs: 286 variants, ~170 CPU-seconds
   with an empty Triton cache (about 1.5-2 min on 2 idle cores; 2.7-5.3 min measured on 2 cores
   shared with other jobs), ~45 s with a warm cache.
-- test_compile_full_sweep (marker `sweep`): all 20,342 variants (17,556 before the silu ones,
+- test_compile_full_sweep (marker `sweep`): all 20,408 variants (17,556 before the silu ones,
   measured at ~10,000 CPU-seconds: about 1.5 h on 2 idle cores, ~4 h on 2 shared cores; the
   silu variants add ~16%). Skipped unless `pytest -m sweep` or `pytest --sweep` is given;
   `python -m fastvit_kernels.triton.compile_check --jobs N --shard K/M` splits it over machines

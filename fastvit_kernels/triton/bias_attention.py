@@ -1,22 +1,26 @@
 """Triton kernels for attention with a learned relative-position bias (LeViT; docs/bias_attention.md, "Definition").
 
 Math and backend contract: `fastvit_kernels/reference/bias_attention.py`. In short, per (b, h):
-    S = q kᵀ · scale + table[h, index],  P = softmax(S),  O = P v,  out = activation(O).
+    S = q kᵀ · scale + table[h, index] + mask[b % W],  P = softmax(S),  O = P v,
+    out = activation(O).
+The optional additive mask [W, Nq, Nk] (Swin's shifted windows; the reference's add_mask) joins
+each score tile after the bias, read per batch (image b adds window b % W); it gets no gradient.
 
-Kernels (all read q, k, v, grad_out, o_pre, index and table through their strides, so per-head
-views of LeViT's fused qkv buffer need no copy):
+Kernels (all read q, k, v, grad_out, o_pre, index, table and mask through their strides, so
+per-head views of LeViT's fused qkv buffer need no copy):
   _fwd_kernel        one program per (query block, b·h): online softmax over key blocks, bias
-                     gathered in the kernel, Hardswish or SiLU fused; writes out, o_pre
-                     (optional), lse.
+                     gathered and mask added in the kernel, Hardswish or SiLU fused; writes out,
+                     o_pre (optional), lse.
   _bwd_pre_kernel    delta = rowsum(dO' · o_pre) with dO' = grad_out · act'(o_pre); also
                      stores dO' when there is an activation so the next two kernels read it once.
   _bwd_dkdv_kernel   one program per (key block, b·h), looping over query blocks.
   _bwd_dq_kernel     one program per (query block, h, batch chunk), looping over the chunk's
                      batches and the key blocks; also sums dS over the chunk's batches (dtable).
 
-Softmax runs in base 2 (exp2 is the native instruction): scores are multiplied by log2(e) and the
-stored lse is converted back to natural log. All statistics and accumulators are fp32; for fp32
-inputs the dots use input_precision="ieee" (no TF32), for half inputs they take half operands.
+Softmax runs in base 2 (exp2 is the native instruction): scores (bias and mask included) are
+multiplied by log2(e) and the stored lse is converted back to natural log. All statistics and
+accumulators are fp32; for fp32 inputs the dots use input_precision="ieee" (no TF32), for half
+inputs they take half operands.
 Block sizes are powers of two >= 16 (the GPU's minimum dot size); padding is masked.
 """
 
@@ -51,6 +55,13 @@ def _bias_tile(TABLE, INDEX, h, rows, cols, mask, s_th, s_tt, s_iq, s_ik):
 
 
 @triton.jit
+def _mask_tile(MASK, w, rows, cols, inside, s_mw, s_mq, s_mk):
+    """mask[w, rows, cols] in fp32 (0 outside `inside`). rows/cols broadcast to the tile."""
+    m = tl.load(MASK + w * s_mw + rows * s_mq + cols * s_mk, mask=inside, other=0.0)
+    return m.to(tl.float32)
+
+
+@triton.jit
 def _hardswish(x):
     return x * tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
 
@@ -75,16 +86,18 @@ def _silu_grad(x):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, TABLE, INDEX, OUT, OPRE, LSE,
+    Q, K, V, TABLE, INDEX, MASK, OUT, OPRE, LSE,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_th, s_tt, s_iq, s_ik,
+    s_mw, s_mq, s_mk,
     s_ob, s_oh, s_on, s_od,
     s_pb, s_ph, s_pn, s_pd,
-    H, NQ, NK, DK, DV, scale,
-    HAS_BIAS: tl.constexpr, HARDSWISH: tl.constexpr, SILU: tl.constexpr, SAVE_PRE: tl.constexpr,
-    IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
+    H, W, NQ, NK, DK, DV, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HARDSWISH: tl.constexpr, SILU: tl.constexpr,
+    SAVE_PRE: tl.constexpr, IEEE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
 ):
     tl.static_assert(BM >= 16)  # the GPU's minimum dot size
     tl.static_assert(BN >= 16)
@@ -128,11 +141,20 @@ def _fwd_kernel(
         if HAS_BIAS:
             s += _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :],
                             m_mask[:, None] & n_mask[None, :], s_th, s_tt, s_iq, s_ik) * log2e
+        if HAS_MASK:
+            s += _mask_tile(MASK, b % W, offs_m[:, None], offs_n[None, :],
+                            m_mask[:, None] & n_mask[None, :], s_mw, s_mq, s_mk) * log2e
         s = tl.where(n_mask[None, :], s, float("-inf"))
-        # Every key block holds at least one real key, so m_new is finite for every row.
+        # Every key block holds at least one real key, so without a mask m_new is finite for
+        # every row.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_sub = m_new
+        if HAS_MASK:
+            # A mask of -inf can hide all of a row's keys so far: subtract 0 instead of -inf
+            # there, so alpha and p are 0, not NaN (m_i itself stays -inf).
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_sub)
+        p = tl.exp2(s - m_sub[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + offs_n[:, None] * s_vn + offs_dv[None, :] * s_vd,
@@ -193,16 +215,17 @@ def _bwd_pre_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, TABLE, INDEX, DO, LSE, DELTA, DK_OUT, DV_OUT,
+    Q, K, V, TABLE, INDEX, MASK, DO, LSE, DELTA, DK_OUT, DV_OUT,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_th, s_tt, s_iq, s_ik,
+    s_mw, s_mq, s_mk,
     s_db, s_dh, s_dn, s_dd,
     s_dkb, s_dkh, s_dkn, s_dkd,
     s_dvb, s_dvh, s_dvn, s_dvd,
-    H, NQ, NK, DK, DV, scale,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    H, W, NQ, NK, DK, DV, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
 ):
     tl.static_assert(BM >= 16)  # the GPU's minimum dot size
@@ -249,6 +272,9 @@ def _bwd_dkdv_kernel(
         if HAS_BIAS:
             st += _bias_tile(TABLE, INDEX, h, offs_m[None, :], offs_n[:, None], mask_t,
                              s_th, s_tt, s_iq, s_ik) * log2e
+        if HAS_MASK:
+            st += _mask_tile(MASK, b % W, offs_m[None, :], offs_n[:, None], mask_t,
+                             s_mw, s_mq, s_mk) * log2e
         pt = tl.where(mask_t, tl.exp2(st - lse[None, :]), 0.0)
         dv += dot(pt.to(q.dtype), do, IEEE)
         dpt = dot(v, tl.trans(do), IEEE)
@@ -264,15 +290,16 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, TABLE, INDEX, DO, LSE, DELTA, DQ_OUT, DS_SUM,
+    Q, K, V, TABLE, INDEX, MASK, DO, LSE, DELTA, DQ_OUT, DS_SUM,
     s_qb, s_qh, s_qn, s_qd,
     s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd,
     s_th, s_tt, s_iq, s_ik,
+    s_mw, s_mq, s_mk,
     s_db, s_dh, s_dn, s_dd,
     s_dqb, s_dqh, s_dqn, s_dqd,
-    B, H, NQ, NK, DK, DV, scale, BATCH_PER_PROG,
-    HAS_BIAS: tl.constexpr, ONE_KBLOCK: tl.constexpr, IEEE: tl.constexpr,
+    B, H, W, NQ, NK, DK, DV, scale, BATCH_PER_PROG,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, ONE_KBLOCK: tl.constexpr, IEEE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr,
 ):
     """dq for the chunk's batches; with a bias, also DS_SUM[chunk, h] = Σ_{b in chunk} dS[b, h].
@@ -310,7 +337,8 @@ def _bwd_dq_kernel(
     ds_base = DS_SUM + (chunk * H + h) * NQ * NK
 
     # Single key block (Nk <= BN): the bias tile is the same for every batch, so it is gathered
-    # once, and the dS sum stays in registers until the end.
+    # once, and the dS sum stays in registers until the end. (The mask is not: it is
+    # mask[b % W], loaded per batch in the loop below.)
     if ONE_KBLOCK:
         n_mask1 = offs_n0 < NK
         mask1 = m_mask[:, None] & n_mask1[None, :]
@@ -345,6 +373,9 @@ def _bwd_dq_kernel(
                 else:
                     s += _bias_tile(TABLE, INDEX, h, offs_m[:, None], offs_n[None, :], mask,
                                     s_th, s_tt, s_iq, s_ik) * log2e
+            if HAS_MASK:  # per batch, ONE_KBLOCK or not
+                s += _mask_tile(MASK, b % W, offs_m[:, None], offs_n[None, :], mask,
+                                s_mw, s_mq, s_mk) * log2e
             p = tl.where(mask, tl.exp2(s - lse[:, None]), 0.0)
             dp = dot(do, vt, IEEE)
             ds = p * (dp - delta[:, None])
@@ -419,6 +450,14 @@ def _bias_args(table: Optional[Tensor], index: Optional[Tensor], dummy: Tensor):
     return table, index, (table.stride(0), table.stride(1), index.stride(0), index.stride(1))
 
 
+def _mask_args(mask: Optional[Tensor], dummy: Tensor):
+    """(mask, its window count W, 3 strides); a dummy pointer, W = 1 and zero strides when there
+    is no mask (never read)."""
+    if mask is None:
+        return dummy, 1, (0, 0, 0)
+    return mask, mask.shape[0], tuple(mask.stride())
+
+
 def forward(
     q: Tensor,
     k: Tensor,
@@ -431,7 +470,6 @@ def forward(
     save_pre_activation: bool,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     _check_activation(activation)
-    _check_no_mask(mask)
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     save_pre = activation != "none" and bool(save_pre_activation)
@@ -446,15 +484,17 @@ def forward(
     bdk, bdv = pow2(Dk), pow2(Dv)
     cfg = _config("fwd", Nq, Nk, bdk, bdv, q.dtype)
     tbl, idx, t_strides = _bias_args(table, index, q)
+    msk, W, m_strides = _mask_args(mask, q)
     pre = o_pre if save_pre else out
     grid = (triton.cdiv(Nq, cfg["BM"]) * B * H,)
     _fwd_kernel[grid](
-        q, k, v, tbl, idx, out, pre, lse,
-        *q.stride(), *k.stride(), *v.stride(), *t_strides, *out.stride(), *pre.stride(),
-        H, Nq, Nk, Dk, Dv, float(scale),
-        HAS_BIAS=table is not None, HARDSWISH=activation == "hardswish", SILU=activation == "silu",
-        SAVE_PRE=save_pre, IEEE=fp32_dots(q.dtype),
-        BDK=bdk, BDV=bdv, **cfg,
+        q, k, v, tbl, idx, msk, out, pre, lse,
+        *q.stride(), *k.stride(), *v.stride(), *t_strides, *m_strides, *out.stride(),
+        *pre.stride(),
+        H, W, Nq, Nk, Dk, Dv, float(scale),
+        HAS_BIAS=table is not None, HAS_MASK=mask is not None,
+        HARDSWISH=activation == "hardswish", SILU=activation == "silu", SAVE_PRE=save_pre,
+        IEEE=fp32_dots(q.dtype), BDK=bdk, BDV=bdv, **cfg,
     )
     return out, o_pre, lse
 
@@ -488,7 +528,6 @@ def backward(
     activation: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     _check_activation(activation)
-    _check_no_mask(mask)
     act = activation != "none"
     B, H, Nq, Dk = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
@@ -515,7 +554,8 @@ def backward(
     bdk, bdv = pow2(Dk), pow2(Dv)
     ieee = fp32_dots(q.dtype)
     tbl, idx, t_strides = _bias_args(table, index, q)
-    has_bias = table is not None
+    msk, W, m_strides = _mask_args(mask, q)
+    has_bias, has_mask = table is not None, mask is not None
 
     # 1. delta (and dO' when there is an activation).
     delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
@@ -532,11 +572,11 @@ def backward(
     # 2. dk, dv.
     cfg = _config("dkdv", Nq, Nk, bdk, bdv, q.dtype)
     _bwd_dkdv_kernel[(triton.cdiv(Nk, cfg["BN"]) * B * H,)](
-        q, k, v, tbl, idx, do, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *t_strides, *do.stride(),
+        q, k, v, tbl, idx, msk, do, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *t_strides, *m_strides, *do.stride(),
         *dk.stride(), *dv.stride(),
-        H, Nq, Nk, Dk, Dv, float(scale),
-        HAS_BIAS=has_bias, IEEE=ieee, BDK=bdk, BDV=bdv, **cfg,
+        H, W, Nq, Nk, Dk, Dv, float(scale),
+        HAS_BIAS=has_bias, HAS_MASK=has_mask, IEEE=ieee, BDK=bdk, BDV=bdv, **cfg,
     )
 
     # 3. dq and the batch-summed dS.
@@ -550,10 +590,11 @@ def backward(
     else:
         per_prog, chunks, ds_sum = 1, B, delta  # dummy pointer, never written
     _bwd_dq_kernel[(num_m * H * chunks,)](
-        q, k, v, tbl, idx, do, lse, delta, dq, ds_sum,
-        *q.stride(), *k.stride(), *v.stride(), *t_strides, *do.stride(), *dq.stride(),
-        B, H, Nq, Nk, Dk, Dv, float(scale), per_prog,
-        HAS_BIAS=has_bias, ONE_KBLOCK=Nk <= cfg["BN"], IEEE=ieee, BDK=bdk, BDV=bdv, **cfg,
+        q, k, v, tbl, idx, msk, do, lse, delta, dq, ds_sum,
+        *q.stride(), *k.stride(), *v.stride(), *t_strides, *m_strides, *do.stride(),
+        *dq.stride(),
+        B, H, W, Nq, Nk, Dk, Dv, float(scale), per_prog,
+        HAS_BIAS=has_bias, HAS_MASK=has_mask, ONE_KBLOCK=Nk <= cfg["BN"], IEEE=ieee, BDK=bdk, BDV=bdv, **cfg,
     )
 
     # 4. dtable[h, r] = Σ_{i,j: index[i,j] = r} ds_sum[h, i, j]: one scatter of H·Nq·Nk values.
@@ -582,6 +623,13 @@ def _levit_inputs(B: int, H: int, Nq: int, Nk: int, Dk: int, Dv: int, dtype: tor
     return q, k, v
 
 
+# Swin-like mask launches (tokens per window, with a table, mask dtype; None: the inputs'):
+# 7×7 windows (several key blocks in dq) with a float32 mask and one in the inputs' dtype, 4×4
+# windows (dq's ONE_KBLOCK path: the bias gathered once, the mask per batch), a mask alone.
+_MASK_VARIANTS = ((49, True, torch.float32), (49, True, None), (16, True, torch.float32),
+                  (49, False, None))
+
+
 def compile_variants() -> Iterator[CompileVariant]:
     """Every kernel configuration forward and backward launch, recorded on meta tensors: each
     dtype; head widths Dk and Dv each of every padded width 16..256 (_MAX_HEAD_DIM); Nq and Nk
@@ -590,17 +638,20 @@ def compile_variants() -> Iterator[CompileVariant]:
     Inputs are laid out as LeViT's linear modules pass them (_levit_inputs), the bias in the
     inputs' dtype with int64 indices. Pointer types and strides that change no configuration are
     recorded for one LeViT shrink shape per dtype: a float32 table (autocast), int32 indices, the
-    conv layout."""
+    conv layout. The mask (HAS_MASK) only adds a tile load, so it is recorded for a few Swin
+    window shapes per dtype rather than across the whole product (see _MASK_VARIANTS)."""
 
-    def run(q, k, v, table_dtype, index_dtype, activation, save_pre):
+    def run(q, k, v, table_dtype, index_dtype, activation, save_pre, mask_dtype=None, windows=1):
         Nq, Nk = q.shape[2], k.shape[2]
-        table = index = None
+        table = index = mask = None
         if table_dtype is not None:
             table = meta(q.shape[1], max(Nk, 3), dtype=table_dtype)
             index = meta(Nq, Nk, dtype=index_dtype)
-        out, o_pre, lse = forward(q, k, v, table, index, None, 0.25, activation, save_pre)
+        if mask_dtype is not None:
+            mask = meta(windows, Nq, Nk, dtype=mask_dtype)
+        out, o_pre, lse = forward(q, k, v, table, index, mask, 0.25, activation, save_pre)
         if activation == "none" or save_pre:
-            backward(out, q, k, v, table, index, None, out if activation == "none" else o_pre, lse,
+            backward(out, q, k, v, table, index, mask, out if activation == "none" else o_pre, lse,
                      0.25, activation)
 
     activations = [("none", False), ("hardswish", False), ("hardswish", True), ("silu", False),
@@ -619,6 +670,10 @@ def compile_variants() -> Iterator[CompileVariant]:
             q, k, v = _levit_inputs(2, 4, 49, 196, 16, 64, dtype, conv=True)
             run(q, k, v, dtype, torch.int64, "hardswish", True)
             variants.case = ""
+            for N, with_table, mask_dtype in _MASK_VARIANTS:
+                q, k, v = _levit_inputs(8, 3, N, N, 32, 32, dtype)  # 2 images of 4 windows
+                run(q, k, v, dtype if with_table else None, torch.int64, "none", False,
+                    mask_dtype=mask_dtype or dtype, windows=4)
     yield from variants
 
 
@@ -629,22 +684,17 @@ def compile_variants() -> Iterator[CompileVariant]:
 
 
 
-def _check_no_mask(mask: Optional[Tensor]) -> None:
-    if mask is not None:
-        raise NotImplementedError("bias_attention (triton): the mask argument is not supported yet")
-
-
 def why_not(q: Tensor, k: Tensor, v: Tensor, table: Optional[Tensor], index: Optional[Tensor],
             mask: Optional[Tensor] = None) -> List[str]:
     """Reasons these Triton kernels cannot run the inputs ([] when they can)."""
     reasons: List[str] = []
-    if mask is not None:
-        reasons.append("mask not supported yet")
     tensors = [("q", q), ("k", k), ("v", v)]
     if table is not None:
         tensors.append(("bias_table", table))
     if index is not None:
         tensors.append(("bias_index", index))
+    if mask is not None:
+        tensors.append(("mask", mask))
     reasons += device_reasons("bias_attention", tensors, q.dtype)
     reasons += dtype_reasons(q.dtype, max(q.shape[-1], v.shape[-1]), _MAX_HEAD_DIM)
     return reasons
