@@ -18,10 +18,14 @@ v are the strided views each family's projection produces.
 
 Model part (`--part model`): images/s of swin_tiny_patch4_window7_224, tiny_vit_5m_224,
 efficientformer_l1 and efficientvit_m0 (random weights, randomised bias tables, layer scales and
-BatchNorms): inference at batch 1 and 32 in float32 and bfloat16 (eager, patched, compile,
-patched+compile, the last being fastvit_kernels' serving path for these families), and a training
-step at batch 32 (float32 and bfloat16 autocast). Every output is compared with eager float32
-timm before it is timed (fastvit_kernels.bench.levit does the timing).
+BatchNorms): inference at batch 1 and 32 in float32 and bfloat16 (eager, patched, compile and
+patched+compile), and a training
+step at batch 32 (float32 and bfloat16 autocast). Also, for inference, `compile+freezing` (the
+unpatched model compiled with Inductor's freezing, weights as constants) and `serve`
+(`fastvit_kernels.optimize_for_inference(model, dtype, compile=True)`: patched, then compiled
+with freezing — the recommended serving path). Every output is compared with eager float32
+timm before it is timed (fastvit_kernels.bench.levit does the timing); `x timm compile` is each
+row's img/s over the unpatched model's torch.compile at the same dtype and batch.
 
     python -m fastvit_kernels.bench.timm_families --part op --quick
     python -m fastvit_kernels.bench.timm_families --part model --models efficientvit_m0 --quick
@@ -43,7 +47,7 @@ from fastvit_kernels.reference import bias_attention as reference
 IMPLS = ("op", "eager", "sdpa", "compile", "flex")
 PASSES = ("fwd", "fwd+bwd")
 MODELS = ("swin_tiny_patch4_window7_224", "tiny_vit_5m_224", "efficientformer_l1", "efficientvit_m0")
-INFER_IMPLS = ("eager", "patched", "compile", "patched+compile")
+INFER_IMPLS = ("eager", "patched", "compile", "patched+compile", "compile+freezing", "serve")
 TRAIN_IMPLS = ("eager", "patched", "compile", "patched+compile")
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
 
@@ -324,8 +328,9 @@ def run_models(ctx: common.Context) -> List[Dict]:
         base = build_model(name)
         for dtype in dtypes:
             for batch in args.batches:
-                rows += levit.bench_inference(base, name, batch=batch, dtype=dtype, device=ctx.device, env=ctx.env,
-                                              quick=ctx.quick, impls=INFER_IMPLS)
+                if "infer" in args.passes_model:
+                    rows += levit.bench_inference(base, name, batch=batch, dtype=dtype, device=ctx.device,
+                                                  env=ctx.env, quick=ctx.quick, impls=args.infer_impls)
             if "train" in args.passes_model:
                 rows += levit.bench_training(base, name, batch=args.train_batch, dtype=dtype, device=ctx.device,
                                              env=ctx.env, quick=ctx.quick, impls=TRAIN_IMPLS)
@@ -350,6 +355,7 @@ def add_options(parser) -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32], help="model part: inference batches")
     parser.add_argument("--train-batch", type=int, default=32)
     parser.add_argument("--passes-model", nargs="+", choices=("infer", "train"), default=["infer", "train"])
+    parser.add_argument("--infer-impls", nargs="+", choices=INFER_IMPLS, default=list(INFER_IMPLS))
     parser.add_argument("--no-verify", action="store_true", help="skip checking SHAPES against the models")
 
 

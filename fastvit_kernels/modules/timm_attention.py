@@ -146,7 +146,7 @@ class EfficientVitCascadedAttention(_TimmSubclass, efficientvit_msra.CascadedGro
             q, k, v = (t.flatten(2).unsqueeze(1).transpose(2, 3) for t in (q, k, v))
             out = attend(q, k, v, self.attention_biases[head:head + 1], self.attention_bias_idxs, None, self.scale)
             # [B, 1, N, Dv] over [B, N, 1, Dv] memory -> [B, Dv, H, W] (a channels-last view)
-            feat = out.squeeze(1).transpose(1, 2).view(B, self.val_dim, H, W)
+            feat = out.squeeze(1).transpose(1, 2).contiguous().view(B, self.val_dim, H, W)
             feats_out.append(feat)
         return self.proj(torch.cat(feats_out, 1))
 
