@@ -31,7 +31,6 @@ row's img/s over the unpatched model's torch.compile at the same dtype and batch
     python -m fastvit_kernels.bench.timm_families --part model --models efficientvit_m0 --quick
 """
 
-import copy
 import sys
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
