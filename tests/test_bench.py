@@ -10,7 +10,7 @@ import torch
 from fastvit_kernels.bench import common
 
 MODULES = ("__main__", "levit", "bias_attention", "qna_attention", "qna_vit", "ggem_pool",
-           "policy_attention", "varlen_attention", "dynamic_vit", "serve", "overhead", "cpu_isa")
+           "policy_attention", "varlen_attention", "dynamic_vit", "serve", "overhead", "cpu_isa", "timm_families")
 COMMON_OPTIONS = ("--device", "--dtype", "--batch", "--quick", "--out")
 
 
@@ -47,6 +47,7 @@ ROW_FIELDS = {"device", "device_type", "torch_threads", "torch", "git_sha", "cas
 @pytest.mark.parametrize("name, argv, case", [
     ("ggem_pool", ["--shapes", "vit_s", "--no-bandwidth"], "vit_s"),
     ("bias_attention", ["--shapes", "128s.attn4", "--no-verify"], "128s.attn4"),
+    ("timm_families", ["--shapes", "swin_t.s4", "--no-verify"], "swin_t.s4"),
 ])
 def test_tiny_run_writes_rows(name, argv, case, tmp_path, capsys):
     module = importlib.import_module(f"fastvit_kernels.bench.{name}")

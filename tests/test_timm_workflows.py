@@ -83,7 +83,7 @@ def timm_supports(workflow, run):
     model cannot do the workflow: a patched model only has to work where timm's does."""
     try:
         return run()
-    except Exception as error:  # e.g. FX tracing of Swin's input-size control flow
+    except Exception as error:  # e.g. FX tracing of EfficientViT's and TinyViT's input-size control flow
         pytest.skip(f"timm's own model does not support {workflow}: {type(error).__name__}: {str(error)[:200]}")
 
 

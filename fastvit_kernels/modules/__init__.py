@@ -4,6 +4,10 @@
     ShrinkAttention  timm.models.levit.AttentionDownsample  (LeViT shrink attention)
     QnA              the QnA learned-query local attention layer (no timm counterpart)
     GGeM             group generalized-mean pooling (a timm VisionTransformer's attn_pool slot)
+
+The replacements for Swin, TinyViT, EfficientFormer, EfficientViT-MSRA and EfficientFormerV2
+subclass timm's classes, so they live in `fastvit_kernels.modules.timm_attention`, imported only
+on use (it imports timm).
 """
 
 from fastvit_kernels.modules.bias_attention import BiasAttention, ConvNorm, LinearNorm, ShrinkAttention, Subsample
