@@ -278,12 +278,10 @@ class Case:
 
     def make_callable(self, impl: str, pass_: str):
         """One iteration of `impl` for the pass, returning what `oracle` returns."""
-        if pass_ == "fwd":
-            table, buffers = self.table, self.buffers
-            bias = self.table[:, self.index]  # timm's eval-mode cache, gathered outside the timing
-        else:
-            leaves = [b.detach().clone().requires_grad_() for b in self.buffers + [self.table]]
-            table, buffers, bias = leaves[-1], leaves[:-1], None
+        leaves = common.pass_leaves(pass_, self.buffers + [self.table])
+        buffers, table = leaves[:-1], leaves[-1]
+        # Forward: timm's eval-mode cache, gathered outside the timing; fwd+bwd gathers inside.
+        bias = self.table[:, self.index] if pass_ == "fwd" else None
         if impl == "compile":
             f = make_compiled_eager()
         elif impl == "flex":
@@ -291,21 +289,11 @@ class Case:
         else:
             f = {"op": impl_op, "eager": impl_eager, "sdpa": impl_sdpa}[impl]
 
-        if pass_ == "fwd":
-
-            def run():
-                with torch.no_grad():
-                    q, k, v = self.views(buffers)
-                    return [f(q, k, v, table, self.index, self.scale, bias)]
-
-            return run
-
-        def run():
+        def call():
             q, k, v = self.views(buffers)
-            out = f(q, k, v, table, self.index, self.scale, None)
-            return list(torch.autograd.grad(out, buffers + [table], self.grad_out))
+            return f(q, k, v, table, self.index, self.scale, bias)
 
-        return run
+        return common.pass_runner(pass_, call, leaves, self.grad_out)
 
 
 # ---------------------------------------------------------------------------------------------

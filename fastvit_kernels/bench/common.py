@@ -487,6 +487,27 @@ def short_error(error: BaseException, limit: int = 300) -> str:
     return first if len(first) <= limit else first[: limit - 3] + "..."
 
 
+def pass_leaves(pass_: str, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """The tensors one pass of a kernel case runs on: the case's own for "fwd", fresh leaf copies
+    that require grad for "fwd+bwd" (so every timed call starts a new graph)."""
+    if pass_ == "fwd":
+        return list(tensors)
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def pass_runner(pass_: str, call: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor],
+                grad_out: torch.Tensor) -> Callable[[], List[torch.Tensor]]:
+    """run() of one pass: [call()] without autograd for "fwd"; for "fwd+bwd", the gradients of
+    `leaves` (pass_leaves) for grad_out, as a kernel case's oracle returns them."""
+    if pass_ == "fwd":
+        def run():
+            with torch.no_grad():
+                return [call()]
+
+        return run
+    return lambda: list(torch.autograd.grad(call(), list(leaves), grad_out))
+
+
 def measure(row: Dict[str, object], prepare: Callable[[], Callable[[], List[torch.Tensor]]],
             want: Sequence[torch.Tensor], device: torch.device, *, quick: bool,
             floor_bytes: Optional[int] = None, bandwidth: Optional[float] = None,

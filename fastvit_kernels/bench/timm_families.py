@@ -264,11 +264,8 @@ class Case:
             return list(torch.autograd.grad(out, leaves, self.grad_out.to(dtype)))
 
     def make_callable(self, impl: str, pass_: str):
-        if pass_ == "fwd":
-            table, buffers = self.table, self.buffers
-        else:
-            leaves = [b.detach().clone().requires_grad_() for b in self.buffers + [self.table]]
-            table, buffers = leaves[-1], leaves[:-1]
+        leaves = common.pass_leaves(pass_, self.buffers + [self.table])
+        buffers, table = leaves[:-1], leaves[-1]
         if impl == "compile":
             f = torch.compile(impl_eager, dynamic=False)
         elif impl == "flex":
@@ -280,17 +277,7 @@ class Case:
             q, k, v = self.views(buffers)
             return f(q, k, v, self.table_view(table), self.index, self.mask, self.scale)
 
-        if pass_ == "fwd":
-            def run():
-                with torch.no_grad():
-                    return [call()]
-
-            return run
-
-        def run():
-            return list(torch.autograd.grad(call(), buffers + [table], self.grad_out))
-
-        return run
+        return common.pass_runner(pass_, call, leaves, self.grad_out)
 
 
 # ---------------------------------------------------------------------------------------------
