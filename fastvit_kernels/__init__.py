@@ -13,7 +13,7 @@ from fastvit_kernels.backends import use_backend
 from fastvit_kernels.modules import BiasAttention, GGeM, QnA, ShrinkAttention
 from fastvit_kernels.modules import MaskedTokenAttention
 from fastvit_kernels.patch import patch_timm, unpatch_timm, fold_batchnorm
-from fastvit_kernels.inference import optimize_for_inference
+from fastvit_kernels.inference import compile_frozen, optimize_for_inference, package_for_inference
 # QnA-ViT; registers qna_vit_* with timm when timm is installed (and the ops' FLOP formulas).
 from fastvit_kernels import models
 
@@ -31,4 +31,6 @@ __all__ = [
     "unpatch_timm",
     "fold_batchnorm",
     "optimize_for_inference",
+    "compile_frozen",
+    "package_for_inference",
 ]

@@ -10,32 +10,80 @@ What it does, in order (each step is also a public function, see docs/serving.md
      their Linear / Conv2d layers and the stem's convolution + Hardswish fused;
   3. the dtype (bfloat16 runs the Linear layers on AMX through oneDNN, and the attention kernels'
      bf16 paths);
-  4. with compile=True, torch.compile with Inductor's freezing (weights become constants, so
-     oneDNN gets pre-packed weights) — recommended for steady serving; compile=False keeps the
+  4. with compile=True, `compile_frozen(model)`: torch.compile with Inductor's freezing (weights
+     become constants, pre-packed for oneDNN / MKL) and, with autotune=True (the default),
+     Inductor's max-autotune GEMM selection (its C++ GEMM template on AMX in bf16, with the
+     following elementwise work fused) — recommended for steady serving; compile=False keeps the
      eager model (no compile time, no recompiles for new shapes).
 The model is changed in place (and returned, compiled or not).
 """
-
-from typing import Union
 
 import torch
 import torch.nn as nn
 
 from fastvit_kernels.patch.timm import patch_timm
 
-# Inductor options of compile=True: freezing folds the (inference-only) weights into the graph as
-# constants, which lets Inductor pre-pack them for oneDNN's GEMMs on CPU.
-COMPILE_OPTIONS = {"freezing": True}
+# Inductor options of autotune=True: time Inductor's C++ GEMM template (AMX micro-kernels in bf16,
+# epilogues fused) against ATen's oneDNN / MKL GEMM for every Linear and keep the faster.
+AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+class FrozenCompiled(nn.Module):
+    """torch.compile(model) whose graphs are compiled with Inductor's freezing.
+
+    Freezing has to be on while Dynamo traces, not only inside Inductor: with
+    torch.compile(model, options={"freezing": True}) Dynamo still passes the weights as graph
+    inputs and Inductor can neither fold nor pre-pack them (docs/serving.md, "Compile"). So the
+    setting is switched on around each call (any call may compile: a new batch size recompiles)
+    and restored after, leaving the process's other compiles alone. Freezing applies to calls
+    without grad (inference_mode / no_grad); a call with grad compiles a normal graph.
+    """
+
+    def __init__(self, model: nn.Module, autotune: bool = True, **compile_kwargs):
+        super().__init__()
+        options = {**(AUTOTUNE_OPTIONS if autotune else {}), **compile_kwargs.pop("options", {})}
+        self.compiled = torch.compile(model, options=options or None, **compile_kwargs)
+
+    def forward(self, *args, **kwargs):
+        from torch._inductor import config as inductor_config
+
+        previous = inductor_config.freezing
+        inductor_config.freezing = True
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            inductor_config.freezing = previous
+
+
+def compile_frozen(model: nn.Module, *, autotune: bool = True, **compile_kwargs) -> FrozenCompiled:
+    """torch.compile for inference with freezing (and max-autotune GEMMs); see FrozenCompiled.
+    compile_kwargs go to torch.compile (fullgraph=True, options={"cpp_wrapper": True}, ...)."""
+    return FrozenCompiled(model, autotune, **compile_kwargs)
+
+
+def package_for_inference(model: nn.Module, example_inputs: tuple, package_path: str, *,
+                          autotune: bool = True) -> str:
+    """torch.export `model` (run it through optimize_for_inference first) and build an
+    AOTInductor package at `package_path`, with freezing and, with autotune=True, max-autotune
+    GEMMs; returns the path for torch._inductor.aoti_load_package. The package calls the fused
+    ops from C++ (the serving process needs `import fastvit_kernels`; docs/serving.md)."""
+    configs = {"freezing": True, **(AUTOTUNE_OPTIONS if autotune else {})}
+    with torch.no_grad():
+        program = torch.export.export(model, tuple(example_inputs))
+        return torch._inductor.aoti_compile_and_package(program, package_path=package_path,
+                                                        inductor_configs=configs)
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32, *,
-                           compile: bool = False, fold_bn: bool = True) -> Union[nn.Module, "torch._dynamo.OptimizedModule"]:
+                           compile: bool = False, autotune: bool = True, fold_bn: bool = True) -> nn.Module:
     """Patch, fold, convert and (optionally) compile `model` for inference; see the module docs.
 
     Call the result under torch.inference_mode() (or torch.no_grad()) with inputs of `dtype`.
-    dtype: torch.float32, torch.bfloat16 or torch.float16. fold_bn=False keeps LeViT's BatchNorms
-    (for a model that is trained further after this). Raises TypeError if `model` is not an
-    nn.Module and ValueError for another dtype.
+    dtype: torch.float32, torch.bfloat16 or torch.float16. compile=True returns
+    compile_frozen(model, autotune=autotune); autotune=False compiles in seconds instead of about
+    a minute per input shape, with oneDNN / MKL for every GEMM. fold_bn=False keeps LeViT's
+    BatchNorms (for a model that is trained further after this). Raises TypeError if `model` is
+    not an nn.Module and ValueError for another dtype.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference: model must be an nn.Module, got {type(model).__name__}")
@@ -46,5 +94,5 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
     patch_timm(model, fold_bn=fold_bn)
     model.to(dtype)
     if compile:
-        return torch.compile(model, options=COMPILE_OPTIONS)
+        return compile_frozen(model, autotune=autotune)
     return model

@@ -13,7 +13,7 @@ import torch
 from fastvit_kernels import _native
 
 timm = pytest.importorskip("timm")
-from fastvit_kernels import optimize_for_inference  # noqa: E402
+from fastvit_kernels import compile_frozen, optimize_for_inference, package_for_inference  # noqa: E402
 from fastvit_kernels.bench.levit import build_levit  # noqa: E402
 
 needs_native = pytest.mark.skipif(not _native.available(), reason="the C++ kernels are not built")
@@ -58,16 +58,43 @@ def test_eager_matches_timm(levit_pairs, name, dtype):
         assert rel_err(optimized(x.to(dtype)), want) < TOL[dtype]
 
 
+def generated_code(fn, *args):
+    """Inductor's generated source of the graphs compiled while running fn(*args)."""
+    from torch._inductor.utils import run_and_get_code
+
+    with torch.inference_mode():
+        out, code = run_and_get_code(fn, *args)
+    return out, "\n".join(code)
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_fullgraph_cpp_wrapper_freezing_matches_timm(levit_pairs, dtype):
-    """The recipe's compile=True (freezing), with fullgraph=True and Inductor's C++ wrapper."""
+    """compile_frozen (the recipe's compiler, without autotuning here) with fullgraph=True and
+    Inductor's C++ wrapper: the weights are frozen into the graph and the output matches."""
     model, x, want = levit_pairs["levit_128s"]
     optimized = optimize_for_inference(copy.deepcopy(model), dtype)
     torch._dynamo.reset()
-    compiled = torch.compile(optimized, fullgraph=True, options={"freezing": True, "cpp_wrapper": True})
-    with torch.inference_mode():
-        assert rel_err(compiled(x.to(dtype)), want) < TOL[dtype]
+    compiled = compile_frozen(optimized, autotune=False, fullgraph=True, options={"cpp_wrapper": True})
+    out, code = generated_code(compiled, x.to(dtype))
+    assert "_frozen_param" in code, "freezing did not apply: the weights are still graph inputs"
+    assert rel_err(out, want) < TOL[dtype]
+
+
+@needs_native
+def test_recommended_compile_freezes_and_autotunes(levit_pairs):
+    """optimize_for_inference(compile=True) as the README recommends (freezing + max-autotune GEMMs),
+    bf16 at batch 2: frozen weights, the fused op in the graph, output matches timm; and freezing
+    is switched off again after the call (the process's other compiles are left alone)."""
+    from torch._inductor import config as inductor_config
+
+    model, x, want = levit_pairs["levit_128s"]
+    torch._dynamo.reset()
+    compiled = optimize_for_inference(copy.deepcopy(model), torch.bfloat16, compile=True)
+    out, code = generated_code(compiled, x.to(torch.bfloat16))
+    assert "_frozen_param" in code and "fastvit_kernels.bias_attention_forward" in code
+    assert rel_err(out, want) < TOL[torch.bfloat16]
+    assert inductor_config.freezing is False
 
 
 def python_functions_called(fn, package: str = "fastvit_kernels"):
@@ -99,7 +126,9 @@ def test_aoti_package_matches_timm_without_python(levit_pairs, name, dtype, tmp_
         program = torch.export.export(optimized, (xd,))
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert "fastvit_kernels.bias_attention_forward.default" in targets
-    path = torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(tmp_path / "levit.pt2"))
+    # The recipe's packaging (freezing; autotuning only for bf16 levit_128s, to bound CI time).
+    autotune = name == "levit_128s" and dtype == torch.bfloat16
+    path = package_for_inference(optimized, (xd,), os.fspath(tmp_path / "levit.pt2"), autotune=autotune)
     runner = torch._inductor.aoti_load_package(path)
     with torch.inference_mode():
         got = runner(xd)

@@ -91,16 +91,17 @@ def build_levit(name: str, device: torch.device, seed: int = 0, **model_kwargs) 
 
 def make_variant(base: nn.Module, impl: str, dtype: torch.dtype = torch.float32, train: bool = False) -> nn.Module:
     """A copy of `base` for one implementation: eager, patched, patched+folded, compile, patched+compile;
-    for inference also compile+freezing (torch.compile of the unpatched model with Inductor's
-    freezing) and serve (fastvit_kernels.optimize_for_inference(model, dtype, compile=True))."""
+    for inference also compile+freezing (fastvit_kernels.compile_frozen of the unpatched model:
+    Inductor's freezing and max-autotune GEMMs) and serve
+    (fastvit_kernels.optimize_for_inference(model, dtype, compile=True), the same compiler settings)."""
     if impl == "serve":
         from fastvit_kernels.inference import optimize_for_inference
 
         return optimize_for_inference(copy.deepcopy(base), dtype, compile=True)
     if impl == "compile+freezing":
-        from fastvit_kernels.inference import COMPILE_OPTIONS
+        from fastvit_kernels.inference import compile_frozen
 
-        return torch.compile(copy.deepcopy(base).to(dtype).eval(), options=COMPILE_OPTIONS)
+        return compile_frozen(copy.deepcopy(base).to(dtype).eval())
     patch_timm, _ = patch_api() if impl.startswith("patched") else (None, None)
     model = copy.deepcopy(base).to(dtype).train(train)
     if impl.startswith("patched"):

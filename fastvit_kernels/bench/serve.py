@@ -5,12 +5,15 @@ For each model, dtype (float32, bfloat16) and batch (1 and 32; 1 and 64 for DeiT
   engines running the model as published (timm LeViT, dense timm DeiT-S, QnA-ViT in plain PyTorch):
     eager        PyTorch eager, inference_mode
     compile      torch.compile of it (default options)
+    compile.frozen  fastvit_kernels.compile_frozen of it: torch.compile with Inductor's freezing and
+                 max-autotune GEMMs, the same compiler settings fvk.compile uses
     onnxruntime  ONNX Runtime, CPU execution provider, float32 only (its CPU kernels have no bf16)
     openvino     OpenVINO, CPU, with INFERENCE_PRECISION_HINT set to f32 or bf16 explicitly
   fastvit_kernels (fastvit_kernels.optimize_for_inference, exactly as the README recommends):
     fvk          optimize_for_inference(model, dtype)                 (eager)
-    fvk.compile  optimize_for_inference(model, dtype, compile=True)   (torch.compile + freezing)
-    fvk.aoti     torch.export of `fvk`, AOTInductor package, loaded with aoti_load_package
+    fvk.compile  optimize_for_inference(model, dtype, compile=True)   (compile_frozen of `fvk`)
+    fvk.aoti     package_for_inference(`fvk`, ...): torch.export + AOTInductor package with freezing
+                 and max-autotune GEMMs, loaded with aoti_load_package
   For "deit_s" the fastvit_kernels paths run DynamicViT-S (the same backbone dropping tokens:
   197 -> 138 -> 97 -> 68, fastvit_kernels.models.dynamic_vit) — the comparison its users make.
 
@@ -36,12 +39,12 @@ import torch
 from fastvit_kernels.bench import common
 
 MODELS = ("levit_128s", "levit_256", "levit_384", "deit_s", "qna_vit_tiny")
-PEERS = ("eager", "compile", "onnxruntime", "openvino")
+PEERS = ("eager", "compile", "compile.frozen", "onnxruntime", "openvino")
 FVK = ("fvk", "fvk.compile", "fvk.aoti")
 # Run order: the PyTorch engines first, then ONNX Runtime and OpenVINO, whose thread pools (ORT's
 # spin after each run) would otherwise take cores from PyTorch's OpenMP threads; each engine's
 # session is freed after its row.
-ENGINES = ("eager", "compile") + FVK + ("onnxruntime", "openvino")
+ENGINES = ("eager", "compile", "compile.frozen") + FVK + ("onnxruntime", "openvino")
 SERVE_DTYPES = ("float32", "bfloat16")
 # Output tolerance against eager float32 (max relative error): bf16 runs every layer in bf16.
 SERVE_TOL = {torch.float32: 1e-3, torch.bfloat16: 6e-2, torch.float16: 3e-2}
@@ -142,12 +145,14 @@ def openvino_step(model, x, dtype, workdir) -> Callable[[], torch.Tensor]:
 
 
 def make_step(engine: str, peer, fvk_model, x: torch.Tensor, dtype: torch.dtype, workdir: str):
-    from fastvit_kernels.inference import optimize_for_inference
+    from fastvit_kernels.inference import compile_frozen, optimize_for_inference, package_for_inference
 
     if engine == "eager":
         return _inference(copy.deepcopy(peer).to(dtype), x.to(dtype))
     if engine == "compile":
         return _inference(torch.compile(copy.deepcopy(peer).to(dtype)), x.to(dtype))
+    if engine == "compile.frozen":
+        return _inference(compile_frozen(copy.deepcopy(peer).to(dtype)), x.to(dtype))
     if engine == "onnxruntime":
         return onnxruntime_step(peer, x, dtype, workdir)
     if engine == "openvino":
@@ -159,10 +164,7 @@ def make_step(engine: str, peer, fvk_model, x: torch.Tensor, dtype: torch.dtype,
     if engine == "fvk.aoti":
         model = optimize_for_inference(copy.deepcopy(fvk_model), dtype)
         xd = x.to(dtype)
-        with torch.no_grad():
-            program = torch.export.export(model, (xd,))
-            package = torch._inductor.aoti_compile_and_package(
-                program, package_path=os.path.join(workdir, f"fvk_{common.dtype_name(dtype)}.pt2"))
+        package = package_for_inference(model, (xd,), os.path.join(workdir, f"fvk_{common.dtype_name(dtype)}.pt2"))
         runner = torch._inductor.aoti_load_package(package)
         return _inference(runner, xd)
     raise ValueError(f"serve: unknown engine {engine!r}; expected one of {ENGINES}")
