@@ -144,8 +144,9 @@ RowTasks pixel_row_tasks(const QnaAttentionInputs& a, int64_t in_channels, int64
   const int64_t most =
       std::min(a.Ho, std::max({int64_t{1}, min_rows, std::min(rows_parallel, rows_fitting)}));
   // The same number of tasks, evened out: a last task of a row or two would pack its whole halo
-  // for them.
-  const int64_t per_task = std::max((a.Ho + most - 1) / ((a.Ho + most - 1) / most), min_rows);
+  // for them. (Every task's planes are sized for per_task rows, so it must not exceed Ho.)
+  const int64_t count = (a.Ho + most - 1) / most;
+  const int64_t per_task = std::max((a.Ho + count - 1) / count, min_rows);
   return {per_task, (a.Ho + per_task - 1) / per_task};
 }
 
