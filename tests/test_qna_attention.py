@@ -176,6 +176,20 @@ def test_queries_heads_widths(backend_isa_device, Q, H, d):
     run_and_compare(backend, isa, *inputs, 3, 1)
 
 
+# The same at k = 7 (the C++ pixel-lane kernels): the forward's register-fused tap weights take
+# Q <= 4 with d a multiple of 8 (one or more channel chunks); Q = 5 and d = 1, 5 take the other path.
+@pytest.mark.parametrize("backend_isa_device", BACKENDS)
+@pytest.mark.parametrize("Q,H,d", WIDTHS + [(5, 2, 8)], ids=[f"q{q}h{h}d{d}" for q, h, d in WIDTHS + [(5, 2, 8)]])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_queries_heads_widths_k7(backend_isa_device, Q, H, d, stride):
+    backend, isa, device = backend_isa_device
+    if is_interpreted(backend, device):
+        pytest.skip("k = 7 on a 9 x 11 map: slow for the Triton interpreter")
+    torch.manual_seed(Q * 100 + H * 10 + d + stride)
+    inputs = make_inputs(2, 9, 11, Q, H, d, 7, device=device)
+    run_and_compare(backend, isa, *inputs, 7, stride)
+
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

@@ -848,7 +848,9 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
 // stay in L1), and within a head over blocks of kNJ vectors of output positions.
 // Forward per block: (1) the softmax sums S_q = sum_t exp(cost_q - M) exp(rpe - Rmax), one
 // multiply-add per tap and query; (2) the weight of each tap, m_t = sum_q exp(cost_q - M)
-// (exp(rpe - Rmax) attn_scale / S_q); (3) out_d = sum_t m_t v_d, d multiply-adds per tap. The
+// (exp(rpe - Rmax) attn_scale / S_q); (3) out_d = sum_t m_t v_d, d multiply-adds per tap. (2) is
+// made in registers inside (3)'s loop over the taps (forward_block_fused) unless the block has a
+// window on the direct path or the shapes do not fit its register blocking. The
 // exponential factorisation and its per-vector fallback are those of the channel-lane kernel.
 // Backward per block: the same sums; u_t = g . v_t; the weights w_qt, delta_q and the tap
 // sums of dattn_scale; then, taps in column-major order (so that consecutive read-modify-writes
@@ -1270,9 +1272,96 @@ inline void with_chunk(int64_t n, F&& f) {
   }
 }
 
+// Queries of a block whose tap weights are summed in registers (forward_block_fused).
+constexpr int kFusedQueries = 4;
+
+// out_d = sum_t m_t v_d(t) for the kDChunk channels from d0 of head h, with the tap weights
+// m_t = sum_q exp(cost_q - M)(t) * (attn_scale exp(rpe - Rmax))_t / S_q made in registers
+// (inv: 1 / S_q per query and vector) instead of a pass that stores them.
+template <int NQ>
+inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
+                                 const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
+                                 const vf (*inv)[kNJ]) {
+  vf acc[kNJ][kDChunk];
+#pragma GCC unroll 16
+  for (int n = 0; n < kNJ; ++n)
+    for (int d = 0; d < kDChunk; ++d) acc[n][d] = vzero();
+  const float* ec[NQ];
+  const float* ers[NQ];
+  for (int q = 0; q < NQ; ++q) {
+    ec[q] = w.in.ec + (q * a.H + h) * g.chs + j;
+    ers[q] = tab.of(tab.ers, a.Q, h, q);
+  }
+  const float* v = w.in.v + (h * a.D + d0) * g.chs + j;
+  const int64_t chs = g.chs;
+  const int32_t* off = g.off.data();
+  for (int64_t t = 0; t < g.taps; ++t) {
+    const int64_t o = off[t];
+    vf m[kNJ];
+    {
+      const vf s = vset1(ers[0][t]);
+#pragma GCC unroll 4
+      for (int n = 0; n < kNJ; ++n) m[n] = vmul(vload(ec[0] + o + n * kW), vmul(inv[0][n], s));
+    }
+#pragma GCC unroll 4
+    for (int q = 1; q < NQ; ++q) {
+      const vf s = vset1(ers[q][t]);
+#pragma GCC unroll 4
+      for (int n = 0; n < kNJ; ++n) m[n] = vfma(vload(ec[q] + o + n * kW), vmul(inv[q][n], s), m[n]);
+    }
+    const float* vt = v + o;
+#pragma GCC unroll 4
+    for (int n = 0; n < kNJ; ++n) {
+#pragma GCC unroll 16
+      for (int d = 0; d < kDChunk; ++d) acc[n][d] = vfma(m[n], vload(vt + d * chs + n * kW), acc[n][d]);
+    }
+  }
+  float* out = w.out + (h * a.D + d0) * g.ostride + j;
+#pragma GCC unroll 16
+  for (int n = 0; n < kNJ; ++n)
+    for (int d = 0; d < kDChunk; ++d) vstore(out + d * g.ostride + n * kW, acc[n][d]);
+}
+
+// forward_block when every vector of the block takes the factorised exponentials (the usual case)
+// and Q <= kFusedQueries, D a multiple of kDChunk: the softmax sums, then the values with the tap
+// weights made on the fly. Returns false, having stored nothing, when a vector needs the direct
+// path.
+inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
+                                FwdScratch& w, int64_t h, int64_t j) {
+  const int64_t Q = a.Q, H = a.H;
+  vf inv[kFusedQueries][kNJ], sum[kFusedQueries][kNJ];
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t c = q * H + h;
+    tap_sums(w.in.ec + c * g.chs + j, g.off.data(), g.taps, tab.of(tab.er, Q, h, q), sum[q]);
+    for (int n = 0; n < kNJ; ++n) {
+      inv[q][n] = vdiv(vset1(1.0f), sum[q][n]);
+      if (!vall_le(keep(vload(w.in.valid + j + n * kW), inv[q][n]), kMaxReferenceScale)) return false;
+    }
+  }
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t c = q * H + h;
+    const vf ref = vset1(w.in.cost_max[c] + tab.rmax[h * Q + q]);
+    for (int n = 0; n < kNJ; ++n)
+      vstore(w.lse + c * g.ostride + j + n * kW, vadd(ref, vlog(sum[q][n])));
+  }
+  const auto values = [&](auto nq) {
+    for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
+      forward_values_fused<decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+  };
+  switch (Q) {
+    case 1: values(std::integral_constant<int, 1>{}); break;
+    case 2: values(std::integral_constant<int, 2>{}); break;
+    case 3: values(std::integral_constant<int, 3>{}); break;
+    default: values(std::integral_constant<int, 4>{}); break;
+  }
+  return true;
+}
+
 // One block (kNJ vectors at output position j) of head h.
 inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                           FwdScratch& w, int64_t h, int64_t j) {
+  if (a.Q <= kFusedQueries && a.D % kDChunk == 0 && forward_block_fused(a, g, tab, w, h, j))
+    return;
   const int64_t taps = g.taps, Q = a.Q, H = a.H;
   const int32_t* off = g.off.data();
   for (int64_t q = 0; q < Q; ++q) {

@@ -115,12 +115,14 @@ RowTasks row_tasks(const QnaAttentionInputs& a, int64_t budget_bytes, int64_t fl
 
 // The pixel-lane kernels (kernels/qna_attention.h, "Pixel lanes") or the channel-lane ones, from
 // the shapes only. Measured at the QnA-ViT tiny maps (d = 8, one thread): pixel lanes win from
-// k = 5 on at stride 1; at stride 2 a narrow output row fills few lanes of the s*s phase planes,
-// and they win only from k = 7 with Wo >= 28 (forward; k = 9 from Wo = 14) or Wo >= 14 (backward).
+// k = 5 on at stride 1; at stride 2 the forward's from k = 5 on at every tiny map (Wo = 28, 14, 7:
+// 1.1-1.5x against channel lanes at k = 5 and 7), the backward's at k = 7 only with Wo >= 14
+// (a 7-wide output row fills few lanes of the s*s phase planes: 1.3x slower at 14 x 14 -> 7 x 7).
 bool use_pixel_lanes(const QnaAttentionInputs& a, bool backward) {
   if (a.kernel_size < 5) return false;
   if (a.stride == 1) return true;
   if (backward) return a.kernel_size >= 7 && a.Wo >= 14;
+  if (a.stride == 2) return true;
   return a.Wo >= (a.kernel_size >= 9 ? 14 : 28) && a.kernel_size >= 7;
 }
 
@@ -144,8 +146,9 @@ RowTasks pixel_row_tasks(const QnaAttentionInputs& a, int64_t in_channels, int64
   const int64_t most =
       std::min(a.Ho, std::max({int64_t{1}, min_rows, std::min(rows_parallel, rows_fitting)}));
   // The same number of tasks, evened out: a last task of a row or two would pack its whole halo
-  // for them.
-  const int64_t per_task = std::max((a.Ho + most - 1) / ((a.Ho + most - 1) / most), min_rows);
+  // for them. (Every task's planes are sized for per_task rows, so it must not exceed Ho.)
+  const int64_t count = (a.Ho + most - 1) / most;
+  const int64_t per_task = std::max((a.Ho + count - 1) / count, min_rows);
   return {per_task, (a.Ho + per_task - 1) / per_task};
 }
 
