@@ -845,7 +845,8 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
 // garbage that is never stored; the backward zeroes their weights so they add nothing.
 //
 // Work. Heads are independent here, so a task runs head by head over its planes (a head's planes
-// stay in L1), and within a head over blocks of kNJ vectors of output positions.
+// stay in L1), and within a head over blocks of kNJ vectors of output positions (the forward
+// runs a last block of one vector when the task's positions end in a block's first vector).
 // Forward per block: (1) the softmax sums S_q = sum_t exp(cost_q - M) exp(rpe - Rmax), one
 // multiply-add per tap and query; (2) the weight of each tap, m_t = sum_q exp(cost_q - M)
 // (exp(rpe - Rmax) attn_scale / S_q); (3) out_d = sum_t m_t v_d, d multiply-adds per tap. (2) is
@@ -1176,23 +1177,24 @@ struct TaskPlanes {
   }
 };
 
-// Sums S_q = sum_t ec_q(t) er_t over the taps of kNJ vectors at j (two chains per vector).
+// Sums S_q = sum_t ec_q(t) er_t over the taps of NJ vectors at j (two chains per vector).
+template <int NJ>
 inline void tap_sums(const float* ecq, const int32_t* off, int64_t taps, const float* er,
                      vf* sum) {
-  vf s[kNJ][2];
-  for (int n = 0; n < kNJ; ++n) s[n][0] = s[n][1] = vzero();
+  vf s[NJ][2];
+  for (int n = 0; n < NJ; ++n) s[n][0] = s[n][1] = vzero();
   int64_t t = 0;
   for (; t + 2 <= taps; t += 2) {
     const vf e0 = vset1(er[t]), e1 = vset1(er[t + 1]);
 #pragma GCC unroll 4
-    for (int n = 0; n < kNJ; ++n) {
+    for (int n = 0; n < NJ; ++n) {
       s[n][0] = vfma(vload(ecq + off[t] + n * kW), e0, s[n][0]);
       s[n][1] = vfma(vload(ecq + off[t + 1] + n * kW), e1, s[n][1]);
     }
   }
   if (t < taps)
-    for (int n = 0; n < kNJ; ++n) s[n][0] = vfma(vload(ecq + off[t] + n * kW), vset1(er[t]), s[n][0]);
-  for (int n = 0; n < kNJ; ++n) sum[n] = vadd(s[n][0], s[n][1]);
+    for (int n = 0; n < NJ; ++n) s[n][0] = vfma(vload(ecq + off[t] + n * kW), vset1(er[t]), s[n][0]);
+  for (int n = 0; n < NJ; ++n) sum[n] = vadd(s[n][0], s[n][1]);
 }
 
 // The direct path of one vector (its scores far below the task's reference): exp(cost + rpe - max)
@@ -1233,27 +1235,27 @@ struct FwdScratch {
 };
 
 // out_d = sum_t m_t v_d(t) for DC channels from d0 of head h.
-template <int DC>
+template <int NJ, int DC>
 inline void forward_values(const QnaAttentionInputs& a, const Planes& g, const FwdScratch& w,
                            int64_t h, int64_t d0, int64_t j) {
-  vf acc[kNJ][DC];
+  vf acc[NJ][DC];
 #pragma GCC unroll 16
-  for (int n = 0; n < kNJ; ++n)
+  for (int n = 0; n < NJ; ++n)
     for (int d = 0; d < DC; ++d) acc[n][d] = vzero();
   const float* v = w.in.v + (h * a.D + d0) * g.chs + j;
   const int64_t chs = g.chs;
   for (int64_t t = 0; t < g.taps; ++t) {
     const float* vt = v + g.off[t];
 #pragma GCC unroll 4
-    for (int n = 0; n < kNJ; ++n) {
-      const vf mt = vload(w.m + (t * kNJ + n) * kW);
+    for (int n = 0; n < NJ; ++n) {
+      const vf mt = vload(w.m + (t * NJ + n) * kW);
 #pragma GCC unroll 16
       for (int d = 0; d < DC; ++d) acc[n][d] = vfma(mt, vload(vt + d * chs + n * kW), acc[n][d]);
     }
   }
   float* out = w.out + (h * a.D + d0) * g.ostride + j;
 #pragma GCC unroll 16
-  for (int n = 0; n < kNJ; ++n)
+  for (int n = 0; n < NJ; ++n)
     for (int d = 0; d < DC; ++d) vstore(out + d * g.ostride + n * kW, acc[n][d]);
 }
 
@@ -1278,13 +1280,13 @@ constexpr int kFusedQueries = 4;
 // out_d = sum_t m_t v_d(t) for the kDChunk channels from d0 of head h, with the tap weights
 // m_t = sum_q exp(cost_q - M)(t) * (attn_scale exp(rpe - Rmax))_t / S_q made in registers
 // (inv: 1 / S_q per query and vector) instead of a pass that stores them.
-template <int NQ>
+template <int NJ, int NQ>
 inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                                  const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
-                                 const vf (*inv)[kNJ]) {
-  vf acc[kNJ][kDChunk];
+                                 const vf (*inv)[NJ]) {
+  vf acc[NJ][kDChunk];
 #pragma GCC unroll 16
-  for (int n = 0; n < kNJ; ++n)
+  for (int n = 0; n < NJ; ++n)
     for (int d = 0; d < kDChunk; ++d) acc[n][d] = vzero();
   const float* ec[NQ];
   const float* ers[NQ];
@@ -1297,28 +1299,28 @@ inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, c
   const int32_t* off = g.off.data();
   for (int64_t t = 0; t < g.taps; ++t) {
     const int64_t o = off[t];
-    vf m[kNJ];
+    vf m[NJ];
     {
       const vf s = vset1(ers[0][t]);
 #pragma GCC unroll 4
-      for (int n = 0; n < kNJ; ++n) m[n] = vmul(vload(ec[0] + o + n * kW), vmul(inv[0][n], s));
+      for (int n = 0; n < NJ; ++n) m[n] = vmul(vload(ec[0] + o + n * kW), vmul(inv[0][n], s));
     }
 #pragma GCC unroll 4
     for (int q = 1; q < NQ; ++q) {
       const vf s = vset1(ers[q][t]);
 #pragma GCC unroll 4
-      for (int n = 0; n < kNJ; ++n) m[n] = vfma(vload(ec[q] + o + n * kW), vmul(inv[q][n], s), m[n]);
+      for (int n = 0; n < NJ; ++n) m[n] = vfma(vload(ec[q] + o + n * kW), vmul(inv[q][n], s), m[n]);
     }
     const float* vt = v + o;
 #pragma GCC unroll 4
-    for (int n = 0; n < kNJ; ++n) {
+    for (int n = 0; n < NJ; ++n) {
 #pragma GCC unroll 16
       for (int d = 0; d < kDChunk; ++d) acc[n][d] = vfma(m[n], vload(vt + d * chs + n * kW), acc[n][d]);
     }
   }
   float* out = w.out + (h * a.D + d0) * g.ostride + j;
 #pragma GCC unroll 16
-  for (int n = 0; n < kNJ; ++n)
+  for (int n = 0; n < NJ; ++n)
     for (int d = 0; d < kDChunk; ++d) vstore(out + d * g.ostride + n * kW, acc[n][d]);
 }
 
@@ -1326,14 +1328,15 @@ inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, c
 // and Q <= kFusedQueries, D a multiple of kDChunk: the softmax sums, then the values with the tap
 // weights made on the fly. Returns false, having stored nothing, when a vector needs the direct
 // path.
+template <int NJ>
 inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                                 FwdScratch& w, int64_t h, int64_t j) {
   const int64_t Q = a.Q, H = a.H;
-  vf inv[kFusedQueries][kNJ], sum[kFusedQueries][kNJ];
+  vf inv[kFusedQueries][NJ], sum[kFusedQueries][NJ];
   for (int64_t q = 0; q < Q; ++q) {
     const int64_t c = q * H + h;
-    tap_sums(w.in.ec + c * g.chs + j, g.off.data(), g.taps, tab.of(tab.er, Q, h, q), sum[q]);
-    for (int n = 0; n < kNJ; ++n) {
+    tap_sums<NJ>(w.in.ec + c * g.chs + j, g.off.data(), g.taps, tab.of(tab.er, Q, h, q), sum[q]);
+    for (int n = 0; n < NJ; ++n) {
       inv[q][n] = vdiv(vset1(1.0f), sum[q][n]);
       if (!vall_le(keep(vload(w.in.valid + j + n * kW), inv[q][n]), kMaxReferenceScale)) return false;
     }
@@ -1341,12 +1344,12 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
   for (int64_t q = 0; q < Q; ++q) {
     const int64_t c = q * H + h;
     const vf ref = vset1(w.in.cost_max[c] + tab.rmax[h * Q + q]);
-    for (int n = 0; n < kNJ; ++n)
+    for (int n = 0; n < NJ; ++n)
       vstore(w.lse + c * g.ostride + j + n * kW, vadd(ref, vlog(sum[q][n])));
   }
   const auto values = [&](auto nq) {
     for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
-      forward_values_fused<decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+      forward_values_fused<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
   };
   switch (Q) {
     case 1: values(std::integral_constant<int, 1>{}); break;
@@ -1357,10 +1360,11 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
   return true;
 }
 
-// One block (kNJ vectors at output position j) of head h.
+// One block (NJ vectors at output position j) of head h.
+template <int NJ>
 inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                           FwdScratch& w, int64_t h, int64_t j) {
-  if (a.Q <= kFusedQueries && a.D % kDChunk == 0 && forward_block_fused(a, g, tab, w, h, j))
+  if (a.Q <= kFusedQueries && a.D % kDChunk == 0 && forward_block_fused<NJ>(a, g, tab, w, h, j))
     return;
   const int64_t taps = g.taps, Q = a.Q, H = a.H;
   const int32_t* off = g.off.data();
@@ -1368,11 +1372,11 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
     const int64_t c = q * H + h;
     const float* ecq = w.in.ec + c * g.chs + j;
     const float* ers = tab.of(tab.ers, Q, h, q);
-    vf sum[kNJ], inv[kNJ];
-    bool direct[kNJ], any_direct = false;
-    tap_sums(ecq, off, taps, tab.of(tab.er, Q, h, q), sum);
+    vf sum[NJ], inv[NJ];
+    bool direct[NJ], any_direct = false;
+    tap_sums<NJ>(ecq, off, taps, tab.of(tab.er, Q, h, q), sum);
     const vf ref = vset1(w.in.cost_max[c] + tab.rmax[h * Q + q]);
-    for (int n = 0; n < kNJ; ++n) {
+    for (int n = 0; n < NJ; ++n) {
       const vf valid = vload(w.in.valid + j + n * kW);
       inv[n] = vdiv(vset1(1.0f), sum[n]);
       direct[n] = !vall_le(keep(valid, inv[n]), kMaxReferenceScale);
@@ -1383,8 +1387,8 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
       for (int64_t t = 0; t < taps; ++t) {
         const vf s = vset1(ers[t]);
 #pragma GCC unroll 4
-        for (int n = 0; n < kNJ; ++n) {
-          float* m = w.m + (t * kNJ + n) * kW;
+        for (int n = 0; n < NJ; ++n) {
+          float* m = w.m + (t * NJ + n) * kW;
           const vf wt = vmul(vload(ecq + off[t] + n * kW), vmul(inv[n], s));
           vstore(m, q == 0 ? wt : vadd(vload(m), wt));
         }
@@ -1392,7 +1396,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
       continue;
     }
     const float* scale = tab.of(tab.scale, Q, h, q);
-    for (int n = 0; n < kNJ; ++n) {
+    for (int n = 0; n < NJ; ++n) {
       const vf valid = vload(w.in.valid + j + n * kW);
       const float* e = ecq + n * kW;
       int64_t e_stride = 0;  // taps read from the planes (offsets) or from w.e
@@ -1409,7 +1413,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
         er_or_one = scale;
       }
       for (int64_t t = 0; t < taps; ++t) {
-        float* m = w.m + (t * kNJ + n) * kW;
+        float* m = w.m + (t * NJ + n) * kW;
         const vf et = vload(e_stride != 0 ? e + t * e_stride : e + off[t]);
         const vf wt = vmul(et, vmul(c_inv, vset1(er_or_one[t])));
         vstore(m, q == 0 ? wt : vadd(vload(m), wt));
@@ -1418,7 +1422,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
   }
   for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
     with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
-               [&](auto dc) { forward_values<dc>(a, g, w, h, d0, j); });
+               [&](auto dc) { forward_values<NJ, dc>(a, g, w, h, d0, j); });
 }
 
 template <ElemType T>
@@ -1434,7 +1438,7 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
     const int64_t oy0 = task % a.tasks.tasks_per_image * g.R;
     const int64_t R = std::min(a.Ho - oy0, g.R);
     w.in.pack<T>(a, g, b, oy0, R);
-    const int64_t positions = round_up(R * g.P, kNJ * kW);
+    const int64_t positions = round_up(R * g.P, kW);
     const bool next = task + 1 < task_end;
     const int64_t next_b = (task + 1) / a.tasks.tasks_per_image;
     const int64_t next_oy0 = (task + 1) % a.tasks.tasks_per_image * g.R;
@@ -1442,7 +1446,10 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
       if (next)
         prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0, std::min(a.Ho - next_oy0, g.R), h,
                            a.H);
-      for (int64_t j = 0; j < positions; j += kNJ * kW) forward_block(a, g, tab, w, h, j);
+      // Blocks of kNJ vectors; a last vector of its own when R * P ends in the first half.
+      int64_t j = 0;
+      for (; j + kNJ * kW <= positions; j += kNJ * kW) forward_block<kNJ>(a, g, tab, w, h, j);
+      if (j < positions) forward_block<1>(a, g, tab, w, h, j);
     }
     const int64_t first = (b * a.Ho + oy0) * a.Wo;
     unpack_output_planes<T>(w.out, C, g, R, a.Wo, w.in.staging, a.out, first * C);
