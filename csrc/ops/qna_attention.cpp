@@ -118,6 +118,7 @@ RowTasks row_tasks(const QnaAttentionInputs& a, int64_t budget_bytes, int64_t fl
 // k = 5 on at stride 1; at stride 2 the forward's from k = 5 on at every tiny map (Wo = 28, 14, 7:
 // 1.1-1.5x against channel lanes at k = 5 and 7), the backward's at k = 7 only with Wo >= 14
 // (a 7-wide output row fills few lanes of the s*s phase planes: 1.3x slower at 14 x 14 -> 7 x 7).
+// Strides above 2 (no QnA-ViT layer uses them; not re-measured) keep the earlier forward rule.
 bool use_pixel_lanes(const QnaAttentionInputs& a, bool backward) {
   if (a.kernel_size < 5) return false;
   if (a.stride == 1) return true;

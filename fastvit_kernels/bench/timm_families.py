@@ -19,12 +19,11 @@ v are the strided views each family's projection produces.
 Model part (`--part model`): images/s of swin_tiny_patch4_window7_224, tiny_vit_5m_224,
 efficientformer_l1 and efficientvit_m0 (random weights, randomised bias tables, layer scales and
 BatchNorms): inference at batch 1 and 32 in float32 and bfloat16 (eager, patched, compile and
-patched+compile), and a training
-step at batch 32 (float32 and bfloat16 autocast). Also, for inference, `compile+freezing` (the
-unpatched model through `fastvit_kernels.compile_frozen`: Inductor's freezing, weights as
-constants, and max-autotune GEMMs) and `serve`
-(`fastvit_kernels.optimize_for_inference(model, dtype, compile=True)`: patched, then compiled
-the same way — the recommended serving path). Every output is compared with eager float32
+patched+compile), and a training step at batch 32 (float32 and bfloat16 autocast). Also, for
+inference, `compile+freezing` (the unpatched model through `fastvit_kernels.compile_frozen`:
+Inductor's freezing, weights as constants, and max-autotune GEMMs) and `serve`
+(`fastvit_kernels.optimize_for_inference(model, dtype, compile=True)`: patched, then compiled the
+same way — the recommended serving path). Every output is compared with eager float32
 timm before it is timed (fastvit_kernels.bench.levit does the timing); `x timm compile` is each
 row's img/s over the unpatched model's torch.compile at the same dtype and batch.
 
