@@ -321,6 +321,17 @@ inline void scale_rows(float* x, int64_t n, float mul) {
 // Softmax of a group of score rows (bias and varlen forward)
 // ---------------------------------------------------------------------------------------------
 
+// lse = max + log(sum) and row_sum = 1 / sum from the row maxima and sums of `rows` rows, a vector
+// of rows at once over all `group` entries (a whole number of vectors; rows past `rows` get 1).
+inline void finish_softmax_stats(int64_t rows, int64_t group, float* lse, float* row_sum) {
+  for (int64_t r = rows; r < group; ++r) lse[r] = row_sum[r] = 1.0f;
+  for (int64_t r = 0; r < group; r += kW) {
+    const vf l = vload(row_sum + r);
+    vstore(lse + r, vadd(vload(lse + r), vlog(l)));
+    vstore(row_sum + r, vdiv(vset1(1.0f), l));
+  }
+}
+
 // Softmax numerators of `rows` rows of s (ld floats, whole vectors, padding already -inf) in
 // place; then lse = max + log(sum) and row_sum = 1 / sum, a vector of rows at once over all
 // `group` entries (a whole number of vectors; rows past `rows` are filled with 1).
@@ -341,10 +352,57 @@ inline void softmax_rows(float* s, int64_t rows, int64_t ld, int64_t group, floa
     lse[r] = m;
     row_sum[r] = vhsum(sum);
   }
-  for (int64_t r = rows; r < group; ++r) lse[r] = row_sum[r] = 1.0f;
-  for (int64_t r = 0; r < group; r += kW) {
-    const vf l = vload(row_sum + r);
-    vstore(lse + r, vadd(vload(lse + r), vlog(l)));
-    vstore(row_sum + r, vdiv(vset1(1.0f), l));
-  }
+  finish_softmax_stats(rows, group, lse, row_sum);
 }
+
+#if defined(FVK_BF16_PRODUCTS)
+// 2^t for the softmax numerators that are rounded to bf16 next (t = (s - max) / ln2 <= ~0):
+// 2^t = 2^n * 2^f, n = round(t), |f| <= 1/2, with a degree-4 polynomial for 2^f (our own
+// relative-error fit: 2.7e-6 evaluated in fp32, ~1/1400 of bf16's rounding step, where vexp's
+// degree 6 gives ~1 ulp). Below t = -125 the result is exactly 0, masked rather than computed:
+// results in the denormal range cost a microcode assist each (and would reach the products); -inf
+// gives 0, NaN passes (vmax returns its second operand, the compare is unordered-true).
+inline vf vexp2_for_bf16(vf t) {
+  t = vmax(vset1(-126.0f), t);
+  const __mmask16 normal = _mm512_cmp_ps_mask(t, vset1(-125.0f), _CMP_NLT_UQ);
+  const vf n = vround(t);
+  const vf f = vsub(t, n);
+  vf p = vset1(9.570100344717503e-3f);
+  p = vfma(p, f, vset1(5.591786280274391e-2f));
+  p = vfma(p, f, vset1(2.40247443318367e-1f));
+  p = vfma(p, f, vset1(6.931217908859253e-1f));
+  p = vfma(p, f, vset1(9.999992847442627e-1f));
+  return _mm512_maskz_scalef_ps(normal, p, n);
+}
+
+// The bf16 flavour for a P v product on the tiles: the numerators exp(s - row_max) of `rows` score
+// rows (ld floats, whole vectors, padding -inf) go straight into p16 as bf16 A rows of
+// k_padded(K) (K <= ld: the keys; rows up to round_up(rows, 16) zero), skipping softmax_rows'
+// fp32 store and gemm_bf16's repacking of it. The numerators come from vexp2_for_bf16 (the
+// exponential is most of this pass, and bf16 keeps 8 bits of it); their fp32 sums and the rounding
+// to bf16 are as softmax_rows followed by pack_a_rows. lse[r] holds row r's maximum on entry, then
+// as softmax_rows.
+inline void softmax_rows_bf16(const float* s, int64_t rows, int64_t ld, int64_t K, int64_t group,
+                              float* lse, float* row_sum, uint16_t* p16) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  const int64_t Kp = k_padded(K);
+  const vf log2e = vset1(kLog2e);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* sr = s + r * ld;
+    uint16_t* pr = p16 + r * Kp;
+    const vf shift = vset1(-lse[r] * kLog2e);  // t = s log2(e) - max log2(e), one FMA
+    vf sum = vzero();
+    for (int64_t c = 0; c < Kp; c += 2 * kW) {
+      const vf lo = c < ld ? vexp2_for_bf16(vfma(vload(sr + c), log2e, shift)) : vzero();
+      const vf hi = c + kW < ld ? vexp2_for_bf16(vfma(vload(sr + c + kW), log2e, shift)) : vzero();
+      sum = vadd(vadd(sum, lo), hi);
+      _mm512_storeu_si512(pr + c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    row_sum[r] = vhsum(sum);
+  }
+  const int64_t padded_rows = round_up(rows, kTileRows);
+  if (padded_rows > rows)
+    std::memset(p16 + rows * Kp, 0, static_cast<size_t>((padded_rows - rows) * Kp) * sizeof(uint16_t));
+  finish_softmax_stats(rows, group, lse, row_sum);
+}
+#endif

@@ -212,13 +212,13 @@ inline void static_for(F&& f) {
   }(std::make_integer_sequence<int, N>{});
 }
 
-// c (MT x NT tiles of 16 x 16 fp32, NT * 16 floats per row) = rows [0, 16 MT) of A (lda bf16 per
+// c (MT x NT tiles of 16 x 16 fp32, ldc floats per row) = rows [0, 16 MT) of A (lda bf16 per
 // row) times columns [0, 16 NT) of B (VNNI, ldb words per row), over kchunks chunks of 32 of K.
 // Tiles are not renamed, so a block is a chain load -> tdpbf16ps -> store: its MT * NT <= 4
 // accumulators are what keeps the tile unit busy (1 x 4 for a single row tile, else 2 x 2).
 template <int MT, int NT>
 inline void tile_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
-                       int64_t kchunks, float* c) {
+                       int64_t kchunks, float* c, int64_t ldc) {
   static_assert(MT >= 1 && MT <= 2 && NT >= 1 && MT * NT <= 4, "4 accumulator tiles");
   constexpr int kB0 = 4 + MT;  // B tiles kB0 .. 7, reused round-robin
   const long sa = static_cast<long>(lda * 2), sb = static_cast<long>(ldb * 4);
@@ -234,7 +234,7 @@ inline void tile_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_
     });
   }
   static_for<MT * NT>([&](auto t) {
-    tile_store<t>(c + (t / NT) * 16 * NT * 16 + (t % NT) * 16, NT * 16 * 4);
+    tile_store<t>(c + (t / NT) * 16 * ldc + (t % NT) * 16, static_cast<long>(ldc * 4));
   });
 }
 
@@ -259,7 +259,7 @@ inline void tile_block_run(const uint16_t* a16, int64_t Kp, const uint32_t* b, i
                            int64_t i0, int64_t jv0, int64_t M, const float* C0, int64_t ldc0,
                            Epi& epi) {
   alignas(64) float c[MT * NT * 256];
-  tile_block<MT, NT>(a16 + i0 * Kp, Kp, b + jv0 * kW, ldb, Kp / kTileK, c);
+  tile_block<MT, NT>(a16 + i0 * Kp, Kp, b + jv0 * kW, ldb, Kp / kTileK, c, NT * 16);
   tile_block_epilogue<MT, NT>(c, i0, jv0, M, C0, ldc0, epi);
 }
 
@@ -319,4 +319,38 @@ inline void gemm_bf16(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t
       }
     }
   }
+}
+
+// C (round_up(M, 16) rows x NVt vectors, ldc floats per row) = A16 (the A layout: M rows of
+// k_padded(K) bf16, rows up to round_up(M, 16) zero) * B16 (VNNI, ldb words per row), the tiles
+// stored straight into C with no epilogue: for a caller that reads C in a later pass anyway (the
+// fused softmax of attention_gemm.h), which saves gemm_bf16's bounce through a stack block. Rows
+// from M on are written too (zero products): C must have room for them.
+inline void tiles_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16,
+                          const uint32_t* B16, int64_t ldb, float* C, int64_t ldc) {
+  const int64_t Kp = k_padded(K), kchunks = Kp / kTileK;
+  __asm__ __volatile__("" ::: "memory");  // the operands' packing stores land first
+  for (int64_t i = 0; i < M; i += 2 * kTileRows) {
+    const uint16_t* a = a16 + i * Kp;
+    float* c = C + i * ldc;
+    if (i + kTileRows < M) {
+      for (int64_t jv = 0; jv < NVt; jv += 2) {
+        if (jv + 1 < NVt)
+          tile_block<2, 2>(a, Kp, B16 + jv * kW, ldb, kchunks, c + jv * kW, ldc);
+        else
+          tile_block<2, 1>(a, Kp, B16 + jv * kW, ldb, kchunks, c + jv * kW, ldc);
+      }
+    } else {
+      for (int64_t jv = 0; jv < NVt; jv += 4) {
+        const uint32_t* b = B16 + jv * kW;
+        switch (std::min<int64_t>(4, NVt - jv)) {
+          case 4: tile_block<1, 4>(a, Kp, b, ldb, kchunks, c + jv * kW, ldc); break;
+          case 3: tile_block<1, 3>(a, Kp, b, ldb, kchunks, c + jv * kW, ldc); break;
+          case 2: tile_block<1, 2>(a, Kp, b, ldb, kchunks, c + jv * kW, ldc); break;
+          default: tile_block<1, 1>(a, Kp, b, ldb, kchunks, c + jv * kW, ldc); break;
+        }
+      }
+    }
+  }
+  __asm__ __volatile__("" ::: "memory");  // and the tile stores before C is read
 }

@@ -188,6 +188,11 @@ struct FwdScratch {
   float* blk;      // transpose staging [kW][Dkp]
   uint32_t* kt16;  // bf16 twins of kt and vp (bf16 products only, else null)
   uint32_t* vp16;
+  // Both products on the tiles (bf16 products whose shapes pay for them, see forward_rows_tiles):
+  // q and P as bf16 A operands [kRowGroup<T>][k_padded(Dk or Nk)]; else null.
+  bool tiles;
+  uint16_t* q16;
+  uint16_t* p16;
 
   template <ElemType T>
   int64_t carve(float* base, int64_t Nk, int64_t Nkp, int64_t Dk, int64_t Dkp, int64_t Dvp) {
@@ -196,6 +201,17 @@ struct FwdScratch {
     vp = c.take(Nk * Dvp);
     kt16 = take_twin<T>(c, Dk, Nkp);
     vp16 = take_twin<T>(c, Nk, Dvp);
+    tiles = false;
+    q16 = p16 = nullptr;
+#if defined(FVK_BF16_PRODUCTS)
+    if constexpr (kBf16Products<T>) {
+      tiles = tiles_pay(Nkp / kW, Dk) && tiles_pay(Dvp / kW, Nk);
+      if (tiles) {
+        q16 = reinterpret_cast<uint16_t*>(c.take(kRowGroup<T> * k_padded(Dk) / 2));
+        p16 = reinterpret_cast<uint16_t*>(c.take(kRowGroup<T> * k_padded(Nk) / 2));
+      }
+    }
+#endif
     qs = c.take(kRowGroup<T> * Dk);
     s = c.take(kRowGroup<T> * Nkp);
     o = c.take(kRowGroup<T> * Dvp);
@@ -206,12 +222,75 @@ struct FwdScratch {
   }
 };
 
+// out (and o_pre) of `rows` rows from their fp32 P v rows in w.o, each times row_mul[r].
+template <ElemType T>
+inline void store_output_rows(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, int64_t i0,
+                              int64_t rows, const FwdScratch& w, const float* row_mul) {
+  const int64_t Dv = a.Dv, Dvp = round_up(Dv, kW);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* orow = w.o + r * Dvp;
+    if (row_mul != nullptr) scale_rows(orow, Dvp, row_mul[r]);
+    if (a.o_pre != nullptr)
+      store_row<T>(a.o_pre, offset4(a.o_pre_stride, b, h, i0 + r), Dv, orow);
+    if (a.activation != Activation::kNone)
+      for (int64_t c = 0; c < Dvp; c += kW)
+        vstore(orow + c, activate(a.activation, vload(orow + c)));
+    store_row<T>(a.out, offset4(a.out_stride, b, h, i0 + r), Dv, orow);
+  }
+}
+
+#if defined(FVK_BF16_PRODUCTS)
+// forward_rows with both products on the tiles (FwdScratch::tiles), the arithmetic of the
+// gemm_bf16 route but for the exponential (softmax_rows_bf16): the raw q k^T tiles are stored
+// straight into the score rows, one pass makes them scores (acc * scale + bias + mask, as
+// AddStoreEpi) and takes the row maxima, the softmax writes P as the bf16 operand of P v, and the
+// P v tiles land in the output rows, scaled by 1 / sum while they are stored. This skips the fp32
+// P, its repacking and two bounces through a stack block per tile block: the overhead around the
+// tile products at LeViT's sizes (docs/bias_attention.md, "Numerics").
+template <ElemType T>
+inline void forward_rows_tiles(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, int64_t i0,
+                               int64_t rows, const FwdScratch& w) {
+  const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
+  const int64_t Nkp = round_up(Nk, kW), Dvp = round_up(Dv, kW);
+  for (int64_t r = 0; r < rows; ++r)
+    load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], Dk, 1.0f, w.qs + r * Dk);
+  pack_a_rows(w.qs, Dk, rows, Dk, w.q16);
+  tiles_product(rows, Nkp / kW, Dk, w.q16, w.kt16, Nkp, w.s, Nkp);
+
+  const AddStoreEpi sc = bias_epilogue(a, b, h, i0, w.s, Nkp, a.scale);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* sr = w.s + r * Nkp;
+    const float* br = sc.x + r * sc.ldx;
+    const float* mr = sc.m != nullptr ? sc.m + r * sc.ldm : nullptr;
+    vf mx = vset1(-INFINITY);
+    for (int64_t c = 0; c < Nkp; c += kW) {
+      vf x = vfma(vload(sr + c), vset1(sc.mul), vload(br + c));
+      if (mr != nullptr) x = vadd(x, vload(mr + c));
+      vstore(sr + c, x);
+      mx = vmax(mx, x);
+    }
+    w.lse[r] = vhmax(mx);
+  }
+  softmax_rows_bf16(w.s, rows, Nkp, Nk, kRowGroup<T>, w.lse, w.row_sum, w.p16);
+  for (int64_t r = 0; r < rows; ++r)
+    a.lse[b * a.lse_stride[0] + h * a.lse_stride[1] + (i0 + r) * a.lse_stride[2]] = w.lse[r];
+
+  tiles_product(rows, Dvp / kW, Nk, w.p16, w.vp16, Dvp, w.o, Dvp);
+  store_output_rows<T>(a, b, h, i0, rows, w, w.row_sum);
+}
+#endif
+
 // One group of `rows` query rows [i0, i0 + rows) of (b, h), with k^T / v already packed.
 template <ElemType T>
 inline void forward_rows(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, int64_t i0,
                          int64_t rows, const FwdScratch& w) {
   const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
   const int64_t Nkp = round_up(Nk, kW), Dvp = round_up(Dv, kW);
+#if defined(FVK_BF16_PRODUCTS)
+  if constexpr (kBf16Products<T>) {
+    if (w.tiles) return forward_rows_tiles<T>(a, b, h, i0, rows, w);
+  }
+#endif
   const ScalePlacement sc = scale_placement<T>(a.scale);
   for (int64_t r = 0; r < rows; ++r)
     load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], Dk, sc.operand,
@@ -229,15 +308,7 @@ inline void forward_rows(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, in
   // O = P v / sum, then o_pre, the activation, and the store in the output dtype.
   RowScaleEpi o_epi{w.o, Dvp, w.row_sum};
   product<T>(rows, Dvp / kW, Nk, w.s, Nkp, 1, w.vp, Dvp, w.vp16, nullptr, 0, o_epi);
-  for (int64_t r = 0; r < rows; ++r) {
-    float* orow = w.o + r * Dvp;
-    if (a.o_pre != nullptr)
-      store_row<T>(a.o_pre, offset4(a.o_pre_stride, b, h, i0 + r), Dv, orow);
-    if (a.activation != Activation::kNone)
-      for (int64_t c = 0; c < Dvp; c += kW)
-        vstore(orow + c, activate(a.activation, vload(orow + c)));
-    store_row<T>(a.out, offset4(a.out_stride, b, h, i0 + r), Dv, orow);
-  }
+  store_output_rows<T>(a, b, h, i0, rows, w, nullptr);
 }
 
 template <ElemType T>
