@@ -5,6 +5,7 @@ The DynamicViT oracle below is an independent plain-PyTorch copy of raoyongming/
 whichever backend the ops run on (tolerances are those of float32 kernels in float32).
 """
 
+import copy
 import inspect
 
 import pytest
@@ -119,6 +120,28 @@ def test_plain_path_matches_timm(dtype, variant):
     g = _grads((out * dy).sum(), [x] + params)
     for a, b in zip(g, g_ref):
         torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [1, 7, 68, 197])
+def test_plain_inference_runs_the_fused_kernel_within_timms_error(dtype, N, monkeypatch):
+    """Without grad on CPU the plain path runs bias_attention (no bias) instead of SDPA: its
+    error against float64 stays within twice timm's own in the same dtype (or the dtype's floor)."""
+    ref, ours = _timm_pair(torch.float32, dim=384, heads=6)  # DeiT-S widths
+    oracle = copy.deepcopy(ref).double()
+    ref, ours = ref.to(dtype), ours.to(dtype)
+    x = torch.randn(2, N, 384)
+    calls = []
+    real = mta_module.bias_attention
+    monkeypatch.setattr(mta_module, "bias_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        want = oracle(x.double())
+        out_ref, out = ref(x.to(dtype)), ours(x.to(dtype))
+    assert len(calls) == (1 if fastvit_kernels._native.available() else 0)
+    floor = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8}[dtype] * want.abs().max().item()
+    err = (out.double() - want).abs().max().item()
+    err_timm = (out_ref.double() - want).abs().max().item()
+    assert err <= 2 * err_timm + floor, (err, err_timm)
 
 
 def test_plain_path_attn_mask_and_causal_like_timm():

@@ -4,9 +4,13 @@ A drop-in for `timm.models.vision_transformer.Attention`: the same constructor a
 submodule names and state_dict keys (qkv, q_norm, k_norm, norm, gate, proj), and the same result
 when called like timm's. Two keyword-only arguments add DynamicViT's paths:
 
-    attn(x)                                   x [B, N, C]: plain attention, exactly timm's
+    attn(x)                                   x [B, N, C]: plain attention, timm's
                                               (F.scaled_dot_product_attention, attn_mask and
-                                              is_causal as timm passes them)
+                                              is_causal as timm passes them); without grad
+                                              on CPU (inference: DynamicViT's pruned tokens)
+                                              through fastvit_kernels.ops.bias_attention with
+                                              no bias, 1.2-2x SDPA's CPU kernel at DeiT-S
+                                              sizes (benchmarks/README.md, "DynamicViT")
     attn(x, policy=p)                         x [B, N, C], p [B, N] or [B, N, 1]: DynamicViT's
                                               training attention (`softmax_with_policy`) through
                                               fastvit_kernels.ops.policy_attention
@@ -36,13 +40,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvit_kernels.ops import policy_attention, varlen_attention
+from fastvit_kernels import _native
+from fastvit_kernels.ops import bias_attention, policy_attention, varlen_attention
 from fastvit_kernels.ops.varlen_attention import check_cu_seqlens
 from fastvit_kernels.reference.policy_attention import softmax_with_policy
 
 __all__ = ["MaskedTokenAttention"]
 
 POLICY_EPS = 1e-6  # DynamicViT's softmax_with_policy eps
+_FUSED_PLAIN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # bias_attention's
 
 
 def _fail(argument: str, expected: str, given) -> None:
@@ -67,7 +73,8 @@ class MaskedTokenAttention(nn.Module):
         device, dtype: factory arguments.
 
     Attributes as timm's: num_heads, head_dim, attn_dim, scale, fused_attn (always True: the
-    plain path always runs F.scaled_dot_product_attention, which is timm's fused path).
+    plain path always runs a fused kernel, timm's F.scaled_dot_product_attention or, in CPU
+    inference, bias_attention).
     """
 
     fused_attn: bool = True
@@ -221,6 +228,8 @@ class MaskedTokenAttention(nn.Module):
                 out = self.attn_drop(attn) @ v
             else:
                 out = policy_attention(q, k, v, policy, scale=self.scale, eps=POLICY_EPS)
+        elif self._fused_plain(q, attn_mask, is_causal):
+            out = bias_attention(q, k, v, scale=self.scale)
         else:
             out = F.scaled_dot_product_attention(
                 q, k, v,
@@ -233,6 +242,13 @@ class MaskedTokenAttention(nn.Module):
         return self._project(out, gate)
 
     # -----------------------------------------------------------------------------------------
+
+    def _fused_plain(self, q: Tensor, attn_mask: Optional[Tensor], is_causal: bool) -> bool:
+        """Whether plain attention runs the fused CPU kernel: inference (no grad, so no
+        dropout and no backward to match SDPA's) on CPU with the native build, without timm's
+        attn_mask / is_causal."""
+        return (self.fused and not torch.is_grad_enabled() and attn_mask is None and not is_causal
+                and q.device.type == "cpu" and q.dtype in _FUSED_PLAIN_DTYPES and _native.available())
 
     def _project(self, out: Tensor, gate: Optional[Tensor]) -> Tensor:
         out = self.norm(out)
