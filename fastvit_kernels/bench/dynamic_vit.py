@@ -2,7 +2,10 @@
 
   --level ops    policy_attention (fastvit_kernels/bench/policy_attention.py) at keep ratios 1.0,
                  0.7, 0.343 and varlen_attention (fastvit_kernels/bench/varlen_attention.py),
-                 against their peers, in one table
+                 against their peers, in one table; and the plain attention of top-k inference
+                 (every image keeps the same 197 / 138 / 97 / 68 tokens): `op` = bias_attention
+                 without a bias, what MaskedTokenAttention runs there without grad on CPU, against
+                 `sdpa` = timm's F.scaled_dot_product_attention (forward)
   --level model  end to end, below (this module)
   --level all    both (the default)
 
@@ -39,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from fastvit_kernels.bench import common, policy_attention, varlen_attention
+from fastvit_kernels.ops import bias_attention
+from fastvit_kernels.ops.bias_attention import select_backend
 
 INFER_IMPLS = ("deit_s", "deit_s.compile", "dyvit.topk", "dyvit.threshold")
 TRAIN_IMPLS = ("deit_s", "dyvit.plain", "dyvit.fused")
@@ -207,15 +212,65 @@ def table(rows: List[Dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+PLAIN_TOKENS = (197, 138, 97, 68)  # DynamicViT-S top-k: before pruning and after each stage
+
+
+class PlainCase:
+    """Dense attention of `batch` images of N tokens at DeiT-S's 6 heads x 64 (q, k, v strided
+    views of one qkv buffer, as timm's Attention makes them), a case for common.bench_kernel_cases."""
+
+    def __init__(self, batch: int, N: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+        self.name, self.B, self.N, self.dtype, self.device = f"plain.N{N}", batch, N, dtype, device
+        g = torch.Generator().manual_seed(seed)
+        qkv = torch.randn(batch, N, 3, varlen_attention.HEADS, varlen_attention.HEAD_DIM, generator=g)
+        self.q, self.k, self.v = qkv.to(device=device, dtype=dtype).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def describe(self) -> str:
+        return f"{self.B} images x {self.N} tokens, H={varlen_attention.HEADS} D={varlen_attention.HEAD_DIM} " \
+               f"{common.dtype_name(self.dtype)}"
+
+    def row_fields(self) -> Dict[str, object]:
+        return dict(case=self.name, op="plain_attention", B=self.B, tokens=self.B * self.N, max_len=self.N,
+                    H=varlen_attention.HEADS, D=varlen_attention.HEAD_DIM, dtype=common.dtype_name(self.dtype))
+
+    def backend(self) -> str:
+        return select_backend(self.q, self.k, self.v).name
+
+    def oracle(self, need_grads: bool, dtype: torch.dtype = torch.float64) -> List[torch.Tensor]:
+        q, k, v = (t.to(dtype) for t in (self.q, self.k, self.v))
+        return [torch.softmax(q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5, dim=-1) @ v]
+
+    def make_callable(self, impl: str, pass_: str):
+        if pass_ != "fwd":
+            raise ValueError("plain attention is benchmarked forward only (inference)")
+        f = bias_attention if impl == "op" else F.scaled_dot_product_attention
+
+        def run():
+            with torch.no_grad():
+                return [f(self.q, self.k, self.v)]
+
+        return run
+
+
+def run_plain(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool = False,
+              tokens: Sequence[int] = PLAIN_TOKENS) -> List[Dict]:
+    cases = (PlainCase(batch, N, dtype, device) for N in tokens)
+    rows = common.bench_kernel_cases(cases, ("op", "sdpa"), ("fwd",), env, quick=quick)
+    common.add_ratios(rows, "op")
+    return rows
+
+
 def run_ops(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quick: bool = False,
             keeps: Sequence[float] = policy_attention.KEEP_RATIOS,
             policy_impls: Sequence[str] = policy_attention.IMPLS, passes: Sequence[str] = policy_attention.PASSES,
             varlen_passes: Sequence[str] = ("fwd",)) -> List[Dict]:
-    """policy_attention rows (`passes`) followed by varlen_attention rows (`varlen_passes`)."""
+    """policy_attention rows (`passes`), then varlen_attention rows (`varlen_passes`), then the
+    plain attention rows (forward)."""
     rows = policy_attention.run(batch=batch, dtype=dtype, device=device, env=env, quick=quick, keeps=keeps,
                                 impls=policy_impls, passes=passes)
-    return rows + varlen_attention.run(batch=batch, dtype=dtype, device=device, env=env, quick=quick,
-                                       passes=varlen_passes)
+    rows += varlen_attention.run(batch=batch, dtype=dtype, device=device, env=env, quick=quick,
+                                 passes=varlen_passes)
+    return rows + run_plain(batch=batch, dtype=dtype, device=device, env=env, quick=quick)
 
 
 def ops_table(rows: List[Dict]) -> str:
