@@ -92,6 +92,10 @@ inline __mmask16 tail_mask(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff)
                  : n <= 0 ? static_cast<__mmask16>(0) : static_cast<__mmask16>((1u << n) - 1u);
 }
+inline __mmask32 pair_mask(int64_t n) {  // the first n of 32 16-bit lanes
+  return n >= 32 ? static_cast<__mmask32>(0xffffffffu)
+                 : n <= 0 ? static_cast<__mmask32>(0) : static_cast<__mmask32>((1u << n) - 1u);
+}
 
 // Lane order that turns [lo_0 .. lo_15, hi_0 .. hi_15] into [lo_0, hi_0, lo_1, hi_1, ...].
 inline __m512i pair_order() {
@@ -160,6 +164,70 @@ inline void pack_a_transposed(const float* X, int64_t ldx, int64_t M, int64_t K,
     for (int64_t m = 0; m < Mp; m += 16)
       transpose_block(reinterpret_cast<const float*>(tmp + r * Mp + m), Mp,
                       reinterpret_cast<float*>(d + m * K2 + r), K2);
+}
+
+// The same layouts packed straight from bf16 rows (row(n): a uint16_t pointer to row n, elements
+// contiguous), for inputs that are bf16 already: no fp32 round trip, the same bits.
+
+// dst (A layout) = X [M rows of K bf16].
+template <class Row>
+inline void pack_a_rows_bf16(Row&& row, int64_t M, int64_t K, uint16_t* dst) {
+  const int64_t Kp = k_padded(K), Mp = round_up(M, kTileRows);
+  for (int64_t m = 0; m < Mp; ++m) {
+    uint16_t* d = dst + m * Kp;
+    for (int64_t k = 0; k < Kp; k += 32) {
+      const __m512i x = m < M ? _mm512_maskz_loadu_epi16(pair_mask(K - k), row(m) + k)
+                              : _mm512_setzero_si512();
+      _mm512_storeu_si512(d + k, x);
+    }
+  }
+}
+
+// dst (VNNI, K = N rows, ld words per row) = X [N rows of D bf16]: word (r, c) = X[2r][c] |
+// X[2r + 1][c] << 16, zero from column D and row N on.
+template <class Row>
+inline void pack_vnni_rows_bf16(Row&& row, int64_t N, int64_t D, int64_t ld, uint32_t* dst) {
+  const __m512i order = pair_order();
+  const int64_t K2 = k_padded(N) / 2;
+  for (int64_t r = 0; r < K2; ++r) {
+    uint32_t* d = dst + r * ld;
+    const int64_t k = 2 * r;
+    if (k >= N) {
+      std::memset(d, 0, static_cast<size_t>(ld) * sizeof(uint32_t));
+      continue;
+    }
+    const uint16_t* x0 = row(k);
+    const uint16_t* x1 = k + 1 < N ? row(k + 1) : nullptr;
+    for (int64_t c = 0; c < ld; c += 16) {
+      const __mmask16 m = tail_mask(D - c);
+      const __m256i lo = _mm256_maskz_loadu_epi16(m, x0 + c);
+      const __m256i hi = x1 != nullptr ? _mm256_maskz_loadu_epi16(m, x1 + c) : _mm256_setzero_si256();
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+      _mm512_storeu_si512(d + c, _mm512_permutexvar_epi16(order, both));
+    }
+  }
+}
+
+// dst (VNNI, K = D rows, ld >= N words per row) = X^T for X [N rows of D bf16], D even: word
+// (r, n) is the r-th 32-bit word of row n (X[n][2r] | X[n][2r + 1] << 16), so this is a transpose
+// of 32-bit words, in 16 x 16 blocks; zero from column N and row D / 2 on.
+template <class Row>
+inline void pack_vnni_transposed_bf16(Row&& row, int64_t N, int64_t D, int64_t ld, uint32_t* dst) {
+  const int64_t K2 = k_padded(D) / 2, D2 = D / 2;
+  alignas(64) uint32_t blk[16 * 16];
+  for (int64_t n0 = 0; n0 < ld; n0 += 16) {
+    for (int64_t r0 = 0; r0 < K2; r0 += 16) {
+      for (int64_t i = 0; i < 16; ++i) {
+        const int64_t n = n0 + i;
+        const __m512i x = n < N && r0 < D2
+            ? _mm512_maskz_loadu_epi32(tail_mask(D2 - r0), row(n) + 2 * r0)
+            : _mm512_setzero_si512();
+        _mm512_store_si512(blk + i * 16, x);
+      }
+      transpose_block(reinterpret_cast<const float*>(blk), 16,
+                      reinterpret_cast<float*>(dst + r0 * ld + n0), ld);
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -321,6 +389,47 @@ inline void gemm_bf16(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t
   }
 }
 
+// tiles_product for K <= 32 (one chunk: the attention scores at head widths up to 32), MT row
+// tiles: A is loaded once, and the columns alternate between two sets of C tiles ({0, 1} with B
+// tile 6, {2, 3} with B tile 7), so that one column's stores drain while the next one's products
+// run. Tiles are not renamed: with one set, each column's zero -> product -> store chain would
+// wait for the previous one, which dominates when a chain is a single product.
+template <int MT>
+inline void tile_columns_one_chunk(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb,
+                                   int64_t NVt, float* c, int64_t ldc) {
+  const long sa = static_cast<long>(lda * 2), sb = static_cast<long>(ldb * 4);
+  const long sc = static_cast<long>(ldc * 4);
+  static_for<MT>([&](auto m) { tile_load<4 + m>(a + m * kTileRows * lda, sa); });
+  // Set S: C tiles 2S .. 2S + MT - 1 (row tile m in C tile 2S + m), B tile 6 + S.
+  auto compute = [&](auto set, int64_t n) {
+    constexpr int S = decltype(set)::value;
+    static_for<MT>([&](auto m) { tile_zero<2 * S + m>(); });
+    tile_load<6 + S>(b + n * 16, sb);
+    static_for<MT>([&](auto m) { tile_dp<2 * S + m, 4 + m, 6 + S>(); });
+  };
+  auto store = [&](auto set, int64_t n) {
+    constexpr int S = decltype(set)::value;
+    static_for<MT>([&](auto m) { tile_store<2 * S + m>(c + m * kTileRows * ldc + n * 16, sc); });
+  };
+  using Set0 = std::integral_constant<int, 0>;
+  using Set1 = std::integral_constant<int, 1>;
+  compute(Set0{}, 0);
+  int64_t n = 1;
+  for (; n + 1 < NVt; n += 2) {
+    compute(Set1{}, n);
+    store(Set0{}, n - 1);
+    compute(Set0{}, n + 1);
+    store(Set1{}, n);
+  }
+  if (n < NVt) {
+    compute(Set1{}, n);
+    store(Set0{}, n - 1);
+    store(Set1{}, n);
+  } else {
+    store(Set0{}, n - 1);
+  }
+}
+
 // C (round_up(M, 16) rows x NVt vectors, ldc floats per row) = A16 (the A layout: M rows of
 // k_padded(K) bf16, rows up to round_up(M, 16) zero) * B16 (VNNI, ldb words per row), the tiles
 // stored straight into C with no epilogue: for a caller that reads C in a later pass anyway (the
@@ -333,6 +442,13 @@ inline void tiles_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16
   for (int64_t i = 0; i < M; i += 2 * kTileRows) {
     const uint16_t* a = a16 + i * Kp;
     float* c = C + i * ldc;
+    if (kchunks == 1) {
+      if (i + kTileRows < M)
+        tile_columns_one_chunk<2>(a, Kp, B16, ldb, NVt, c, ldc);
+      else
+        tile_columns_one_chunk<1>(a, Kp, B16, ldb, NVt, c, ldc);
+      continue;
+    }
     if (i + kTileRows < M) {
       for (int64_t jv = 0; jv < NVt; jv += 2) {
         if (jv + 1 < NVt)

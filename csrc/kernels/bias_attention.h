@@ -193,6 +193,9 @@ struct FwdScratch {
   bool tiles;
   uint16_t* q16;
   uint16_t* p16;
+  // With tiles, whether q, k, v pack into those operands straight from their bf16 rows (d-stride
+  // 1, Dk even: see bf16_rows_pack_directly) instead of through the fp32 kt / vp / qs.
+  bool direct;
 
   template <ElemType T>
   int64_t carve(float* base, int64_t Nk, int64_t Nkp, int64_t Dk, int64_t Dkp, int64_t Dvp) {
@@ -201,7 +204,7 @@ struct FwdScratch {
     vp = c.take(Nk * Dvp);
     kt16 = take_twin<T>(c, Dk, Nkp);
     vp16 = take_twin<T>(c, Nk, Dvp);
-    tiles = false;
+    tiles = direct = false;
     q16 = p16 = nullptr;
 #if defined(FVK_BF16_PRODUCTS)
     if constexpr (kBf16Products<T>) {
@@ -240,6 +243,16 @@ inline void store_output_rows(const BiasAttentionFwdArgs& a, int64_t b, int64_t 
 }
 
 #if defined(FVK_BF16_PRODUCTS)
+// Whether the tile operands can be packed from q, k, v's own bf16 rows: unit d-stride, and k's
+// rows an even number of elements (its VNNI twin takes pairs of d as 32-bit words).
+inline bool bf16_rows_pack_directly(const BiasAttentionInputs& a) {
+  return a.q_stride[3] == 1 && a.k_stride[3] == 1 && a.v_stride[3] == 1 && a.Dk % 2 == 0;
+}
+
+inline auto bf16_head_rows(const void* x, const int64_t* s, int64_t b, int64_t h) {
+  return [x, s, b, h](int64_t j) { return static_cast<const uint16_t*>(x) + offset4(s, b, h, j); };
+}
+
 // forward_rows with both products on the tiles (FwdScratch::tiles), the arithmetic of the
 // gemm_bf16 route but for the exponential (softmax_rows_bf16): the raw q k^T tiles are stored
 // straight into the score rows, one pass makes them scores (acc * scale + bias + mask, as
@@ -252,9 +265,14 @@ inline void forward_rows_tiles(const BiasAttentionFwdArgs& a, int64_t b, int64_t
                                int64_t rows, const FwdScratch& w) {
   const int64_t Nk = a.Nk, Dk = a.Dk, Dv = a.Dv;
   const int64_t Nkp = round_up(Nk, kW), Dvp = round_up(Dv, kW);
-  for (int64_t r = 0; r < rows; ++r)
-    load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], Dk, 1.0f, w.qs + r * Dk);
-  pack_a_rows(w.qs, Dk, rows, Dk, w.q16);
+  if (w.direct) {
+    const auto q_rows = bf16_head_rows(a.q, a.q_stride, b, h);
+    pack_a_rows_bf16([&](int64_t r) { return q_rows(i0 + r); }, rows, Dk, w.q16);
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      load_row<T>(a.q, offset4(a.q_stride, b, h, i0 + r), a.q_stride[3], Dk, 1.0f, w.qs + r * Dk);
+    pack_a_rows(w.qs, Dk, rows, Dk, w.q16);
+  }
   tiles_product(rows, Nkp / kW, Dk, w.q16, w.kt16, Nkp, w.s, Nkp);
 
   const AddStoreEpi sc = bias_epilogue(a, b, h, i0, w.s, Nkp, a.scale);
@@ -278,6 +296,17 @@ inline void forward_rows_tiles(const BiasAttentionFwdArgs& a, int64_t b, int64_t
   tiles_product(rows, Dvp / kW, Nk, w.p16, w.vp16, Dvp, w.o, Dvp);
   store_output_rows<T>(a, b, h, i0, rows, w, w.row_sum);
 }
+#endif
+
+#if defined(FVK_BF16_PRODUCTS)
+// The twins k^T and v of (b, h) straight from their bf16 rows (FwdScratch::direct).
+inline void pack_bf16_twins(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, const FwdScratch& w) {
+  const int64_t Nkp = round_up(a.Nk, kW), Dvp = round_up(a.Dv, kW);
+  pack_vnni_transposed_bf16(bf16_head_rows(a.k, a.k_stride, b, h), a.Nk, a.Dk, Nkp, w.kt16);
+  pack_vnni_rows_bf16(bf16_head_rows(a.v, a.v_stride, b, h), a.Nk, a.Dv, Dvp, w.vp16);
+}
+#else
+inline void pack_bf16_twins(const BiasAttentionFwdArgs&, int64_t, int64_t, const FwdScratch&) {}
 #endif
 
 // One group of `rows` query rows [i0, i0 + rows) of (b, h), with k^T / v already packed.
@@ -318,6 +347,9 @@ inline void forward_impl(const BiasAttentionFwdArgs& a, int64_t task_begin, int6
   FwdScratch w{};
   AlignedBuffer mem(w.carve<T>(nullptr, Nk, Nkp, Dk, Dkp, Dvp));
   w.carve<T>(mem.data(), Nk, Nkp, Dk, Dkp, Dvp);
+#if defined(FVK_BF16_PRODUCTS)
+  w.direct = w.tiles && bf16_rows_pack_directly(a);
+#endif
 
   int64_t packed_bh = -1;
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -332,10 +364,14 @@ inline void forward_impl(const BiasAttentionFwdArgs& a, int64_t task_begin, int6
         prefetch_rows<T>(a.v, a.v_stride, nb, nh, Nk, Dv);
         prefetch_rows<T>(a.q, a.q_stride, nb, nh, std::min(a.Nq, a.q_block), Dk);
       }
-      pack_transposed<T>(a.k, a.k_stride, b, h, Nk, Dk, Nkp, w.blk, w.kt);
-      pack_rows<T>(a.v, a.v_stride, b, h, Nk, Dv, Dvp, 1.0f, w.vp);
-      make_twin<T>(w.kt, Nkp, Dk, w.kt16);
-      make_twin<T>(w.vp, Dvp, Nk, w.vp16);
+      if (w.direct) {
+        pack_bf16_twins(a, b, h, w);
+      } else {
+        pack_transposed<T>(a.k, a.k_stride, b, h, Nk, Dk, Nkp, w.blk, w.kt);
+        pack_rows<T>(a.v, a.v_stride, b, h, Nk, Dv, Dvp, 1.0f, w.vp);
+        make_twin<T>(w.kt, Nkp, Dk, w.kt16);
+        make_twin<T>(w.vp, Dvp, Nk, w.vp16);
+      }
       packed_bh = bh;
     }
     const int64_t i_begin = (task % a.q_blocks) * a.q_block;
