@@ -146,10 +146,11 @@ def run(*, batch: int, dtype: torch.dtype, device: torch.device, env: Dict, quic
 
 
 def table(rows: List[Dict]) -> str:
-    """The kernel table, saying on sdpa rows that it is another function (also used for the
-    varlen_attention rows printed beside these)."""
+    """The kernel table, saying on policy_attention's sdpa rows that it is another function (also
+    used for the varlen_attention and plain attention rows printed beside these)."""
     return common.kernel_table(
-        rows, lambda row: ["different function; no policy grad"] if row.get("impl") == "sdpa" else [])
+        rows, lambda row: ["different function; no policy grad"]
+        if row.get("impl") == "sdpa" and row.get("op") == "policy_attention" else [])
 
 
 # ---------------------------------------------------------------------------------------------
