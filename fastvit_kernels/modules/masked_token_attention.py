@@ -9,7 +9,7 @@ when called like timm's. Two keyword-only arguments add DynamicViT's paths:
                                               is_causal as timm passes them); without grad
                                               on CPU (inference: DynamicViT's pruned tokens)
                                               through fastvit_kernels.ops.bias_attention with
-                                              no bias, 1.2-2x SDPA's CPU kernel at DeiT-S
+                                              no bias, 1.1-2.4x SDPA's CPU kernel at DeiT-S
                                               sizes (benchmarks/README.md, "DynamicViT")
     attn(x, policy=p)                         x [B, N, C], p [B, N] or [B, N, 1]: DynamicViT's
                                               training attention (`softmax_with_policy`) through
