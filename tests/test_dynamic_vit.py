@@ -324,6 +324,24 @@ def test_topk_inference_matches_reference_gather(dtype):
     assert model.forward_features(x).shape == (5, 5, 64)
 
 
+def test_topk_inference_compiles_and_exports_with_the_fused_attention():
+    """Top-k inference on CPU runs its plain attention through bias_attention (no bias): one
+    graph under torch.compile(fullgraph=True), the op kept by torch.export, both matching eager."""
+    if not fastvit_kernels._native.available():
+        pytest.skip("the fused plain attention needs the native CPU kernels")
+    model, _ = _pair(torch.float32, seed=7)
+    model.eval()
+    x = _images(3, torch.float32, seed=8)
+    with torch.no_grad():
+        want = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), want, **TOL[torch.float32])
+        program = torch.export.export(model, (x,))
+        torch.testing.assert_close(program.module()(x), want, **TOL[torch.float32])
+    calls = [n for n in program.graph.nodes if "bias_attention" in str(n.target)]
+    assert len(calls) == SMALL["depth"], [str(n.target) for n in calls]
+
+
 @pytest.mark.parametrize("threshold", [0.45, 0.5, 0.6])
 def test_threshold_inference_equals_each_image_alone(threshold):
     dtype = torch.float64
