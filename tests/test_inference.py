@@ -47,6 +47,32 @@ def test_bad_arguments_name_them():
         optimize_for_inference(torch.nn.Linear(2, 2), torch.int8)
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_half_precision_stem_runs_channels_last(levit_pairs, name):
+    """bfloat16: the fused stem convolutions' weights are stored channels-last (float32 keeps its
+    layout) and give the result of the same weights in NCHW, for NCHW and channels-last images."""
+    from fastvit_kernels.modules.conv_hardswish import ConvHardswish
+
+    model, x, _ = levit_pairs[name]
+    stems = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        optimized = optimize_for_inference(copy.deepcopy(model), dtype)
+        stems[dtype] = [m for m in optimized.modules() if isinstance(m, ConvHardswish)]
+        assert len(stems[dtype]) == 4
+    assert all(m.weight.is_contiguous() for m in stems[torch.float32])
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+               for m in stems[torch.bfloat16])
+    nchw = copy.deepcopy(optimized)
+    for m in nchw.modules():
+        if isinstance(m, ConvHardswish):
+            m.weight.data = m.weight.data.contiguous()
+    xb = x.to(torch.bfloat16)
+    with torch.inference_mode():
+        want = nchw(xb)
+        for images in (xb, xb.contiguous(memory_format=torch.channels_last)):
+            assert rel_err(optimized(images), want.float()) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", MODELS)
 def test_eager_matches_timm(levit_pairs, name, dtype):

@@ -31,6 +31,10 @@ def conv_hardswish(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: L
             x.contiguous(memory_format=torch.channels_last), weight, bias, padding, stride, dilation, groups,
             "hardswish" if hardswish else "none", [], "",
         )
+    if x.device.type == "cpu" and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+        # Channels-last weights (optimize_for_inference's half-precision stems): channels-last
+        # activations too, so that oneDNN reorders nothing per call.
+        x = x.contiguous(memory_format=torch.channels_last)
     y = nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return nn.functional.hardswish(y) if hardswish else y
 
@@ -45,7 +49,10 @@ class ConvHardswish(nn.Conv2d):
     than NCHW convolutions plus separate activations (42 -> 14 ms for levit_128s, batch 32, 2
     cores), and its channels-last output makes the stem's flatten(2).transpose(1, 2) contiguous.
     Where oneDNN does not apply (GPU, half precision, autograd on, ONNX export, TorchScript) it is
-    Conv2d then Hardswish. Parameter names are Conv2d's (`weight`, `bias`); zero padding only."""
+    Conv2d then Hardswish, in channels-last memory on CPU when the weight is stored channels-last
+    (optimize_for_inference does that for bfloat16 / float16, where Inductor then runs the
+    convolution and fuses the Hardswish itself). Parameter names are Conv2d's (`weight`, `bias`);
+    zero padding only."""
 
     def __init__(self, conv: nn.Conv2d, hardswish: bool):
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
