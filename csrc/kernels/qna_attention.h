@@ -874,6 +874,7 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
 namespace pixel {
 
 constexpr int kNJ = 2;       // output vectors per block
+constexpr int kMaxRun = 8;   // taps of a run (forward_values_runs)
 constexpr int kDChunk = 8;   // value channels per pass over the taps (registers: kNJ * 8 sums)
 
 struct Planes {
@@ -890,6 +891,12 @@ struct Planes {
   std::vector<int32_t> columns;  // [s]: data columns of each column phase
   std::vector<int32_t> off;      // [taps]: read offset of tap t
   std::vector<int32_t> scatter;  // [taps]: the taps in column-major order
+  // Runs of taps that read one phase-plane row at consecutive offsets (at most kMaxRun each):
+  // run r covers run_taps[run_first[r] .. run_first[r + 1]) in increasing offset.
+  std::vector<int32_t> run_taps, run_first;
+  // Whether the forward's values go by runs (forward_values_runs): measured faster where the runs
+  // average 3 taps or more (k = 5 and 7 at stride 1, 7 at stride 2), slower with shorter ones.
+  bool use_runs;
 
   Planes(const QnaAttentionInputs& a, int64_t rows_per_task)
       : s(a.stride), k(a.kernel_size), taps(a.kernel_size * a.kernel_size), pad(a.pad) {
@@ -917,6 +924,24 @@ struct Planes {
     }
     for (int64_t tx = 0; tx < k; ++tx)
       for (int64_t ty = 0; ty < k; ++ty) scatter.push_back(static_cast<int32_t>(ty * k + tx));
+    // Taps of one row ty and column phase rx have consecutive sx, so consecutive offsets; a run
+    // also ends where the offsets cross a multiple of kW (its values then lie in two aligned
+    // vectors of a plane, block positions being multiples of kW).
+    for (int64_t ty = 0; ty < k; ++ty) {
+      for (int64_t rx = 0; rx < s; ++rx) {
+        int64_t in_run = 0;
+        for (int64_t tx = 0; tx < k; ++tx) {
+          if (floor_div(tx - pad, s) * s + rx != tx - pad) continue;
+          const int64_t t = ty * k + tx;
+          if (in_run == kMaxRun || (in_run > 0 && off[t] % kW == 0)) in_run = 0;
+          if (in_run == 0) run_first.push_back(static_cast<int32_t>(run_taps.size()));
+          run_taps.push_back(static_cast<int32_t>(t));
+          ++in_run;
+        }
+      }
+    }
+    run_first.push_back(static_cast<int32_t>(run_taps.size()));
+    use_runs = taps >= 3 * (static_cast<int64_t>(run_first.size()) - 1);
   }
 };
 
@@ -978,13 +1003,13 @@ inline InputPosition input_position(const Planes& g, int64_t phase, int64_t p, i
 // by the caller across tasks on the same planes): runs without a pixel are written `full_gap`
 // instead, and not at all when their flag says they already hold it (the same task rows of the
 // next image leave the same runs empty); the flag is set there and cleared for runs with pixels.
-// A separate instantiation: with the flags in the same function GCC laid out the packer
-// differently and the stride-1 forward at k = 5 was ~12% slower.
+// (int32 flags: with uint8_t ones, which may alias anything, GCC lost track of the packer's
+// sizes and warned of an out-of-range loop in the scalar build.)
 template <ElemType T, bool kSkipGaps = false>
-[[gnu::noclone]] inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64_t Hi,
+inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64_t Hi,
                               int64_t outer, int64_t inner, const Planes& g, int64_t y_first,
                               float gap, float* staging, float* planes,
-                              uint8_t* gap_state = nullptr, float full_gap = 0.0f) {
+                              int32_t* gap_state = nullptr, float full_gap = 0.0f) {
   const int64_t F = outer * inner, Fp = round_up(F, kW);
   const bool dense = T == ElemType::kFloat32 && st[4] == 1 && st[3] == inner && F % kW == 0;
   const vf gapv = vset1(gap);
@@ -998,22 +1023,15 @@ template <ElemType T, bool kSkipGaps = false>
         src[i] = input_position(g, phase, p0 + i, y_first, Hi);
         pixels += src[i].y >= 0;
       }
-      if constexpr (kSkipGaps) {
-        uint8_t* state = gap_state + (phase * g.Lp + p0) / kW;
-        if (pixels == 0) {
-          if (*state == 0) {
-            const vf fill = vset1(full_gap);
-            for (int64_t c = 0; c < Fp; ++c) vstore(plane + c * g.chs + p0, fill);
-            *state = 1;
-          }
-          continue;
-        }
-        *state = 0;
-      }
+      int32_t* state = kSkipGaps ? gap_state + (phase * g.Lp + p0) / kW : nullptr;
       if (pixels == 0) {
-        for (int64_t c = 0; c < Fp; ++c) vstore(plane + c * g.chs + p0, gapv);
+        if (state != nullptr && *state != 0) continue;
+        const vf fill = state != nullptr ? vset1(full_gap) : gapv;
+        for (int64_t c = 0; c < Fp; ++c) vstore(plane + c * g.chs + p0, fill);
+        if (state != nullptr) *state = 1;
         continue;
       }
+      if (state != nullptr) *state = 0;
       if (dense && pixels == kW && src[kW - 1].y == src[0].y) {  // kW pixels of one row
         const float* s0 = static_cast<const float*>(x) + b * st[0] + src[0].y * st[1] + src[0].x * st[2];
         for (int64_t c0 = 0; c0 < Fp; c0 += kW)
@@ -1154,7 +1172,7 @@ struct TaskPlanes {
   int64_t b, y_first;  // of the packed task
   // Per run of kW positions of a phase plane: 1 when ec / v hold their final gap value (0) there
   // (see pack_input_planes). Kept across tasks.
-  std::vector<uint8_t> ec_gap, v_gap;
+  std::vector<int32_t> ec_gap, v_gap;
 
   void carve(Carver& c, const QnaAttentionInputs& a, const Planes& g) {
     const int64_t QHp = round_up(a.Q * a.H, kW), Cp = round_up(a.H * a.D, kW);
@@ -1184,7 +1202,7 @@ struct TaskPlanes {
     pack_input_planes<T, true>(a.cost, a.cost_stride, b, a.Hi, a.Q, a.H, g, y_first,
                                -std::numeric_limits<float>::infinity(), staging, ec,
                                ec_gap.data(), 0.0f);
-    const uint8_t* empty = ec_gap.data();
+    const int32_t* empty = ec_gap.data();
     for (int64_t c = 0; c < QH; ++c) {
       float* e = ec + c * g.chs;
       vf m = vset1(-std::numeric_limits<float>::infinity());
@@ -1370,6 +1388,79 @@ inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, c
     for (int d = 0; d < kDChunk; ++d) vstore(out + d * g.ostride + n * kW, acc[n][d]);
 }
 
+#if defined(FVK_SIMD_AVX512)
+// forward_values_fused with the values of a run of L taps (consecutive offsets o, o + 1, ...)
+// made from two or three aligned loads per channel and a two-source lane permutation per tap,
+// instead of an unaligned load per tap (a cache-line split for 15 of 16 offsets: the loads, not
+// the multiply-adds, bounded the loop). One vector (n) at a time.
+template <int NQ, int L>
+inline void run_values(const float* ecq0, int64_t ec_stride, const float* v, int64_t chs,
+                       const int32_t* off, const int32_t* taps, const float* const* ers,
+                       const vf* inv, vf* acc) {
+  static const int32_t kShift[2 * kW] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                         11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                         22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+  const int64_t o0 = off[taps[0]];
+  const int64_t shift = o0 & (kW - 1), base = o0 - shift;  // v + base is on a vector boundary
+  // The run's values lie in the aligned pair (a0, a1) of each channel: shift + L - 1 < kW.
+  vf a0[kDChunk], a1[kDChunk];
+#pragma GCC unroll 8
+  for (int d = 0; d < kDChunk; ++d) {
+    a0[d] = _mm512_load_ps(v + d * chs + base);
+    a1[d] = _mm512_load_ps(v + d * chs + base + kW);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < L; ++i) {
+    const int64_t o = off[taps[i]];
+    const int32_t t = taps[i];
+    vf m = vmul(vload(ecq0 + o), vmul(inv[0], vset1(ers[0][t])));
+#pragma GCC unroll 4
+    for (int q = 1; q < NQ; ++q)
+      m = vfma(vload(ecq0 + q * ec_stride + o), vmul(inv[q], vset1(ers[q][t])), m);
+    const __m512i idx = _mm512_loadu_si512(kShift + shift + i);
+#pragma GCC unroll 8
+    for (int d = 0; d < kDChunk; ++d)
+      acc[d] = vfma(m, _mm512_permutex2var_ps(a0[d], idx, a1[d]), acc[d]);
+  }
+}
+
+template <int NJ, int NQ>
+inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
+                                const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
+                                const vf (*inv)[NJ]) {
+  const float* ers[NQ];
+  for (int q = 0; q < NQ; ++q) ers[q] = tab.of(tab.ers, a.Q, h, q);
+  const int64_t chs = g.chs, runs = static_cast<int64_t>(g.run_first.size()) - 1;
+  const int32_t* off = g.off.data();
+  for (int n = 0; n < NJ; ++n) {
+    const int64_t jn = j + n * kW;
+    vf acc[kDChunk];
+#pragma GCC unroll 8
+    for (int d = 0; d < kDChunk; ++d) acc[d] = vzero();
+    vf inv_n[NQ];
+    for (int q = 0; q < NQ; ++q) inv_n[q] = inv[q][n];
+    const float* ec = w.in.ec + h * chs + jn;  // query q at + q * H * chs
+    const float* v = w.in.v + (h * a.D + d0) * chs + jn;
+    for (int64_t r = 0; r < runs; ++r) {
+      const int32_t* taps = g.run_taps.data() + g.run_first[r];
+      switch (g.run_first[r + 1] - g.run_first[r]) {
+        case 1: run_values<NQ, 1>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 2: run_values<NQ, 2>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 3: run_values<NQ, 3>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 4: run_values<NQ, 4>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 5: run_values<NQ, 5>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 6: run_values<NQ, 6>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 7: run_values<NQ, 7>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        default: run_values<NQ, 8>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+      }
+    }
+    float* out = w.out + (h * a.D + d0) * g.ostride + jn;
+#pragma GCC unroll 8
+    for (int d = 0; d < kDChunk; ++d) vstore(out + d * g.ostride, acc[d]);
+  }
+}
+#endif
+
 // forward_block when every vector of the block takes the factorised exponentials (the usual case)
 // and Q <= kFusedQueries, D a multiple of kDChunk: the softmax sums, then the values with the tap
 // weights made on the fly. Returns false, having stored nothing, when a vector needs the direct
@@ -1394,8 +1485,15 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
       vstore(w.lse + c * g.ostride + j + n * kW, vadd(ref, vlog(sum[q][n])));
   }
   const auto values = [&](auto nq) {
-    for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
+    for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk) {
+#if defined(FVK_SIMD_AVX512)
+      if (g.use_runs) {
+        forward_values_runs<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+        continue;
+      }
+#endif
       forward_values_fused<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+    }
   };
   switch (Q) {
     case 1: values(std::integral_constant<int, 1>{}); break;
