@@ -894,6 +894,9 @@ struct Planes {
   // Runs of taps that read one phase-plane row at consecutive offsets (at most kMaxRun each):
   // run r covers run_taps[run_first[r] .. run_first[r + 1]) in increasing offset.
   std::vector<int32_t> run_taps, run_first;
+  // Per position p of a phase plane: its plane row Yrel and column X (-1: before the first row
+  // or past the last), so that packing needs no division per position.
+  std::vector<int32_t> pos_row, pos_col;
   // Whether the forward's values go by runs (forward_values_runs): measured faster where the runs
   // average 3 taps or more (k = 5 and 7 at stride 1, 7 at stride 2), slower with shorter ones.
   bool use_runs;
@@ -942,6 +945,13 @@ struct Planes {
     }
     run_first.push_back(static_cast<int32_t>(run_taps.size()));
     use_runs = taps >= 3 * (static_cast<int64_t>(run_first.size()) - 1);
+    pos_row.assign(Lp, -1);
+    pos_col.assign(Lp, 0);
+    for (int64_t p = lead; p < Lp; ++p) {
+      if ((p - lead) / P >= NR) break;
+      pos_row[p] = static_cast<int32_t>((p - lead) / P);
+      pos_col[p] = static_cast<int32_t>((p - lead) % P);
+    }
   }
 };
 
@@ -988,11 +998,11 @@ struct InputPosition {
 
 inline InputPosition input_position(const Planes& g, int64_t phase, int64_t p, int64_t y_first,
                                     int64_t Hi) {
-  const int64_t rel = p - g.lead;
-  if (rel < 0) return {-1, 0};
-  const int64_t ry = phase / g.s, rx = phase % g.s, Yrel = rel / g.P, X = rel % g.P;
+  const int64_t Yrel = g.pos_row[p];
+  if (Yrel < 0) return {-1, 0};
+  const int64_t ry = phase / g.s, rx = phase % g.s, X = g.pos_col[p];
   const int64_t y = (y_first + Yrel) * g.s + ry;
-  if (Yrel >= g.NR || X >= g.columns[rx] || y < 0 || y >= Hi) return {-1, 0};
+  if (X >= g.columns[rx] || y < 0 || y >= Hi) return {-1, 0};
   return {y, X * g.s + rx};
 }
 
