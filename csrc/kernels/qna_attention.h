@@ -164,6 +164,19 @@ constexpr int kValueBlock = 8;
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
 
+// A task's scratch floats (zeroed), starting on a cache line: the carved buffers (whole lines
+// each, see Carver) then start on lines too. std::vector's large blocks start 16 bytes past one,
+// and where the pixel-lane planes did, the forward ran up to ~12% slower (harness, k = 5 at
+// 28 x 28: 6.5 -> 5.9 ms), by chance of what else the heap held.
+struct Scratch64 {
+  std::vector<float> mem;
+  float* data;
+  explicit Scratch64(int64_t floats) : mem(floats + 16) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(mem.data());
+    data = reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
+  }
+};
+
 // dst[i] = src[off + i * stride] for i < n, converted to fp32.
 template <ElemType T>
 inline void load_row(const void* src, int64_t off, int64_t stride, int64_t n, float* dst) {
@@ -622,8 +635,8 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
   const int64_t rows = a.tasks.rows_per_task;
   const int64_t max_pixels = std::min(a.Hi, (rows - 1) * a.stride + a.kernel_size) * a.Wi;
   FwdScratch w{};
-  std::vector<float> mem(w.carve(nullptr, a, L, max_pixels));
-  w.carve(mem.data(), a, L, max_pixels);
+  const Scratch64 mem(w.carve(nullptr, a, L, max_pixels));
+  w.carve(mem.data, a, L, max_pixels);
   w.tables.fill(a, L);
   std::vector<int32_t> taps(L.taps), pixels(L.taps);
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -807,8 +820,8 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
   const int64_t rows = a.tasks.rows_per_task;
   const int64_t max_pixels = std::min(a.Hi, (rows - 1) * a.stride + a.kernel_size) * a.Wi;
   BwdScratch w{};
-  std::vector<float> mem(w.carve(nullptr, a, L, max_pixels));
-  w.carve(mem.data(), a, L, max_pixels);
+  const Scratch64 mem(w.carve(nullptr, a, L, max_pixels));
+  w.carve(mem.data, a, L, max_pixels);
   w.tables.fill(a, L);
   std::vector<int32_t> taps(L.taps), pixels(L.taps);
   const int64_t partial_floats = 2 * L.taps * L.QH;
@@ -861,6 +874,7 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
 namespace pixel {
 
 constexpr int kNJ = 2;       // output vectors per block
+constexpr int kMaxRun = 8;   // taps of a run (forward_values_runs)
 constexpr int kDChunk = 8;   // value channels per pass over the taps (registers: kNJ * 8 sums)
 
 struct Planes {
@@ -877,6 +891,15 @@ struct Planes {
   std::vector<int32_t> columns;  // [s]: data columns of each column phase
   std::vector<int32_t> off;      // [taps]: read offset of tap t
   std::vector<int32_t> scatter;  // [taps]: the taps in column-major order
+  // Runs of taps that read one phase-plane row at consecutive offsets (at most kMaxRun each):
+  // run r covers run_taps[run_first[r] .. run_first[r + 1]) in increasing offset.
+  std::vector<int32_t> run_taps, run_first;
+  // Per position p of a phase plane: its plane row Yrel and column X (-1: before the first row
+  // or past the last), so that packing needs no division per position.
+  std::vector<int32_t> pos_row, pos_col;
+  // Whether the forward's values go by runs (forward_values_runs): measured faster where the runs
+  // average 3 taps or more (k = 5 and 7 at stride 1, 7 at stride 2), slower with shorter ones.
+  bool use_runs;
 
   Planes(const QnaAttentionInputs& a, int64_t rows_per_task)
       : s(a.stride), k(a.kernel_size), taps(a.kernel_size * a.kernel_size), pad(a.pad) {
@@ -904,6 +927,31 @@ struct Planes {
     }
     for (int64_t tx = 0; tx < k; ++tx)
       for (int64_t ty = 0; ty < k; ++ty) scatter.push_back(static_cast<int32_t>(ty * k + tx));
+    // Taps of one row ty and column phase rx have consecutive sx, so consecutive offsets; a run
+    // also ends where the offsets cross a multiple of kW (its values then lie in two aligned
+    // vectors of a plane, block positions being multiples of kW).
+    for (int64_t ty = 0; ty < k; ++ty) {
+      for (int64_t rx = 0; rx < s; ++rx) {
+        int64_t in_run = 0;
+        for (int64_t tx = 0; tx < k; ++tx) {
+          if (floor_div(tx - pad, s) * s + rx != tx - pad) continue;
+          const int64_t t = ty * k + tx;
+          if (in_run == kMaxRun || (in_run > 0 && off[t] % kW == 0)) in_run = 0;
+          if (in_run == 0) run_first.push_back(static_cast<int32_t>(run_taps.size()));
+          run_taps.push_back(static_cast<int32_t>(t));
+          ++in_run;
+        }
+      }
+    }
+    run_first.push_back(static_cast<int32_t>(run_taps.size()));
+    use_runs = taps >= 3 * (static_cast<int64_t>(run_first.size()) - 1);
+    pos_row.assign(Lp, -1);
+    pos_col.assign(Lp, 0);
+    for (int64_t p = lead; p < Lp; ++p) {
+      if ((p - lead) / P >= NR) break;
+      pos_row[p] = static_cast<int32_t>((p - lead) / P);
+      pos_col[p] = static_cast<int32_t>((p - lead) % P);
+    }
   }
 };
 
@@ -950,21 +998,28 @@ struct InputPosition {
 
 inline InputPosition input_position(const Planes& g, int64_t phase, int64_t p, int64_t y_first,
                                     int64_t Hi) {
-  const int64_t rel = p - g.lead;
-  if (rel < 0) return {-1, 0};
-  const int64_t ry = phase / g.s, rx = phase % g.s, Yrel = rel / g.P, X = rel % g.P;
+  const int64_t Yrel = g.pos_row[p];
+  if (Yrel < 0) return {-1, 0};
+  const int64_t ry = phase / g.s, rx = phase % g.s, X = g.pos_col[p];
   const int64_t y = (y_first + Yrel) * g.s + ry;
-  if (Yrel >= g.NR || X >= g.columns[rx] || y < 0 || y >= Hi) return {-1, 0};
+  if (X >= g.columns[rx] || y < 0 || y >= Hi) return {-1, 0};
   return {y, X * g.s + rx};
 }
 
 // Every position of the planes is written, kW positions at a time: their pixels (or gap) into
 // staging ([kW][round_up(F, kW)]), then one transpose per kW channels. fp32 pixels with dense
 // channels go straight from the tensor (the gaps from a row of `gap` in staging).
-template <ElemType T>
+// kSkipGaps (gap_state: [s*s*Lp / kW], one flag per run of kW positions of a phase plane, kept
+// by the caller across tasks on the same planes): runs without a pixel are written `full_gap`
+// instead, and not at all when their flag says they already hold it (the same task rows of the
+// next image leave the same runs empty); the flag is set there and cleared for runs with pixels.
+// (int32 flags: with uint8_t ones, which may alias anything, GCC lost track of the packer's
+// sizes and warned of an out-of-range loop in the scalar build.)
+template <ElemType T, bool kSkipGaps = false>
 inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64_t Hi,
                               int64_t outer, int64_t inner, const Planes& g, int64_t y_first,
-                              float gap, float* staging, float* planes) {
+                              float gap, float* staging, float* planes,
+                              int32_t* gap_state = nullptr, float full_gap = 0.0f) {
   const int64_t F = outer * inner, Fp = round_up(F, kW);
   const bool dense = T == ElemType::kFloat32 && st[4] == 1 && st[3] == inner && F % kW == 0;
   const vf gapv = vset1(gap);
@@ -978,10 +1033,15 @@ inline void pack_input_planes(const void* x, const int64_t* st, int64_t b, int64
         src[i] = input_position(g, phase, p0 + i, y_first, Hi);
         pixels += src[i].y >= 0;
       }
+      int32_t* state = kSkipGaps ? gap_state + (phase * g.Lp + p0) / kW : nullptr;
       if (pixels == 0) {
-        for (int64_t c = 0; c < Fp; ++c) vstore(plane + c * g.chs + p0, gapv);
+        if (state != nullptr && *state != 0) continue;
+        const vf fill = state != nullptr ? vset1(full_gap) : gapv;
+        for (int64_t c = 0; c < Fp; ++c) vstore(plane + c * g.chs + p0, fill);
+        if (state != nullptr) *state = 1;
         continue;
       }
+      if (state != nullptr) *state = 0;
       if (dense && pixels == kW && src[kW - 1].y == src[0].y) {  // kW pixels of one row
         const float* s0 = static_cast<const float*>(x) + b * st[0] + src[0].y * st[1] + src[0].x * st[2];
         for (int64_t c0 = 0; c0 < Fp; c0 += kW)
@@ -1120,6 +1180,9 @@ struct TaskPlanes {
   float* staging;   // [kW][max(QHp, Cp)]
   bool raw_ready;
   int64_t b, y_first;  // of the packed task
+  // Per run of kW positions of a phase plane: 1 when ec / v hold their final gap value (0) there
+  // (see pack_input_planes). Kept across tasks.
+  std::vector<int32_t> ec_gap, v_gap;
 
   void carve(Carver& c, const QnaAttentionInputs& a, const Planes& g) {
     const int64_t QHp = round_up(a.Q * a.H, kW), Cp = round_up(a.H * a.D, kW);
@@ -1131,28 +1194,39 @@ struct TaskPlanes {
     v = c.take(Cp * g.chs + slack);
     valid = c.take(g.olen);
     staging = c.take(kW * std::max(QHp, Cp));
+    ec_gap.assign(g.chs / kW, 0);
+    v_gap.assign(g.chs / kW, 0);
   }
 
-  // Packs the task (image b, output rows [oy0, oy0 + R)): exp(cost - M) and v.
+  // Packs the task (image b, output rows [oy0, oy0 + R)): exp(cost - M) and v. Runs of the
+  // planes without a pixel are written once per buffer (see pack_input_planes; measured in the
+  // harness, one thread, fp32 forward at the QnA-ViT tiny maps: 2-5% faster at stride 2 and at
+  // k = 7, never slower).
   template <ElemType T>
   void pack(const QnaAttentionInputs& a, const Planes& g, int64_t image, int64_t oy0, int64_t R) {
     b = image;
     y_first = oy0 + g.min_shift;
     raw_ready = false;
     const int64_t QH = a.Q * a.H;
-    pack_input_planes<T>(a.cost, a.cost_stride, b, a.Hi, a.Q, a.H, g, y_first,
-                         -std::numeric_limits<float>::infinity(), staging, ec);
+    // Skipped runs hold exp(-inf) = 0 already and are left out of the max and the exps.
+    pack_input_planes<T, true>(a.cost, a.cost_stride, b, a.Hi, a.Q, a.H, g, y_first,
+                               -std::numeric_limits<float>::infinity(), staging, ec,
+                               ec_gap.data(), 0.0f);
+    const int32_t* empty = ec_gap.data();
     for (int64_t c = 0; c < QH; ++c) {
       float* e = ec + c * g.chs;
       vf m = vset1(-std::numeric_limits<float>::infinity());
-      for (int64_t i = 0; i < g.chs; i += kW) m = vmax(vload(e + i), m);
+      for (int64_t i = 0; i < g.chs; i += kW)
+        if (empty[i / kW] == 0) m = vmax(vload(e + i), m);
       cost_max[c] = vhmax(m);
       const vf mv = vset1(cost_max[c]);
-      for (int64_t i = 0; i < g.chs; i += kW) vstore(e + i, vexp(vsub(vload(e + i), mv)));
+      for (int64_t i = 0; i < g.chs; i += kW)
+        if (empty[i / kW] == 0) vstore(e + i, vexp(vsub(vload(e + i), mv)));
     }
     // The padding channels (read by garbage lanes past the last channel) hold -inf: zeros.
     std::fill(ec + QH * g.chs, ec + round_up(QH, kW) * g.chs, 0.0f);
-    pack_input_planes<T>(a.v, a.v_stride, b, a.Hi, a.H, a.D, g, y_first, 0.0f, staging, v);
+    pack_input_planes<T, true>(a.v, a.v_stride, b, a.Hi, a.H, a.D, g, y_first, 0.0f, staging, v,
+                               v_gap.data(), 0.0f);
     for (int64_t j = 0; j < g.olen; ++j)
       valid[j] = j < R * g.P && j % g.P < a.Wo ? 1.0f : 0.0f;
   }
@@ -1324,6 +1398,79 @@ inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, c
     for (int d = 0; d < kDChunk; ++d) vstore(out + d * g.ostride + n * kW, acc[n][d]);
 }
 
+#if defined(FVK_SIMD_AVX512)
+// forward_values_fused with the values of a run of L taps (consecutive offsets o, o + 1, ...)
+// made from two or three aligned loads per channel and a two-source lane permutation per tap,
+// instead of an unaligned load per tap (a cache-line split for 15 of 16 offsets: the loads, not
+// the multiply-adds, bounded the loop). One vector (n) at a time.
+template <int NQ, int L>
+inline void run_values(const float* ecq0, int64_t ec_stride, const float* v, int64_t chs,
+                       const int32_t* off, const int32_t* taps, const float* const* ers,
+                       const vf* inv, vf* acc) {
+  static const int32_t kShift[2 * kW] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
+                                         11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
+                                         22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+  const int64_t o0 = off[taps[0]];
+  const int64_t shift = o0 & (kW - 1), base = o0 - shift;  // v + base is on a vector boundary
+  // The run's values lie in the aligned pair (a0, a1) of each channel: shift + L - 1 < kW.
+  vf a0[kDChunk], a1[kDChunk];
+#pragma GCC unroll 8
+  for (int d = 0; d < kDChunk; ++d) {
+    a0[d] = _mm512_load_ps(v + d * chs + base);
+    a1[d] = _mm512_load_ps(v + d * chs + base + kW);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < L; ++i) {
+    const int64_t o = off[taps[i]];
+    const int32_t t = taps[i];
+    vf m = vmul(vload(ecq0 + o), vmul(inv[0], vset1(ers[0][t])));
+#pragma GCC unroll 4
+    for (int q = 1; q < NQ; ++q)
+      m = vfma(vload(ecq0 + q * ec_stride + o), vmul(inv[q], vset1(ers[q][t])), m);
+    const __m512i idx = _mm512_loadu_si512(kShift + shift + i);
+#pragma GCC unroll 8
+    for (int d = 0; d < kDChunk; ++d)
+      acc[d] = vfma(m, _mm512_permutex2var_ps(a0[d], idx, a1[d]), acc[d]);
+  }
+}
+
+template <int NJ, int NQ>
+inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
+                                const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
+                                const vf (*inv)[NJ]) {
+  const float* ers[NQ];
+  for (int q = 0; q < NQ; ++q) ers[q] = tab.of(tab.ers, a.Q, h, q);
+  const int64_t chs = g.chs, runs = static_cast<int64_t>(g.run_first.size()) - 1;
+  const int32_t* off = g.off.data();
+  for (int n = 0; n < NJ; ++n) {
+    const int64_t jn = j + n * kW;
+    vf acc[kDChunk];
+#pragma GCC unroll 8
+    for (int d = 0; d < kDChunk; ++d) acc[d] = vzero();
+    vf inv_n[NQ];
+    for (int q = 0; q < NQ; ++q) inv_n[q] = inv[q][n];
+    const float* ec = w.in.ec + h * chs + jn;  // query q at + q * H * chs
+    const float* v = w.in.v + (h * a.D + d0) * chs + jn;
+    for (int64_t r = 0; r < runs; ++r) {
+      const int32_t* taps = g.run_taps.data() + g.run_first[r];
+      switch (g.run_first[r + 1] - g.run_first[r]) {
+        case 1: run_values<NQ, 1>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 2: run_values<NQ, 2>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 3: run_values<NQ, 3>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 4: run_values<NQ, 4>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 5: run_values<NQ, 5>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 6: run_values<NQ, 6>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        case 7: run_values<NQ, 7>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+        default: run_values<NQ, 8>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
+      }
+    }
+    float* out = w.out + (h * a.D + d0) * g.ostride + jn;
+#pragma GCC unroll 8
+    for (int d = 0; d < kDChunk; ++d) vstore(out + d * g.ostride, acc[d]);
+  }
+}
+#endif
+
 // forward_block when every vector of the block takes the factorised exponentials (the usual case)
 // and Q <= kFusedQueries, D a multiple of kDChunk: the softmax sums, then the values with the tap
 // weights made on the fly. Returns false, having stored nothing, when a vector needs the direct
@@ -1348,8 +1495,15 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
       vstore(w.lse + c * g.ostride + j + n * kW, vadd(ref, vlog(sum[q][n])));
   }
   const auto values = [&](auto nq) {
-    for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
+    for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk) {
+#if defined(FVK_SIMD_AVX512)
+      if (g.use_runs) {
+        forward_values_runs<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+        continue;
+      }
+#endif
       forward_values_fused<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+    }
   };
   switch (Q) {
     case 1: values(std::integral_constant<int, 1>{}); break;
@@ -1430,8 +1584,8 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
   const Planes g(a, a.tasks.rows_per_task);
   const Tables tab(a);
   FwdScratch w{};
-  std::vector<float> mem(w.carve(nullptr, a, g));
-  w.carve(mem.data(), a, g);
+  const Scratch64 mem(w.carve(nullptr, a, g));
+  w.carve(mem.data, a, g);
   const int64_t QH = a.Q * a.H, C = a.H * a.D;
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
@@ -1718,8 +1872,8 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
   const Planes g(a, a.tasks.rows_per_task);
   const Tables tab(a);
   BwdScratch w{};
-  std::vector<float> mem(w.carve(nullptr, a, g));
-  w.carve(mem.data(), a, g);
+  const Scratch64 mem(w.carve(nullptr, a, g));
+  w.carve(mem.data, a, g);
   const int64_t partial_floats = 2 * g.taps * a.Q * a.H;
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
