@@ -26,10 +26,11 @@ static_assert(kMaxMR <= 8 && kMaxNV <= 4, "gemm_tile dispatch covers MR <= 8, NV
 // One 64-byte aligned fp32 allocation per kernel call (per thread).
 class AlignedBuffer {
  public:
-  explicit AlignedBuffer(int64_t floats) {
+  explicit AlignedBuffer(int64_t floats, bool zeroed = false) {
     const int64_t n = round_up(std::max<int64_t>(floats, 16), 16);  // aligned_alloc: size % 64 == 0
     data_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(n) * sizeof(float)));
     if (data_ == nullptr) throw std::bad_alloc();
+    if (zeroed) std::memset(data_, 0, static_cast<size_t>(n) * sizeof(float));
   }
   ~AlignedBuffer() { std::free(data_); }
   AlignedBuffer(const AlignedBuffer&) = delete;
@@ -392,8 +393,9 @@ inline void softmax_rows_bf16(const float* s, int64_t rows, int64_t ld, int64_t 
     uint16_t* pr = p16 + r * Kp;
     const vf shift = vset1(-lse[r] * kLog2e);  // t = s log2(e) - max log2(e), one FMA
     vf sum = vzero();
+    // c < ld always (Kp <= ld + kW, c a multiple of 2 kW); c + kW reaches past ld at most once.
     for (int64_t c = 0; c < Kp; c += 2 * kW) {
-      const vf lo = c < ld ? vexp2_for_bf16(vfma(vload(sr + c), log2e, shift)) : vzero();
+      const vf lo = vexp2_for_bf16(vfma(vload(sr + c), log2e, shift));
       const vf hi = c + kW < ld ? vexp2_for_bf16(vfma(vload(sr + c + kW), log2e, shift)) : vzero();
       sum = vadd(vadd(sum, lo), hi);
       _mm512_storeu_si512(pr + c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));

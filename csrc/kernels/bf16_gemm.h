@@ -335,6 +335,31 @@ inline void tile_block_run(const uint16_t* a16, int64_t Kp, const uint32_t* b, i
 // The product
 // ---------------------------------------------------------------------------------------------
 
+// The tile blocks of the row tiles from row i (two when rows remain past i + 16, else one) over
+// NVt vectors of columns: f(MT, NT, jv) per block, MT and NT as integral constants — 2 x 2 blocks
+// for two row tiles, 1 x 4 for one (see tile_block), narrower at the right edge.
+template <class F>
+inline void for_each_tile_block(int64_t i, int64_t M, int64_t NVt, F&& f) {
+  using std::integral_constant;
+  if (i + kTileRows < M) {
+    for (int64_t jv = 0; jv < NVt; jv += 2) {
+      if (jv + 1 < NVt)
+        f(integral_constant<int, 2>{}, integral_constant<int, 2>{}, jv);
+      else
+        f(integral_constant<int, 2>{}, integral_constant<int, 1>{}, jv);
+    }
+    return;
+  }
+  for (int64_t jv = 0; jv < NVt; jv += 4) {
+    switch (std::min<int64_t>(4, NVt - jv)) {
+      case 4: f(integral_constant<int, 1>{}, integral_constant<int, 4>{}, jv); break;
+      case 3: f(integral_constant<int, 1>{}, integral_constant<int, 3>{}, jv); break;
+      case 2: f(integral_constant<int, 1>{}, integral_constant<int, 2>{}, jv); break;
+      default: f(integral_constant<int, 1>{}, integral_constant<int, 1>{}, jv); break;
+    }
+  }
+}
+
 // Whether the tiles pay for a product of NVt vectors of columns and depth K. A tile block's chain
 // (load -> tdpbf16ps -> store, then the epilogue's loads, which cannot forward from a tile store)
 // costs a few hundred cycles that the FMA kernel does not pay, so a 16 x 16 x 16 score product runs
@@ -368,25 +393,11 @@ inline void gemm_bf16(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t
 
   // The tile loads are asm without a memory operand: make the packing stores land first.
   __asm__ __volatile__("" ::: "memory");
-  for (int64_t i = 0; i < M; i += 2 * kTileRows) {
-    if (i + kTileRows < M) {  // two row tiles: 2 x 2 blocks
-      for (int64_t jv = 0; jv < NVt; jv += 2) {
-        if (jv + 1 < NVt)
-          tile_block_run<2, 2>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi);
-        else
-          tile_block_run<2, 1>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi);
-      }
-    } else {  // one row tile: 1 x 4 blocks
-      for (int64_t jv = 0; jv < NVt; jv += 4) {
-        switch (std::min<int64_t>(4, NVt - jv)) {
-          case 4: tile_block_run<1, 4>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi); break;
-          case 3: tile_block_run<1, 3>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi); break;
-          case 2: tile_block_run<1, 2>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi); break;
-          default: tile_block_run<1, 1>(a16, Kp, B16, ldv, i, jv, M, C0, ldc0, epi); break;
-        }
-      }
-    }
-  }
+  for (int64_t i = 0; i < M; i += 2 * kTileRows)
+    for_each_tile_block(i, M, NVt, [&](auto mt, auto nt, int64_t jv) {
+      tile_block_run<decltype(mt)::value, decltype(nt)::value>(a16, Kp, B16, ldv, i, jv, M, C0,
+                                                                ldc0, epi);
+    });
 }
 
 // tiles_product for K <= 32 (one chunk: the attention scores at head widths up to 32), MT row
@@ -449,24 +460,10 @@ inline void tiles_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16
         tile_columns_one_chunk<1>(a, Kp, B16, ldb, NVt, c, ldc);
       continue;
     }
-    if (i + kTileRows < M) {
-      for (int64_t jv = 0; jv < NVt; jv += 2) {
-        if (jv + 1 < NVt)
-          tile_block<2, 2>(a, Kp, B16 + jv * kW, ldb, kchunks, c + jv * kW, ldc);
-        else
-          tile_block<2, 1>(a, Kp, B16 + jv * kW, ldb, kchunks, c + jv * kW, ldc);
-      }
-    } else {
-      for (int64_t jv = 0; jv < NVt; jv += 4) {
-        const uint32_t* b = B16 + jv * kW;
-        switch (std::min<int64_t>(4, NVt - jv)) {
-          case 4: tile_block<1, 4>(a, Kp, b, ldb, kchunks, c + jv * kW, ldc); break;
-          case 3: tile_block<1, 3>(a, Kp, b, ldb, kchunks, c + jv * kW, ldc); break;
-          case 2: tile_block<1, 2>(a, Kp, b, ldb, kchunks, c + jv * kW, ldc); break;
-          default: tile_block<1, 1>(a, Kp, b, ldb, kchunks, c + jv * kW, ldc); break;
-        }
-      }
-    }
+    for_each_tile_block(i, M, NVt, [&](auto mt, auto nt, int64_t jv) {
+      tile_block<decltype(mt)::value, decltype(nt)::value>(a, Kp, B16 + jv * kW, ldb, kchunks,
+                                                           c + jv * kW, ldc);
+    });
   }
   __asm__ __volatile__("" ::: "memory");  // and the tile stores before C is read
 }

@@ -134,11 +134,12 @@ inline void prefetch_rows(const void* x, const int64_t* s, int64_t b, int64_t h,
 // else 1. m is null without a mask.
 struct AddStoreEpi {
   float* c; int64_t ldc; const float* x; int64_t ldx; float mul; const float* m; int64_t ldm;
-  void operator()(int64_t i, int64_t jv, vf acc) {
+  vf score(int64_t i, int64_t jv, vf acc) const {
     vf s = vfma(acc, vset1(mul), vload(x + i * ldx + jv * kW));
     if (m != nullptr) s = vadd(s, vload(m + i * ldm + jv * kW));
-    vstore(c + i * ldc + jv * kW, s);
+    return s;
   }
+  void operator()(int64_t i, int64_t jv, vf acc) { vstore(c + i * ldc + jv * kW, score(i, jv, acc)); }
 };
 
 // The epilogue adding (b, h)'s bias and mask rows from query row i0 on, storing into c.
@@ -275,16 +276,13 @@ inline void forward_rows_tiles(const BiasAttentionFwdArgs& a, int64_t b, int64_t
   }
   tiles_product(rows, Nkp / kW, Dk, w.q16, w.kt16, Nkp, w.s, Nkp);
 
-  const AddStoreEpi sc = bias_epilogue(a, b, h, i0, w.s, Nkp, a.scale);
+  const AddStoreEpi epi = bias_epilogue(a, b, h, i0, w.s, Nkp, a.scale);
   for (int64_t r = 0; r < rows; ++r) {
     float* sr = w.s + r * Nkp;
-    const float* br = sc.x + r * sc.ldx;
-    const float* mr = sc.m != nullptr ? sc.m + r * sc.ldm : nullptr;
     vf mx = vset1(-INFINITY);
-    for (int64_t c = 0; c < Nkp; c += kW) {
-      vf x = vfma(vload(sr + c), vset1(sc.mul), vload(br + c));
-      if (mr != nullptr) x = vadd(x, vload(mr + c));
-      vstore(sr + c, x);
+    for (int64_t jv = 0; jv < Nkp / kW; ++jv) {
+      const vf x = epi.score(r, jv, vload(sr + jv * kW));
+      vstore(sr + jv * kW, x);
       mx = vmax(mx, x);
     }
     w.lse[r] = vhmax(mx);
@@ -296,9 +294,7 @@ inline void forward_rows_tiles(const BiasAttentionFwdArgs& a, int64_t b, int64_t
   tiles_product(rows, Dvp / kW, Nk, w.p16, w.vp16, Dvp, w.o, Dvp);
   store_output_rows<T>(a, b, h, i0, rows, w, w.row_sum);
 }
-#endif
 
-#if defined(FVK_BF16_PRODUCTS)
 // The twins k^T and v of (b, h) straight from their bf16 rows (FwdScratch::direct).
 inline void pack_bf16_twins(const BiasAttentionFwdArgs& a, int64_t b, int64_t h, const FwdScratch& w) {
   const int64_t Nkp = round_up(a.Nk, kW), Dvp = round_up(a.Dv, kW);

@@ -160,22 +160,14 @@ constexpr float kMaxReferenceScale = 4294967296.0f;  // 2^32
 // Channel vectors of the output accumulated at once (registers: 8 accumulators + temporaries).
 constexpr int kValueBlock = 8;
 
+// A task's scratch is one zeroed AlignedBuffer (attention_gemm.h), so the carved buffers (whole
+// cache lines each, see Carver) start on lines. std::vector's large blocks start 16 bytes past
+// one, and where the pixel-lane planes did, the forward ran up to ~12% slower (harness, k = 5 at
+// 28 x 28: 6.5 -> 5.9 ms), by chance of what else the heap held.
+
 // floor(a / b) and ceil(a / b) for b > 0 and a of any sign.
 inline int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 inline int64_t ceil_div(int64_t a, int64_t b) { return -floor_div(-a, b); }
-
-// A task's scratch floats (zeroed), starting on a cache line: the carved buffers (whole lines
-// each, see Carver) then start on lines too. std::vector's large blocks start 16 bytes past one,
-// and where the pixel-lane planes did, the forward ran up to ~12% slower (harness, k = 5 at
-// 28 x 28: 6.5 -> 5.9 ms), by chance of what else the heap held.
-struct Scratch64 {
-  std::vector<float> mem;
-  float* data;
-  explicit Scratch64(int64_t floats) : mem(floats + 16) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(mem.data());
-    data = reinterpret_cast<float*>((p + 63) & ~uintptr_t{63});
-  }
-};
 
 // dst[i] = src[off + i * stride] for i < n, converted to fp32.
 template <ElemType T>
@@ -635,8 +627,8 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
   const int64_t rows = a.tasks.rows_per_task;
   const int64_t max_pixels = std::min(a.Hi, (rows - 1) * a.stride + a.kernel_size) * a.Wi;
   FwdScratch w{};
-  const Scratch64 mem(w.carve(nullptr, a, L, max_pixels));
-  w.carve(mem.data, a, L, max_pixels);
+  const AlignedBuffer mem(w.carve(nullptr, a, L, max_pixels), /*zeroed=*/true);
+  w.carve(mem.data(), a, L, max_pixels);
   w.tables.fill(a, L);
   std::vector<int32_t> taps(L.taps), pixels(L.taps);
   for (int64_t task = task_begin; task < task_end; ++task) {
@@ -820,8 +812,8 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
   const int64_t rows = a.tasks.rows_per_task;
   const int64_t max_pixels = std::min(a.Hi, (rows - 1) * a.stride + a.kernel_size) * a.Wi;
   BwdScratch w{};
-  const Scratch64 mem(w.carve(nullptr, a, L, max_pixels));
-  w.carve(mem.data, a, L, max_pixels);
+  const AlignedBuffer mem(w.carve(nullptr, a, L, max_pixels), /*zeroed=*/true);
+  w.carve(mem.data(), a, L, max_pixels);
   w.tables.fill(a, L);
   std::vector<int32_t> taps(L.taps), pixels(L.taps);
   const int64_t partial_floats = 2 * L.taps * L.QH;
@@ -1584,8 +1576,8 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
   const Planes g(a, a.tasks.rows_per_task);
   const Tables tab(a);
   FwdScratch w{};
-  const Scratch64 mem(w.carve(nullptr, a, g));
-  w.carve(mem.data, a, g);
+  const AlignedBuffer mem(w.carve(nullptr, a, g), /*zeroed=*/true);
+  w.carve(mem.data(), a, g);
   const int64_t QH = a.Q * a.H, C = a.H * a.D;
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
@@ -1872,8 +1864,8 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
   const Planes g(a, a.tasks.rows_per_task);
   const Tables tab(a);
   BwdScratch w{};
-  const Scratch64 mem(w.carve(nullptr, a, g));
-  w.carve(mem.data, a, g);
+  const AlignedBuffer mem(w.carve(nullptr, a, g), /*zeroed=*/true);
+  w.carve(mem.data(), a, g);
   const int64_t partial_floats = 2 * g.taps * a.Q * a.H;
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
