@@ -42,13 +42,13 @@ from torch import Tensor
 
 from fastvit_kernels import _native
 from fastvit_kernels.ops import bias_attention, policy_attention, varlen_attention
+from fastvit_kernels.ops.bias_attention import DTYPES as _FUSED_PLAIN_DTYPES
 from fastvit_kernels.ops.varlen_attention import check_cu_seqlens
 from fastvit_kernels.reference.policy_attention import softmax_with_policy
 
 __all__ = ["MaskedTokenAttention"]
 
 POLICY_EPS = 1e-6  # DynamicViT's softmax_with_policy eps
-_FUSED_PLAIN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # bias_attention's
 
 
 def _fail(argument: str, expected: str, given) -> None:
