@@ -89,6 +89,19 @@ def test_serve_tiny_run_compares_outputs_and_ratios(tmp_path, capsys):
     assert summary["best_fvk"] == "fvk" and summary["ratio"] == rows["fvk"]["x_best_peer"]
 
 
+def test_serve_checks_fused_qna_vit_against_the_plain_model(tmp_path):
+    """QnA-ViT's fastvit_kernels path is checked against the published model (attention in plain
+    PyTorch), not against its own fused eager output: the two differ by rounding only."""
+    from fastvit_kernels.bench import serve
+
+    out = tmp_path / "serve.json"
+    assert serve.main(["--device", "cpu", "--quick", "--models", "qna_vit_tiny", "--batches", "1",
+                       "--dtypes", "float32", "--engines", "eager", "fvk", "--out", str(out)]) == 0
+    rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["eager"]["max_rel_err"] == 0.0
+    assert 0 < rows["fvk"]["max_rel_err"] < 1e-5 and rows["fvk"]["output_ok"]
+
+
 def test_overhead_rows(tmp_path):
     from fastvit_kernels.bench import overhead
 
