@@ -886,6 +886,7 @@ struct Planes {
   // Runs of taps that read one phase-plane row at consecutive offsets (at most kMaxRun each):
   // run r covers run_taps[run_first[r] .. run_first[r + 1]) in increasing offset.
   std::vector<int32_t> run_taps, run_first;
+  std::vector<int32_t> row_runs;  // [k + 1]: the runs of tap row ty are row_runs[ty] .. [ty + 1]
   // Per position p of a phase plane: its plane row Yrel and column X (-1: before the first row
   // or past the last), so that packing needs no division per position.
   std::vector<int32_t> pos_row, pos_col;
@@ -923,6 +924,7 @@ struct Planes {
     // also ends where the offsets cross a multiple of kW (its values then lie in two aligned
     // vectors of a plane, block positions being multiples of kW).
     for (int64_t ty = 0; ty < k; ++ty) {
+      row_runs.push_back(static_cast<int32_t>(run_first.size()));
       for (int64_t rx = 0; rx < s; ++rx) {
         int64_t in_run = 0;
         for (int64_t tx = 0; tx < k; ++tx) {
@@ -935,6 +937,7 @@ struct Planes {
         }
       }
     }
+    row_runs.push_back(static_cast<int32_t>(run_first.size()));
     run_first.push_back(static_cast<int32_t>(run_taps.size()));
     use_runs = taps >= 3 * (static_cast<int64_t>(run_first.size()) - 1);
     pos_row.assign(Lp, -1);
@@ -1282,12 +1285,44 @@ inline vf direct_exps(const float* rawq, const int32_t* off, int64_t taps, const
 
 // ---- Forward ----
 
+// The taps one vector of output positions loops over: [begin, end), and the runs [run_begin,
+// run_end) of forward_values_runs. A tap row whose input row lies outside the image for every
+// output row of the vector reads only gap (exp(cost - M) = 0 and v = 0), so leaving it out
+// changes no sum: the padded positions are not part of the softmax (docs/qna_attention.md,
+// "Definition"). On small images with large windows that is a good part of the taps (14 x 14
+// input, stride 2, k = 11: a third of the tap rows of the first and last output rows).
+struct TapSpan {
+  int32_t begin, end, run_begin, run_end;
+  bool operator==(const TapSpan&) const = default;
+};
+
+// The span of the kW positions from j of a task whose output rows start at oy0 (R of them): the
+// tap rows ty with an input row oy * s - pad + ty inside the image for some output row oy of the
+// vector (rows with a position ox < Wo in it). begin is rounded down to an even tap so that
+// tap_sums pairs the taps into its two chains as over all taps: the results are those of the
+// full loop, bit for bit.
+inline TapSpan vector_tap_span(const QnaAttentionInputs& a, const Planes& g, int64_t oy0,
+                               int64_t R, int64_t j) {
+  int64_t first = j / g.P;
+  if (j % g.P >= a.Wo) ++first;  // the vector starts in a row's gap
+  const int64_t last = (std::min(j + kW, R * g.P) - 1) / g.P;  // j < R * P: see forward_impl
+  int64_t ty_begin = 0, ty_end = g.k;
+  if (first <= last) {  // else only gap lanes, never stored: any span will do
+    ty_begin = std::max<int64_t>(0, g.pad - (oy0 + last) * g.s);
+    ty_end = std::min<int64_t>(g.k, a.Hi + g.pad - (oy0 + first) * g.s);
+  }
+  const int64_t begin = ty_begin * g.k / 2 * 2;
+  return {static_cast<int32_t>(begin), static_cast<int32_t>(ty_end * g.k), g.row_runs[ty_begin],
+          g.row_runs[ty_end]};
+}
+
 struct FwdScratch {
   TaskPlanes in;
   float* out;  // [Cp][ostride]
   float* lse;  // [QHp][ostride]
   float* m;    // [taps][kNJ][kW]: the weight of each tap
   float* e;    // [taps][kW]: direct exps
+  std::vector<TapSpan> spans;  // [olen / kW]: of each vector of the task
 
   int64_t carve(float* base, const QnaAttentionInputs& a, const Planes& g) {
     Carver c(base);
@@ -1303,14 +1338,14 @@ struct FwdScratch {
 // out_d = sum_t m_t v_d(t) for DC channels from d0 of head h.
 template <int NJ, int DC>
 inline void forward_values(const QnaAttentionInputs& a, const Planes& g, const FwdScratch& w,
-                           int64_t h, int64_t d0, int64_t j) {
+                           int64_t h, int64_t d0, int64_t j, const TapSpan& span) {
   vf acc[NJ][DC];
 #pragma GCC unroll 16
   for (int n = 0; n < NJ; ++n)
     for (int d = 0; d < DC; ++d) acc[n][d] = vzero();
   const float* v = w.in.v + (h * a.D + d0) * g.chs + j;
   const int64_t chs = g.chs;
-  for (int64_t t = 0; t < g.taps; ++t) {
+  for (int64_t t = span.begin; t < span.end; ++t) {
     const float* vt = v + g.off[t];
 #pragma GCC unroll 4
     for (int n = 0; n < NJ; ++n) {
@@ -1349,7 +1384,7 @@ constexpr int kFusedQueries = 4;
 template <int NJ, int NQ>
 inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                                  const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
-                                 const vf (*inv)[NJ]) {
+                                 const vf (*inv)[NJ], const TapSpan& span) {
   vf acc[NJ][kDChunk];
 #pragma GCC unroll 16
   for (int n = 0; n < NJ; ++n)
@@ -1363,7 +1398,7 @@ inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, c
   const float* v = w.in.v + (h * a.D + d0) * g.chs + j;
   const int64_t chs = g.chs;
   const int32_t* off = g.off.data();
-  for (int64_t t = 0; t < g.taps; ++t) {
+  for (int64_t t = span.begin; t < span.end; ++t) {
     const int64_t o = off[t];
     vf m[NJ];
     {
@@ -1429,10 +1464,10 @@ inline void run_values(const float* ecq0, int64_t ec_stride, const float* v, int
 template <int NJ, int NQ>
 inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                                 const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
-                                const vf (*inv)[NJ]) {
+                                const vf (*inv)[NJ], const TapSpan& span) {
   const float* ers[NQ];
   for (int q = 0; q < NQ; ++q) ers[q] = tab.of(tab.ers, a.Q, h, q);
-  const int64_t chs = g.chs, runs = static_cast<int64_t>(g.run_first.size()) - 1;
+  const int64_t chs = g.chs;
   const int32_t* off = g.off.data();
   for (int n = 0; n < NJ; ++n) {
     const int64_t jn = j + n * kW;
@@ -1443,7 +1478,7 @@ inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, co
     for (int q = 0; q < NQ; ++q) inv_n[q] = inv[q][n];
     const float* ec = w.in.ec + h * chs + jn;  // query q at + q * H * chs
     const float* v = w.in.v + (h * a.D + d0) * chs + jn;
-    for (int64_t r = 0; r < runs; ++r) {
+    for (int64_t r = span.run_begin; r < span.run_end; ++r) {
       const int32_t* taps = g.run_taps.data() + g.run_first[r];
       switch (g.run_first[r + 1] - g.run_first[r]) {
         case 1: run_values<NQ, 1>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
@@ -1469,12 +1504,13 @@ inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, co
 // path.
 template <int NJ>
 inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
-                                FwdScratch& w, int64_t h, int64_t j) {
+                                FwdScratch& w, int64_t h, int64_t j, const TapSpan& span) {
   const int64_t Q = a.Q, H = a.H;
   vf inv[kFusedQueries][NJ], sum[kFusedQueries][NJ];
   for (int64_t q = 0; q < Q; ++q) {
     const int64_t c = q * H + h;
-    tap_sums<NJ>(w.in.ec + c * g.chs + j, g.off.data(), g.taps, tab.of(tab.er, Q, h, q), sum[q]);
+    tap_sums<NJ>(w.in.ec + c * g.chs + j, g.off.data() + span.begin, span.end - span.begin,
+                 tab.of(tab.er, Q, h, q) + span.begin, sum[q]);
     for (int n = 0; n < NJ; ++n) {
       inv[q][n] = vdiv(vset1(1.0f), sum[q][n]);
       if (!vall_le(keep(vload(w.in.valid + j + n * kW), inv[q][n]), kMaxReferenceScale)) return false;
@@ -1490,11 +1526,11 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
     for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk) {
 #if defined(FVK_SIMD_AVX512)
       if (g.use_runs) {
-        forward_values_runs<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+        forward_values_runs<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv, span);
         continue;
       }
 #endif
-      forward_values_fused<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+      forward_values_fused<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv, span);
     }
   };
   switch (Q) {
@@ -1506,13 +1542,15 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
   return true;
 }
 
-// One block (NJ vectors at output position j) of head h.
+// One block (NJ vectors at output position j) of head h, over the taps of span (the same for
+// every vector of the block).
 template <int NJ>
 inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
-                          FwdScratch& w, int64_t h, int64_t j) {
-  if (a.Q <= kFusedQueries && a.D % kDChunk == 0 && forward_block_fused<NJ>(a, g, tab, w, h, j))
+                          FwdScratch& w, int64_t h, int64_t j, const TapSpan& span) {
+  if (a.Q <= kFusedQueries && a.D % kDChunk == 0 &&
+      forward_block_fused<NJ>(a, g, tab, w, h, j, span))
     return;
-  const int64_t taps = g.taps, Q = a.Q, H = a.H;
+  const int64_t t0 = span.begin, taps = span.end - span.begin, Q = a.Q, H = a.H;
   const int32_t* off = g.off.data();
   for (int64_t q = 0; q < Q; ++q) {
     const int64_t c = q * H + h;
@@ -1520,7 +1558,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
     const float* ers = tab.of(tab.ers, Q, h, q);
     vf sum[NJ], inv[NJ];
     bool direct[NJ], any_direct = false;
-    tap_sums<NJ>(ecq, off, taps, tab.of(tab.er, Q, h, q), sum);
+    tap_sums<NJ>(ecq, off + t0, taps, tab.of(tab.er, Q, h, q) + t0, sum);
     const vf ref = vset1(w.in.cost_max[c] + tab.rmax[h * Q + q]);
     for (int n = 0; n < NJ; ++n) {
       const vf valid = vload(w.in.valid + j + n * kW);
@@ -1530,7 +1568,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
       if (!direct[n]) vstore(w.lse + c * g.ostride + j + n * kW, vadd(ref, vlog(sum[n])));
     }
     if (!any_direct) {
-      for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t t = t0; t < span.end; ++t) {
         const vf s = vset1(ers[t]);
 #pragma GCC unroll 4
         for (int n = 0; n < NJ; ++n) {
@@ -1550,17 +1588,17 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
       const float* er_or_one = ers;
       if (direct[n]) {
         vf mx;
-        const vf s = direct_exps(w.in.raw_scores(a, g) + c * g.chs + j + n * kW, off, taps,
-                                 tab.of(tab.rpe, Q, h, q), valid, w.e, kW, &mx);
+        const vf s = direct_exps(w.in.raw_scores(a, g) + c * g.chs + j + n * kW, off + t0, taps,
+                                 tab.of(tab.rpe, Q, h, q) + t0, valid, w.e, kW, &mx);
         c_inv = keep(valid, vdiv(vset1(1.0f), s));
         vstore(w.lse + c * g.ostride + j + n * kW, vadd(mx, vlog(s)));
-        e = w.e;
+        e = w.e;  // tap t at (t - t0) * kW
         e_stride = kW;
         er_or_one = scale;
       }
-      for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t t = t0; t < span.end; ++t) {
         float* m = w.m + (t * NJ + n) * kW;
-        const vf et = vload(e_stride != 0 ? e + t * e_stride : e + off[t]);
+        const vf et = vload(e_stride != 0 ? e + (t - t0) * e_stride : e + off[t]);
         const vf wt = vmul(et, vmul(c_inv, vset1(er_or_one[t])));
         vstore(m, q == 0 ? wt : vadd(vload(m), wt));
       }
@@ -1568,7 +1606,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
   }
   for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
     with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
-               [&](auto dc) { forward_values<NJ, dc>(a, g, w, h, d0, j); });
+               [&](auto dc) { forward_values<NJ, dc>(a, g, w, h, d0, j, span); });
 }
 
 template <ElemType T>
@@ -1585,6 +1623,8 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
     const int64_t R = std::min(a.Ho - oy0, g.R);
     w.in.pack<T>(a, g, b, oy0, R);
     const int64_t positions = round_up(R * g.P, kW);
+    w.spans.resize(positions / kW);
+    for (int64_t i = 0; i < positions / kW; ++i) w.spans[i] = vector_tap_span(a, g, oy0, R, i * kW);
     const bool next = task + 1 < task_end;
     const int64_t next_b = (task + 1) / a.tasks.tasks_per_image;
     const int64_t next_oy0 = (task + 1) % a.tasks.tasks_per_image * g.R;
@@ -1592,10 +1632,21 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
       if (next)
         prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0, std::min(a.Ho - next_oy0, g.R), h,
                            a.H);
-      // Blocks of kNJ vectors; a last vector of its own when R * P ends in the first half.
+      // Blocks of kNJ vectors; a last vector of its own when R * P ends in the first half. The
+      // vectors of a block with different spans go one by one, each over its own taps.
+      static_assert(kNJ == 2);
       int64_t j = 0;
-      for (; j + kNJ * kW <= positions; j += kNJ * kW) forward_block<kNJ>(a, g, tab, w, h, j);
-      if (j < positions) forward_block<1>(a, g, tab, w, h, j);
+      for (; j + kNJ * kW <= positions; j += kNJ * kW) {
+        const TapSpan& s0 = w.spans[j / kW];
+        const TapSpan& s1 = w.spans[j / kW + 1];
+        if (s0 == s1) {
+          forward_block<kNJ>(a, g, tab, w, h, j, s0);
+        } else {
+          forward_block<1>(a, g, tab, w, h, j, s0);
+          forward_block<1>(a, g, tab, w, h, j + kW, s1);
+        }
+      }
+      if (j < positions) forward_block<1>(a, g, tab, w, h, j, w.spans[j / kW]);
     }
     const int64_t first = (b * a.Ho + oy0) * a.Wo;
     unpack_output_planes<T>(w.out, C, g, R, a.Wo, w.in.staging, a.out, first * C);
