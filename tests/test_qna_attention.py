@@ -221,7 +221,7 @@ CPU_BACKENDS = [p for p in backend_params(include_reference=False) if p.values[0
 
 @pytest.mark.parametrize("backend_isa_device", CPU_BACKENDS)
 @pytest.mark.parametrize("B,Hi,Wi,k,stride", [(1, 28, 28, 3, 1), (1, 28, 28, 7, 1), (1, 29, 27, 7, 2),
-                                              (3, 14, 15, 9, 1), (2, 30, 9, 13, 2)])
+                                              (3, 14, 15, 9, 1), (2, 30, 9, 13, 2), (32, 14, 14, 13, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_thread_count_does_not_change_results(backend_isa_device, B, Hi, Wi, k, stride, dtype):
     """The C++ tasks depend on the shapes only and partial sums are added in a fixed order
@@ -246,6 +246,29 @@ def test_thread_count_does_not_change_results(backend_isa_device, B, Hi, Wi, k, 
         torch.set_num_threads(threads)
     for name, one, two in zip(("out", "dcost", "dv", "drpe", "dattn_scale"), *results):
         assert torch.equal(one, two), f"{name} differs between 1 and 2 threads"
+
+
+# Large windows at stride 2 on the smallest QnA-ViT map (14 x 14 -> 7 x 7: most taps of most
+# windows outside the image) and a non-square one, with batches below and from 16 images (the C++
+# forward takes its batch lanes, groups of 16 images, from there: docs/qna_attention.md,
+# "Backends"); Q = 3 and d = 5 take its general path, and "far" scores (the top half of the first
+# image 80 below the rest) windows on the direct exponentials.
+SMALL_MAPS = [(2, 14, 14), (16, 14, 14), (32, 14, 14), (26, 13, 14)]
+SMALL_MAP_WIDTHS = [(2, 4, 8, False), (3, 5, 5, False), (2, 4, 8, True)]
+
+
+@pytest.mark.parametrize("backend_isa_device", CPU_BACKENDS)
+@pytest.mark.parametrize("B,Hi,Wi", SMALL_MAPS, ids=[f"b{b}-{h}x{w}" for b, h, w in SMALL_MAPS])
+@pytest.mark.parametrize("k", [11, 13])
+@pytest.mark.parametrize("Q,H,d,far", SMALL_MAP_WIDTHS,
+                         ids=[f"q{q}h{h}d{d}" + ("-far" if f else "") for q, h, d, f in SMALL_MAP_WIDTHS])
+def test_large_windows_small_maps_stride2(backend_isa_device, B, Hi, Wi, k, Q, H, d, far):
+    backend, isa, _ = backend_isa_device
+    torch.manual_seed(B * 1000 + Hi * 100 + Wi * 10 + k + Q)
+    cost, v, rpe, attn_scale = make_inputs(B, Hi, Wi, Q, H, d, k, layout="contiguous")
+    if far:
+        cost[0, : Hi // 2] -= 80.0
+    run_and_compare(backend, isa, cost, v, rpe, attn_scale, k, 2)
 
 
 @pytest.mark.parametrize("backend_isa_device", BACKENDS)

@@ -93,10 +93,17 @@ struct RowTasks {
   int64_t rows_per_task, tasks_per_image;
 };
 
+// Images per task of the batch-lane forward (see "Batch lanes"): kQnaBatchLanes / kW vectors.
+constexpr int64_t kQnaBatchLanes = 16;
+
 struct QnaAttentionFwdArgs : QnaAttentionInputs {
   void* out;   // [B, Ho, Wo, H, D] contiguous
   float* lse;  // [B, Ho, Wo, Q, H] contiguous
   RowTasks tasks;  // over output rows
+  // > 0: the batch-lane kernel runs instead, with tasks of kQnaBatchLanes images and batch_heads
+  // heads (task t: images from t / ceil(H / batch_heads) * kQnaBatchLanes, heads from
+  // t % ceil(H / batch_heads) * batch_heads); `tasks` is then unused.
+  int64_t batch_heads;
 };
 
 // The backward sweeps the output rows as the forward does (tasks over output rows). A task adds
@@ -886,6 +893,7 @@ struct Planes {
   // Runs of taps that read one phase-plane row at consecutive offsets (at most kMaxRun each):
   // run r covers run_taps[run_first[r] .. run_first[r + 1]) in increasing offset.
   std::vector<int32_t> run_taps, run_first;
+  std::vector<int32_t> row_runs;  // [k + 1]: the runs of tap row ty are row_runs[ty] .. [ty + 1]
   // Per position p of a phase plane: its plane row Yrel and column X (-1: before the first row
   // or past the last), so that packing needs no division per position.
   std::vector<int32_t> pos_row, pos_col;
@@ -923,6 +931,7 @@ struct Planes {
     // also ends where the offsets cross a multiple of kW (its values then lie in two aligned
     // vectors of a plane, block positions being multiples of kW).
     for (int64_t ty = 0; ty < k; ++ty) {
+      row_runs.push_back(static_cast<int32_t>(run_first.size()));
       for (int64_t rx = 0; rx < s; ++rx) {
         int64_t in_run = 0;
         for (int64_t tx = 0; tx < k; ++tx) {
@@ -935,6 +944,7 @@ struct Planes {
         }
       }
     }
+    row_runs.push_back(static_cast<int32_t>(run_first.size()));
     run_first.push_back(static_cast<int32_t>(run_taps.size()));
     use_runs = taps >= 3 * (static_cast<int64_t>(run_first.size()) - 1);
     pos_row.assign(Lp, -1);
@@ -1282,12 +1292,44 @@ inline vf direct_exps(const float* rawq, const int32_t* off, int64_t taps, const
 
 // ---- Forward ----
 
+// The taps one vector of output positions loops over: [begin, end), and the runs [run_begin,
+// run_end) of forward_values_runs. A tap row whose input row lies outside the image for every
+// output row of the vector reads only gap (exp(cost - M) = 0 and v = 0), so leaving it out
+// changes no sum: the padded positions are not part of the softmax (docs/qna_attention.md,
+// "Definition"). On small images with large windows that is a good part of the taps (14 x 14
+// input, stride 2, k = 11: a third of the tap rows of the first and last output rows).
+struct TapSpan {
+  int32_t begin, end, run_begin, run_end;
+  bool operator==(const TapSpan&) const = default;
+};
+
+// The span of the kW positions from j of a task whose output rows start at oy0 (R of them): the
+// tap rows ty with an input row oy * s - pad + ty inside the image for some output row oy of the
+// vector (rows with a position ox < Wo in it). begin is rounded down to an even tap so that
+// tap_sums pairs the taps into its two chains as over all taps: the results are those of the
+// full loop, bit for bit.
+inline TapSpan vector_tap_span(const QnaAttentionInputs& a, const Planes& g, int64_t oy0,
+                               int64_t R, int64_t j) {
+  int64_t first = j / g.P;
+  if (j % g.P >= a.Wo) ++first;  // the vector starts in a row's gap
+  const int64_t last = (std::min(j + kW, R * g.P) - 1) / g.P;  // j < R * P: see forward_impl
+  int64_t ty_begin = 0, ty_end = g.k;
+  if (first <= last) {  // else only gap lanes, never stored: any span will do
+    ty_begin = std::max<int64_t>(0, g.pad - (oy0 + last) * g.s);
+    ty_end = std::min<int64_t>(g.k, a.Hi + g.pad - (oy0 + first) * g.s);
+  }
+  const int64_t begin = ty_begin * g.k / 2 * 2;
+  return {static_cast<int32_t>(begin), static_cast<int32_t>(ty_end * g.k), g.row_runs[ty_begin],
+          g.row_runs[ty_end]};
+}
+
 struct FwdScratch {
   TaskPlanes in;
   float* out;  // [Cp][ostride]
   float* lse;  // [QHp][ostride]
   float* m;    // [taps][kNJ][kW]: the weight of each tap
   float* e;    // [taps][kW]: direct exps
+  std::vector<TapSpan> spans;  // [olen / kW]: of each vector of the task
 
   int64_t carve(float* base, const QnaAttentionInputs& a, const Planes& g) {
     Carver c(base);
@@ -1303,14 +1345,14 @@ struct FwdScratch {
 // out_d = sum_t m_t v_d(t) for DC channels from d0 of head h.
 template <int NJ, int DC>
 inline void forward_values(const QnaAttentionInputs& a, const Planes& g, const FwdScratch& w,
-                           int64_t h, int64_t d0, int64_t j) {
+                           int64_t h, int64_t d0, int64_t j, const TapSpan& span) {
   vf acc[NJ][DC];
 #pragma GCC unroll 16
   for (int n = 0; n < NJ; ++n)
     for (int d = 0; d < DC; ++d) acc[n][d] = vzero();
   const float* v = w.in.v + (h * a.D + d0) * g.chs + j;
   const int64_t chs = g.chs;
-  for (int64_t t = 0; t < g.taps; ++t) {
+  for (int64_t t = span.begin; t < span.end; ++t) {
     const float* vt = v + g.off[t];
 #pragma GCC unroll 4
     for (int n = 0; n < NJ; ++n) {
@@ -1349,7 +1391,7 @@ constexpr int kFusedQueries = 4;
 template <int NJ, int NQ>
 inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                                  const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
-                                 const vf (*inv)[NJ]) {
+                                 const vf (*inv)[NJ], const TapSpan& span) {
   vf acc[NJ][kDChunk];
 #pragma GCC unroll 16
   for (int n = 0; n < NJ; ++n)
@@ -1363,7 +1405,7 @@ inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, c
   const float* v = w.in.v + (h * a.D + d0) * g.chs + j;
   const int64_t chs = g.chs;
   const int32_t* off = g.off.data();
-  for (int64_t t = 0; t < g.taps; ++t) {
+  for (int64_t t = span.begin; t < span.end; ++t) {
     const int64_t o = off[t];
     vf m[NJ];
     {
@@ -1429,10 +1471,10 @@ inline void run_values(const float* ecq0, int64_t ec_stride, const float* v, int
 template <int NJ, int NQ>
 inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                                 const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
-                                const vf (*inv)[NJ]) {
+                                const vf (*inv)[NJ], const TapSpan& span) {
   const float* ers[NQ];
   for (int q = 0; q < NQ; ++q) ers[q] = tab.of(tab.ers, a.Q, h, q);
-  const int64_t chs = g.chs, runs = static_cast<int64_t>(g.run_first.size()) - 1;
+  const int64_t chs = g.chs;
   const int32_t* off = g.off.data();
   for (int n = 0; n < NJ; ++n) {
     const int64_t jn = j + n * kW;
@@ -1443,7 +1485,7 @@ inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, co
     for (int q = 0; q < NQ; ++q) inv_n[q] = inv[q][n];
     const float* ec = w.in.ec + h * chs + jn;  // query q at + q * H * chs
     const float* v = w.in.v + (h * a.D + d0) * chs + jn;
-    for (int64_t r = 0; r < runs; ++r) {
+    for (int64_t r = span.run_begin; r < span.run_end; ++r) {
       const int32_t* taps = g.run_taps.data() + g.run_first[r];
       switch (g.run_first[r + 1] - g.run_first[r]) {
         case 1: run_values<NQ, 1>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
@@ -1469,12 +1511,13 @@ inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, co
 // path.
 template <int NJ>
 inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
-                                FwdScratch& w, int64_t h, int64_t j) {
+                                FwdScratch& w, int64_t h, int64_t j, const TapSpan& span) {
   const int64_t Q = a.Q, H = a.H;
   vf inv[kFusedQueries][NJ], sum[kFusedQueries][NJ];
   for (int64_t q = 0; q < Q; ++q) {
     const int64_t c = q * H + h;
-    tap_sums<NJ>(w.in.ec + c * g.chs + j, g.off.data(), g.taps, tab.of(tab.er, Q, h, q), sum[q]);
+    tap_sums<NJ>(w.in.ec + c * g.chs + j, g.off.data() + span.begin, span.end - span.begin,
+                 tab.of(tab.er, Q, h, q) + span.begin, sum[q]);
     for (int n = 0; n < NJ; ++n) {
       inv[q][n] = vdiv(vset1(1.0f), sum[q][n]);
       if (!vall_le(keep(vload(w.in.valid + j + n * kW), inv[q][n]), kMaxReferenceScale)) return false;
@@ -1490,11 +1533,11 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
     for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk) {
 #if defined(FVK_SIMD_AVX512)
       if (g.use_runs) {
-        forward_values_runs<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+        forward_values_runs<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv, span);
         continue;
       }
 #endif
-      forward_values_fused<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv);
+      forward_values_fused<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv, span);
     }
   };
   switch (Q) {
@@ -1506,13 +1549,15 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
   return true;
 }
 
-// One block (NJ vectors at output position j) of head h.
+// One block (NJ vectors at output position j) of head h, over the taps of span (the same for
+// every vector of the block).
 template <int NJ>
 inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
-                          FwdScratch& w, int64_t h, int64_t j) {
-  if (a.Q <= kFusedQueries && a.D % kDChunk == 0 && forward_block_fused<NJ>(a, g, tab, w, h, j))
+                          FwdScratch& w, int64_t h, int64_t j, const TapSpan& span) {
+  if (a.Q <= kFusedQueries && a.D % kDChunk == 0 &&
+      forward_block_fused<NJ>(a, g, tab, w, h, j, span))
     return;
-  const int64_t taps = g.taps, Q = a.Q, H = a.H;
+  const int64_t t0 = span.begin, taps = span.end - span.begin, Q = a.Q, H = a.H;
   const int32_t* off = g.off.data();
   for (int64_t q = 0; q < Q; ++q) {
     const int64_t c = q * H + h;
@@ -1520,7 +1565,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
     const float* ers = tab.of(tab.ers, Q, h, q);
     vf sum[NJ], inv[NJ];
     bool direct[NJ], any_direct = false;
-    tap_sums<NJ>(ecq, off, taps, tab.of(tab.er, Q, h, q), sum);
+    tap_sums<NJ>(ecq, off + t0, taps, tab.of(tab.er, Q, h, q) + t0, sum);
     const vf ref = vset1(w.in.cost_max[c] + tab.rmax[h * Q + q]);
     for (int n = 0; n < NJ; ++n) {
       const vf valid = vload(w.in.valid + j + n * kW);
@@ -1530,7 +1575,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
       if (!direct[n]) vstore(w.lse + c * g.ostride + j + n * kW, vadd(ref, vlog(sum[n])));
     }
     if (!any_direct) {
-      for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t t = t0; t < span.end; ++t) {
         const vf s = vset1(ers[t]);
 #pragma GCC unroll 4
         for (int n = 0; n < NJ; ++n) {
@@ -1550,17 +1595,17 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
       const float* er_or_one = ers;
       if (direct[n]) {
         vf mx;
-        const vf s = direct_exps(w.in.raw_scores(a, g) + c * g.chs + j + n * kW, off, taps,
-                                 tab.of(tab.rpe, Q, h, q), valid, w.e, kW, &mx);
+        const vf s = direct_exps(w.in.raw_scores(a, g) + c * g.chs + j + n * kW, off + t0, taps,
+                                 tab.of(tab.rpe, Q, h, q) + t0, valid, w.e, kW, &mx);
         c_inv = keep(valid, vdiv(vset1(1.0f), s));
         vstore(w.lse + c * g.ostride + j + n * kW, vadd(mx, vlog(s)));
-        e = w.e;
+        e = w.e;  // tap t at (t - t0) * kW
         e_stride = kW;
         er_or_one = scale;
       }
-      for (int64_t t = 0; t < taps; ++t) {
+      for (int64_t t = t0; t < span.end; ++t) {
         float* m = w.m + (t * NJ + n) * kW;
-        const vf et = vload(e_stride != 0 ? e + t * e_stride : e + off[t]);
+        const vf et = vload(e_stride != 0 ? e + (t - t0) * e_stride : e + off[t]);
         const vf wt = vmul(et, vmul(c_inv, vset1(er_or_one[t])));
         vstore(m, q == 0 ? wt : vadd(vload(m), wt));
       }
@@ -1568,7 +1613,7 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
   }
   for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
     with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
-               [&](auto dc) { forward_values<NJ, dc>(a, g, w, h, d0, j); });
+               [&](auto dc) { forward_values<NJ, dc>(a, g, w, h, d0, j, span); });
 }
 
 template <ElemType T>
@@ -1585,6 +1630,8 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
     const int64_t R = std::min(a.Ho - oy0, g.R);
     w.in.pack<T>(a, g, b, oy0, R);
     const int64_t positions = round_up(R * g.P, kW);
+    w.spans.resize(positions / kW);
+    for (int64_t i = 0; i < positions / kW; ++i) w.spans[i] = vector_tap_span(a, g, oy0, R, i * kW);
     const bool next = task + 1 < task_end;
     const int64_t next_b = (task + 1) / a.tasks.tasks_per_image;
     const int64_t next_oy0 = (task + 1) % a.tasks.tasks_per_image * g.R;
@@ -1592,10 +1639,21 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
       if (next)
         prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0, std::min(a.Ho - next_oy0, g.R), h,
                            a.H);
-      // Blocks of kNJ vectors; a last vector of its own when R * P ends in the first half.
+      // Blocks of kNJ vectors; a last vector of its own when R * P ends in the first half. The
+      // vectors of a block with different spans go one by one, each over its own taps.
+      static_assert(kNJ == 2);
       int64_t j = 0;
-      for (; j + kNJ * kW <= positions; j += kNJ * kW) forward_block<kNJ>(a, g, tab, w, h, j);
-      if (j < positions) forward_block<1>(a, g, tab, w, h, j);
+      for (; j + kNJ * kW <= positions; j += kNJ * kW) {
+        const TapSpan& s0 = w.spans[j / kW];
+        const TapSpan& s1 = w.spans[j / kW + 1];
+        if (s0 == s1) {
+          forward_block<kNJ>(a, g, tab, w, h, j, s0);
+        } else {
+          forward_block<1>(a, g, tab, w, h, j, s0);
+          forward_block<1>(a, g, tab, w, h, j + kW, s1);
+        }
+      }
+      if (j < positions) forward_block<1>(a, g, tab, w, h, j, w.spans[j / kW]);
     }
     const int64_t first = (b * a.Ho + oy0) * a.Wo;
     unpack_output_planes<T>(w.out, C, g, R, a.Wo, w.in.staging, a.out, first * C);
@@ -1882,12 +1940,350 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
 }  // namespace pixel
 
 // ---------------------------------------------------------------------------------------------
+// Batch lanes (small images, large windows): a vector holds one output pixel of kW images
+// ---------------------------------------------------------------------------------------------
+//
+// The pixel lanes above process every tap of every vector: a vector holds output pixels of
+// different rows and columns, so a tap outside the image for some of them is inside for others,
+// and only whole tap rows can be left out (vector_tap_span). On a small image with a large
+// window most of the rest reads gap too (14 x 14 input, stride 2, k = 13: a 7 x 7 output row
+// fills 7 of the 10 lanes of a plane row, and 41% of its (output, tap) pairs read padding). Here
+// the lanes are the same output pixel of kQnaBatchLanes images (kQnaBatchLanes / kW vectors), so
+// a tap is inside the image for all lanes or for none: each output loops over exactly the taps
+// of its window W(o) (docs/qna_attention.md, "Definition"), and every load is a whole aligned
+// vector. The math, the exponential factorisation (with M per image and channel) and its
+// direct-exp fallback are those of the pixel lanes.
+//
+// Task: images [group * kQnaBatchLanes, ...) and heads [h0, h0 + batch_heads) of them, the whole
+// image: it packs per input pixel the raw cost and v of its heads as one plane per channel,
+// [channel][pixel][kQnaBatchLanes] (planes with no gaps: the windows are clipped instead), then
+// runs head by head over the output pixels, and transposes its outputs back at the end.
+
+namespace batch {
+
+constexpr int64_t kLanes = kQnaBatchLanes;
+constexpr int kDChunk = 8;         // value channels per pass over a window
+constexpr int kFusedQueries = 4;   // as the pixel lanes' forward_block_fused
+
+// The window of output (oy, ox) clipped to the image: taps [ty0, ty1) x [tx0, tx1); tap (ty, tx)
+// reads input pixel (y0 + ty) * Wi + x0 + tx.
+struct Window {
+  int64_t ty0, ty1, tx0, tx1, y0, x0;
+};
+
+inline Window clipped_window(const QnaAttentionInputs& a, int64_t oy, int64_t ox) {
+  const int64_t y0 = oy * a.stride - a.pad, x0 = ox * a.stride - a.pad;
+  return {std::max<int64_t>(0, -y0), std::min(a.kernel_size, a.Hi - y0),
+          std::max<int64_t>(0, -x0), std::min(a.kernel_size, a.Wi - x0), y0, x0};
+}
+
+// Per-thread buffers, sized for tasks of batch_heads heads (nh <= that in a task).
+struct Scratch {
+  float* raw;       // [Q * heads, rounded to kW][HW][kLanes]: cost, channel q * nh + hl
+  float* v;         // [D * heads, rounded][HW][kLanes]: channel hl * D + d
+  float* ec;        // [Q * heads][HW][kLanes]: exp(cost - M)
+  float* cost_max;  // [Q * heads][kLanes]: M
+  float* out;       // [D * heads, rounded][HoWo][kLanes]
+  float* lse;       // [Q * heads, rounded][HoWo][kLanes]
+  float* valid;     // [kLanes]: 1 for lanes holding an image of the task
+  float* staging;   // pack: [kLanes] cost rows, [kLanes] v rows, a zero row; unpack: [kLanes] rows
+  float* m;         // [taps][kW]: the weight of each tap (general path)
+  float* e;         // [taps][kW]: direct exps
+
+  int64_t carve(float* base, const QnaAttentionFwdArgs& a) {
+    const int64_t nh = a.batch_heads, HW = a.Hi * a.Wi, HoWo = a.Ho * a.Wo;
+    const int64_t taps = a.kernel_size * a.kernel_size;
+    const int64_t Fo = round_up(a.D * nh, kW), Fl = round_up(a.Q * nh, kW);
+    Carver c(base);
+    raw = c.take(Fl * HW * kLanes);
+    v = c.take(Fo * HW * kLanes);
+    ec = c.take(a.Q * nh * HW * kLanes);
+    cost_max = c.take(a.Q * nh * kLanes);
+    out = c.take(Fo * HoWo * kLanes);
+    lse = c.take(Fl * HoWo * kLanes);
+    valid = c.take(kLanes);
+    staging = c.take(kLanes * (Fo + Fl) + Fo);  // pack: cost rows, v rows, a zero row
+    m = c.take(taps * kW);
+    e = c.take(taps * kW);
+    return c.used();
+  }
+};
+
+// Packs images [b0, b0 + nb), heads [h0, h0 + nh): the raw cost and v planes, M and
+// exp(cost - M). Lanes past nb hold zeros (their outputs are never stored).
+template <ElemType T>
+inline void pack(const QnaAttentionFwdArgs& a, const Scratch& w, int64_t b0, int64_t nb,
+                 int64_t h0, int64_t nh) {
+  const int64_t HW = a.Hi * a.Wi, plane = HW * kLanes;
+  const int64_t QC = a.Q * nh, QCp = round_up(QC, kW), VC = nh * a.D, VCp = round_up(VC, kW);
+  const int64_t* cs = a.cost_stride;
+  const int64_t* vs = a.v_stride;
+  // fp32 v with dense [h, d] goes straight from the tensor (missing images from a zero row).
+  const bool dense_v = T == ElemType::kFloat32 && vs[4] == 1 && vs[3] == a.D && VC % kW == 0;
+  float* cost_rows = w.staging;              // [kLanes][QCp]
+  float* v_rows = w.staging + kLanes * QCp;  // [kLanes][VCp] (unless dense_v)
+  const float* zero_row = v_rows + kLanes * VCp;
+  std::fill(w.staging, w.staging + kLanes * (QCp + VCp) + VCp, 0.0f);
+  // Element offsets of the task's first head at pixel (0, 0) of each image; pixel (y, x) adds
+  // y * st[1] + x * st[2].
+  int64_t cost_base[kLanes], v_base[kLanes];
+  for (int64_t i = 0; i < nb; ++i) {
+    cost_base[i] = (b0 + i) * cs[0] + h0 * cs[4];
+    v_base[i] = (b0 + i) * vs[0] + h0 * vs[3];
+  }
+  for (int64_t p = 0, y = 0, x = 0; p < HW; ++p) {
+    const int64_t cp = y * cs[1] + x * cs[2], vp = y * vs[1] + x * vs[2];
+    if (++x == a.Wi) x = 0, ++y;
+    for (int64_t i = 0; i < nb; ++i) {
+      for (int64_t q = 0; q < a.Q; ++q)
+        load_row<T>(a.cost, cost_base[i] + cp + q * cs[3], cs[4], nh, cost_rows + i * QCp + q * nh);
+      if (!dense_v) load_block<T>(a.v, v_base[i] + vp, vs[3], vs[4], nh, a.D, v_rows + i * VCp);
+    }
+    for (int64_t i0 = 0; i0 < kLanes; i0 += kW) {
+      for (int64_t c0 = 0; c0 < QCp; c0 += kW)
+        transpose_block(cost_rows + i0 * QCp + c0, QCp, w.raw + c0 * plane + p * kLanes + i0,
+                        plane);
+      if (dense_v) {
+        const float* v = static_cast<const float*>(a.v);
+        for (int64_t c0 = 0; c0 < VCp; c0 += kW)
+          transpose_rows(
+              [&](int r) { return i0 + r < nb ? v + v_base[i0 + r] + vp + c0 : zero_row; },
+              w.v + c0 * plane + p * kLanes + i0, plane);
+      } else {
+        for (int64_t c0 = 0; c0 < VCp; c0 += kW)
+          transpose_block(v_rows + i0 * VCp + c0, VCp, w.v + c0 * plane + p * kLanes + i0, plane);
+      }
+    }
+  }
+  for (int64_t c = 0; c < QC; ++c) {
+    const float* raw = w.raw + c * plane;
+    float* e = w.ec + c * plane;
+    for (int64_t l = 0; l < kLanes; l += kW) {
+      vf mx = vset1(-std::numeric_limits<float>::infinity());
+      for (int64_t p = 0; p < HW; ++p) mx = vmax(vload(raw + p * kLanes + l), mx);
+      vstore(w.cost_max + c * kLanes + l, mx);
+      for (int64_t p = 0; p < HW; ++p)
+        vstore(e + p * kLanes + l, vexp(vsub(vload(raw + p * kLanes + l), mx)));
+    }
+  }
+  for (int64_t i = 0; i < kLanes; ++i) w.valid[i] = i < nb ? 1.0f : 0.0f;
+}
+
+// Sums S_q = sum_t exp(cost_q - M)(t) exp(rpe - Rmax)_t over the window for NQ queries (ec[q]:
+// query q's plane at the vector's lanes), two chains per query.
+template <int NQ>
+inline void window_sums(const QnaAttentionInputs& a, const Window& win, const float* const* ec,
+                        const float* const* er, vf* sum) {
+  vf s0[NQ], s1[NQ];
+  for (int q = 0; q < NQ; ++q) s0[q] = s1[q] = vzero();
+  const int64_t k = a.kernel_size;
+  for (int64_t ty = win.ty0; ty < win.ty1; ++ty) {
+    const int64_t row = ((win.y0 + ty) * a.Wi + win.x0) * kLanes, t_row = ty * k;
+    int64_t tx = win.tx0;
+    for (; tx + 2 <= win.tx1; tx += 2) {
+#pragma GCC unroll 4
+      for (int q = 0; q < NQ; ++q) {
+        s0[q] = vfma(vload(ec[q] + row + tx * kLanes), vset1(er[q][t_row + tx]), s0[q]);
+        s1[q] = vfma(vload(ec[q] + row + (tx + 1) * kLanes), vset1(er[q][t_row + tx + 1]), s1[q]);
+      }
+    }
+    if (tx < win.tx1)
+      for (int q = 0; q < NQ; ++q)
+        s0[q] = vfma(vload(ec[q] + row + tx * kLanes), vset1(er[q][t_row + tx]), s0[q]);
+  }
+  for (int q = 0; q < NQ; ++q) sum[q] = vadd(s0[q], s1[q]);
+}
+
+// out_d = sum_t m_t v_d(t) over the window for kDChunk channels (v: channel d0's plane at the
+// vector's lanes), with m_t = sum_q exp(cost_q - M)(t) (attn_scale exp(rpe - Rmax))_t / S_q made
+// in registers.
+template <int NQ>
+inline void window_values_fused(const QnaAttentionInputs& a, const Window& win,
+                                const float* const* ec, const float* const* ers, const vf* inv,
+                                const float* v, int64_t plane, vf* acc) {
+  const int64_t k = a.kernel_size;
+  for (int d = 0; d < kDChunk; ++d) acc[d] = vzero();
+  for (int64_t ty = win.ty0; ty < win.ty1; ++ty) {
+    const int64_t row = ((win.y0 + ty) * a.Wi + win.x0) * kLanes, t_row = ty * k;
+    for (int64_t tx = win.tx0; tx < win.tx1; ++tx) {
+      const int64_t o = row + tx * kLanes, t = t_row + tx;
+      vf m = vmul(vload(ec[0] + o), vmul(inv[0], vset1(ers[0][t])));
+#pragma GCC unroll 4
+      for (int q = 1; q < NQ; ++q) m = vfma(vload(ec[q] + o), vmul(inv[q], vset1(ers[q][t])), m);
+#pragma GCC unroll 8
+      for (int d = 0; d < kDChunk; ++d) acc[d] = vfma(m, vload(v + d * plane + o), acc[d]);
+    }
+  }
+}
+
+// One output pixel o of head hl (of nh) for the kW images at lane l: its lse and out planes.
+// Returns false, having stored nothing, when a query's window takes the direct path.
+template <int NQ>
+inline bool output_fused(const QnaAttentionFwdArgs& a, const pixel::Tables& tab, const Scratch& w,
+                         const Window& win, int64_t h0, int64_t nh, int64_t hl, int64_t o,
+                         int64_t l) {
+  const int64_t plane = a.Hi * a.Wi * kLanes, oplane = a.Ho * a.Wo * kLanes;
+  const vf valid = vload(w.valid + l);
+  const float* ec[NQ];
+  const float* er[NQ];
+  const float* ers[NQ];
+  for (int q = 0; q < NQ; ++q) {
+    ec[q] = w.ec + (q * nh + hl) * plane + l;
+    er[q] = tab.of(tab.er, a.Q, h0 + hl, q);
+    ers[q] = tab.of(tab.ers, a.Q, h0 + hl, q);
+  }
+  vf sum[NQ], inv[NQ];
+  window_sums<NQ>(a, win, ec, er, sum);
+  for (int q = 0; q < NQ; ++q) {
+    inv[q] = vdiv(vset1(1.0f), sum[q]);
+    if (!vall_le(pixel::keep(valid, inv[q]), kMaxReferenceScale)) return false;
+  }
+  for (int q = 0; q < NQ; ++q) {
+    const int64_t c = q * nh + hl;
+    const vf ref = vadd(vload(w.cost_max + c * kLanes + l), vset1(tab.rmax[(h0 + hl) * a.Q + q]));
+    vstore(w.lse + c * oplane + o * kLanes + l, vadd(ref, vlog(sum[q])));
+  }
+  const float* v = w.v + hl * a.D * plane + l;
+  for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk) {
+    vf acc[kDChunk];
+    window_values_fused<NQ>(a, win, ec, ers, inv, v + d0 * plane, plane, acc);
+    float* out = w.out + (hl * a.D + d0) * oplane + o * kLanes + l;
+    for (int d = 0; d < kDChunk; ++d) vstore(out + d * oplane, acc[d]);
+  }
+  return true;
+}
+
+// The general path of one output (any Q and D, and windows on the direct path): the tap weights
+// summed over the queries into w.m, then the values.
+inline void output_general(const QnaAttentionFwdArgs& a, const pixel::Tables& tab,
+                           const Scratch& w, const Window& win, int64_t h0, int64_t nh,
+                           int64_t hl, int64_t o, int64_t l) {
+  const int64_t plane = a.Hi * a.Wi * kLanes, oplane = a.Ho * a.Wo * kLanes, k = a.kernel_size;
+  const vf valid = vload(w.valid + l);
+  const auto each_tap = [&](auto&& f) {  // f(t, i, pixel offset): i counts the window's taps
+    int64_t i = 0;
+    for (int64_t ty = win.ty0; ty < win.ty1; ++ty)
+      for (int64_t tx = win.tx0; tx < win.tx1; ++tx, ++i)
+        f(ty * k + tx, i, ((win.y0 + ty) * a.Wi + win.x0 + tx) * kLanes);
+  };
+  for (int64_t q = 0; q < a.Q; ++q) {
+    const int64_t c = q * nh + hl, h = h0 + hl;
+    const float* ecq = w.ec + c * plane + l;
+    const float* er = tab.of(tab.er, a.Q, h, q);
+    const float* ers = tab.of(tab.ers, a.Q, h, q);
+    vf sum = vzero();
+    each_tap([&](int64_t t, int64_t, int64_t p) { sum = vfma(vload(ecq + p), vset1(er[t]), sum); });
+    vf inv = vdiv(vset1(1.0f), sum);
+    float* lse = w.lse + c * oplane + o * kLanes + l;
+    if (vall_le(pixel::keep(valid, inv), kMaxReferenceScale)) {
+      const vf ref = vadd(vload(w.cost_max + c * kLanes + l), vset1(tab.rmax[h * a.Q + q]));
+      vstore(lse, vadd(ref, vlog(sum)));
+      each_tap([&](int64_t t, int64_t i, int64_t p) {
+        const vf wt = vmul(vload(ecq + p), vmul(inv, vset1(ers[t])));
+        vstore(w.m + i * kW, q == 0 ? wt : vadd(vload(w.m + i * kW), wt));
+      });
+      continue;
+    }
+    // Direct exponentials with the window's own max (per lane).
+    const float* raw = w.raw + c * plane + l;
+    const float* rpe = tab.of(tab.rpe, a.Q, h, q);
+    const float* scale = tab.of(tab.scale, a.Q, h, q);
+    vf mx = vset1(-std::numeric_limits<float>::infinity());
+    each_tap([&](int64_t t, int64_t, int64_t p) { mx = vmax(vadd(vload(raw + p), vset1(rpe[t])), mx); });
+    sum = vzero();
+    each_tap([&](int64_t t, int64_t i, int64_t p) {
+      const vf et = pixel::keep(valid, vexp(vsub(vadd(vload(raw + p), vset1(rpe[t])), mx)));
+      vstore(w.e + i * kW, et);
+      sum = vadd(sum, et);
+    });
+    inv = pixel::keep(valid, vdiv(vset1(1.0f), sum));
+    vstore(lse, vadd(mx, vlog(sum)));
+    each_tap([&](int64_t t, int64_t i, int64_t) {
+      const vf wt = vmul(vload(w.e + i * kW), vmul(inv, vset1(scale[t])));
+      vstore(w.m + i * kW, q == 0 ? wt : vadd(vload(w.m + i * kW), wt));
+    });
+  }
+  const float* v = w.v + hl * a.D * plane + l;
+  float* out = w.out + hl * a.D * oplane + o * kLanes + l;
+  for (int64_t d = 0; d < a.D; ++d) {
+    vf acc = vzero();
+    const float* vd = v + d * plane;
+    each_tap([&](int64_t, int64_t i, int64_t p) { acc = vfma(vload(w.m + i * kW), vload(vd + p), acc); });
+    vstore(out + d * oplane, acc);
+  }
+}
+
+// The task's out and lse planes to the tensors (images [b0, b0 + nb), heads [h0, h0 + nh)).
+template <ElemType T>
+inline void unpack(const QnaAttentionFwdArgs& a, const Scratch& w, int64_t b0, int64_t nb,
+                   int64_t h0, int64_t nh) {
+  const int64_t HoWo = a.Ho * a.Wo, oplane = HoWo * kLanes, C = a.H * a.D;
+  const int64_t Co = nh * a.D, Cop = round_up(Co, kW), Ql = a.Q * nh, Qlp = round_up(Ql, kW);
+  for (int64_t o = 0; o < HoWo; ++o) {
+    for (int64_t i0 = 0; i0 < kLanes; i0 += kW)
+      for (int64_t c0 = 0; c0 < Cop; c0 += kW)
+        transpose_block(w.out + c0 * oplane + o * kLanes + i0, oplane, w.staging + i0 * Cop + c0,
+                        Cop);
+    for (int64_t i = 0; i < nb; ++i)
+      store_row<T>(a.out, ((b0 + i) * HoWo + o) * C + h0 * a.D, Co, w.staging + i * Cop);
+    for (int64_t i0 = 0; i0 < kLanes; i0 += kW)
+      for (int64_t c0 = 0; c0 < Qlp; c0 += kW)
+        transpose_block(w.lse + c0 * oplane + o * kLanes + i0, oplane, w.staging + i0 * Qlp + c0,
+                        Qlp);
+    for (int64_t i = 0; i < nb; ++i)
+      for (int64_t q = 0; q < a.Q; ++q)
+        store_row<ElemType::kFloat32>(a.lse, (((b0 + i) * HoWo + o) * a.Q + q) * a.H + h0, nh,
+                                      w.staging + i * Qlp + q * nh);
+  }
+}
+
+template <ElemType T>
+inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
+  const pixel::Tables tab(a);
+  Scratch w{};
+  const AlignedBuffer mem(w.carve(nullptr, a), /*zeroed=*/true);
+  w.carve(mem.data(), a);
+  const int64_t head_blocks = (a.H + a.batch_heads - 1) / a.batch_heads;
+  const bool fused = a.Q <= kFusedQueries && a.D % kDChunk == 0;
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t b0 = task / head_blocks * kLanes, nb = std::min(kLanes, a.B - b0);
+    const int64_t h0 = task % head_blocks * a.batch_heads, nh = std::min(a.batch_heads, a.H - h0);
+    pack<T>(a, w, b0, nb, h0, nh);
+    for (int64_t l = 0; l < nb; l += kW) {
+      for (int64_t hl = 0; hl < nh; ++hl) {
+        for (int64_t oy = 0; oy < a.Ho; ++oy) {
+          for (int64_t ox = 0; ox < a.Wo; ++ox) {
+            const Window win = clipped_window(a, oy, ox);
+            const int64_t o = oy * a.Wo + ox;
+            bool done = false;
+            if (fused) {
+              switch (a.Q) {
+                case 1: done = output_fused<1>(a, tab, w, win, h0, nh, hl, o, l); break;
+                case 2: done = output_fused<2>(a, tab, w, win, h0, nh, hl, o, l); break;
+                case 3: done = output_fused<3>(a, tab, w, win, h0, nh, hl, o, l); break;
+                default: done = output_fused<4>(a, tab, w, win, h0, nh, hl, o, l); break;
+              }
+            }
+            if (!done) output_general(a, tab, w, win, h0, nh, hl, o, l);
+          }
+        }
+      }
+    }
+    unpack<T>(a, w, b0, nb, h0, nh);
+  }
+}
+
+}  // namespace batch
+
+// ---------------------------------------------------------------------------------------------
 // Entry points: one instantiation per element type
 // ---------------------------------------------------------------------------------------------
 
 template <ElemType T>
 inline void forward_dispatch(const QnaAttentionFwdArgs& a, int64_t task_begin, int64_t task_end) {
-  if (a.pixel_lanes)
+  if (a.batch_heads > 0)
+    batch::forward_impl<T>(a, task_begin, task_end);
+  else if (a.pixel_lanes)
     pixel::forward_impl<T>(a, task_begin, task_end);
   else
     forward_impl<T>(a, task_begin, task_end);

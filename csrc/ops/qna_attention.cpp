@@ -153,6 +153,31 @@ RowTasks pixel_row_tasks(const QnaAttentionInputs& a, int64_t in_channels, int64
   return {per_task, (a.Ho + per_task - 1) / per_task};
 }
 
+// Heads per task of the batch-lane forward (kernels/qna_attention.h, "Batch lanes"): a task's
+// planes hold, per head and image, the raw cost, exp(cost - M) and v of every input pixel and out
+// and lse of every output pixel; as many heads as fit the pixel lanes' budget, evened out.
+int64_t batch_heads(const QnaAttentionInputs& a) {
+  const int64_t per_head = ((2 * a.Q + a.D) * a.Hi * a.Wi + (a.Q + a.D) * a.Ho * a.Wo) *
+                           kQnaBatchLanes * int64_t{sizeof(float)};
+  const int64_t most = std::clamp<int64_t>(kPixelPlaneBytes / per_head, 1, a.H);
+  const int64_t count = (a.H + most - 1) / most;
+  return (a.H + count - 1) / count;
+}
+
+// The batch-lane forward instead of the pixel lanes, from the shapes only. It does only the
+// in-image taps, but its tasks gather kQnaBatchLanes images per pixel, which costs about as much
+// as the pixel lanes' whole forward at k = 7 (one thread, fp32, B = 32, QnA-ViT tiny maps: at
+// k = 1 3.5 ms at 14 x 14 x 64 heads, 14.6 at 28 x 28 x 32 heads, against 1.2 and 2.4). Measured
+// there against the pixel lanes (ms): stride 2, 14 x 14 -> 7 x 7, 64 heads: k = 9 4.7 / 4.6,
+// k = 11 5.6 / 7.3, k = 13 6.4 / 8.5; 14 x 14 at stride 1 (32 heads) at most 5% faster (k = 13);
+// 28 x 28 -> 14 x 14 at stride 2 1.5-2.5x slower at every k. At most a quarter of the last
+// group's lanes may be empty.
+bool use_batch_lanes(const QnaAttentionInputs& a) {
+  const int64_t lanes = (a.B + kQnaBatchLanes - 1) / kQnaBatchLanes * kQnaBatchLanes;
+  return a.stride == 2 && a.kernel_size >= 11 && a.Ho <= 7 && a.Wo <= 7 &&
+         a.B >= kQnaBatchLanes && lanes * 4 <= a.B * 5;
+}
+
 // dcost / dv of the input rows two neighbouring tasks share: the upper task's bottom edge slot
 // plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs; pair j's slots are
 // the j-th two).
@@ -210,6 +235,13 @@ std::tuple<at::Tensor, at::Tensor> qna_attention_forward(
   a.tasks = a.pixel_lanes
                 ? pixel_row_tasks(a, a.Q * a.H + a.H * a.D, a.Q * a.H + a.H * a.D, 1)
                 : row_tasks(a, kForwardPackedBytes, 2 * a.Q * a.H + a.H * a.D, 1);
+  if (use_batch_lanes(a)) {
+    a.batch_heads = batch_heads(a);
+    const int64_t groups = (a.B + kQnaBatchLanes - 1) / kQnaBatchLanes;
+    run_tasks(&KernelTable::qna_attention_forward, a,
+              groups * ((a.H + a.batch_heads - 1) / a.batch_heads));
+    return {out, lse};
+  }
   run_tasks(&KernelTable::qna_attention_forward, a, a.B * a.tasks.tasks_per_image);
   return {out, lse};
 }
