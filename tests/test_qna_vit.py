@@ -228,6 +228,19 @@ def test_window_attention_matches_naive():
     assert torch.equal(swin_bias_index(4, (3, 4)), rel)
 
 
+def test_window_attention_trains_after_an_inference_mode_forward():
+    """Validation under torch.inference_mode first, a training step next: the bias index made and
+    cached during the first call must be a normal tensor, which the backward can save."""
+    attn = WindowAttention(dim=12, heads=3, window_size=5)
+    torch.nn.init.normal_(attn.relative_position_bias_table)
+    x = torch.randn(2, 5, 3, 12)  # a 5x3 window: a table key no other test uses
+    with torch.inference_mode():
+        attn(x)
+    assert not swin_bias_index(5, (5, 3)).is_inference()
+    attn(x).square().sum().backward()
+    assert attn.relative_position_bias_table.grad.abs().sum() > 0
+
+
 def test_imports_and_runs_without_timm():
     script = textwrap.dedent(
         """

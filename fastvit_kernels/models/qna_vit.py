@@ -128,13 +128,16 @@ def swin_bias_index(window: int, size: Tuple[int, int], device=None) -> Tensor:
     key = (window, size[0], size[1], str(device))
     index = _index_cache.get(key)
     if index is None:
-        # Built on the CPU (whatever the default device), then moved.
-        rows, cols = torch.meshgrid(
-            torch.arange(size[0], device="cpu"), torch.arange(size[1], device="cpu"), indexing="ij"
-        )
-        coords = torch.stack([rows.flatten(), cols.flatten()])  # [2, N]
-        rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # [2, N, N], in [0, 2w-2]
-        index = (rel[0] * (2 * window - 1) + rel[1]).to(device)
+        # Built on the CPU (whatever the default device), then moved; never as an inference tensor
+        # (a first call under torch.inference_mode would otherwise cache one, which a later
+        # training step cannot save for backward and the bias cache of bias_attention skips).
+        with torch.inference_mode(False):
+            rows, cols = torch.meshgrid(
+                torch.arange(size[0], device="cpu"), torch.arange(size[1], device="cpu"), indexing="ij"
+            )
+            coords = torch.stack([rows.flatten(), cols.flatten()])  # [2, N]
+            rel = coords[:, :, None] - coords[:, None, :] + (window - 1)  # [2, N, N], in [0, 2w-2]
+            index = (rel[0] * (2 * window - 1) + rel[1]).to(device)
         if not torch.compiler.is_compiling():  # a tensor made while tracing must not outlive the trace
             _index_cache[key] = index
     return index
