@@ -12,12 +12,14 @@ What it does, in order (each step is also a public function, see docs/serving.md
      bf16 paths); in bfloat16 / float16 the stem's convolutions run channels-last (their weights
      stored so; images already in channels-last memory skip one conversion);
   4. with compile=True, `compile_frozen(model)`: torch.compile with Inductor's freezing (weights
-     become constants, pre-packed for oneDNN / MKL) and, with autotune=True (the default),
-     Inductor's max-autotune GEMM selection (its C++ GEMM template on AMX in bf16, with the
+     become constants, pre-packed for oneDNN / MKL) and, in bfloat16 / float16 (autotune=None,
+     the default), Inductor's max-autotune GEMM selection (its C++ GEMM template on AMX, with the
      following elementwise work fused) — recommended for steady serving; compile=False keeps the
      eager model (no compile time, no recompiles for new shapes).
 The model is changed in place (and returned, compiled or not).
 """
+
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -27,6 +29,14 @@ from fastvit_kernels.patch.timm import patch_timm
 # Inductor options of autotune=True: time Inductor's C++ GEMM template (AMX micro-kernels in bf16,
 # epilogues fused) against ATen's oneDNN / MKL GEMM for every Linear and keep the faster.
 AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def default_autotune(dtype: torch.dtype) -> bool:
+    """autotune=None means: max-autotune for bfloat16 / float16, where Inductor's AMX GEMM
+    template beats oneDNN at LeViT's small GEMMs, not for float32, where it kept MKL's GEMMs for
+    LeViT and DynamicViT anyway (same speed) and made QnA-ViT tiny_7x7 ~10% slower, its isolated
+    GEMM timings not seeing the fusions around them (docs/serving.md, "Compile")."""
+    return dtype != torch.float32
 
 
 class FrozenCompiled(nn.Module):
@@ -43,6 +53,7 @@ class FrozenCompiled(nn.Module):
     def __init__(self, model: nn.Module, autotune: bool = True, **compile_kwargs):
         super().__init__()
         options = {**(AUTOTUNE_OPTIONS if autotune else {}), **compile_kwargs.pop("options", {})}
+        self.options = options  # the Inductor options it compiles with (freezing is added per call)
         self.compiled = torch.compile(model, options=options or None, **compile_kwargs)
 
     def forward(self, *args, **kwargs):
@@ -63,11 +74,16 @@ def compile_frozen(model: nn.Module, *, autotune: bool = True, **compile_kwargs)
 
 
 def package_for_inference(model: nn.Module, example_inputs: tuple, package_path: str, *,
-                          autotune: bool = True) -> str:
+                          autotune: Optional[bool] = None) -> str:
     """torch.export `model` (run it through optimize_for_inference first) and build an
     AOTInductor package at `package_path`, with freezing and, with autotune=True, max-autotune
-    GEMMs; returns the path for torch._inductor.aoti_load_package. The package calls the fused
-    ops from C++ (the serving process needs `import fastvit_kernels`; docs/serving.md)."""
+    GEMMs (None: default_autotune of the first floating-point example input's dtype); returns the
+    path for torch._inductor.aoti_load_package. The package calls the fused ops from C++ (the
+    serving process needs `import fastvit_kernels`; docs/serving.md)."""
+    if autotune is None:
+        dtype = next((x.dtype for x in example_inputs if isinstance(x, torch.Tensor) and x.is_floating_point()),
+                     torch.float32)
+        autotune = default_autotune(dtype)
     configs = {"freezing": True, **(AUTOTUNE_OPTIONS if autotune else {})}
     with torch.no_grad():
         program = torch.export.export(model, tuple(example_inputs))
@@ -89,13 +105,15 @@ def _channels_last_stem(model: nn.Module) -> None:
 
 
 def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32, *,
-                           compile: bool = False, autotune: bool = True, fold_bn: bool = True) -> nn.Module:
+                           compile: bool = False, autotune: Optional[bool] = None,
+                           fold_bn: bool = True) -> nn.Module:
     """Patch, fold, convert and (optionally) compile `model` for inference; see the module docs.
 
     Call the result under torch.inference_mode() (or torch.no_grad()) with inputs of `dtype`.
     dtype: torch.float32, torch.bfloat16 or torch.float16. compile=True returns
-    compile_frozen(model, autotune=autotune); autotune=False compiles in seconds instead of about
-    a minute per input shape, with oneDNN / MKL for every GEMM. fold_bn=False keeps LeViT's
+    compile_frozen(model, autotune=autotune); autotune=None picks default_autotune(dtype) (on in
+    half precision, off in float32); autotune=False compiles in seconds instead of about a minute
+    per input shape, with oneDNN / MKL for every GEMM. fold_bn=False keeps LeViT's
     BatchNorms (for a model that is trained further after this). Raises TypeError if `model` is
     not an nn.Module and ValueError for another dtype.
     """
@@ -110,5 +128,5 @@ def optimize_for_inference(model: nn.Module, dtype: torch.dtype = torch.float32,
     if dtype != torch.float32:
         _channels_last_stem(model)
     if compile:
-        return compile_frozen(model, autotune=autotune)
+        return compile_frozen(model, autotune=default_autotune(dtype) if autotune is None else autotune)
     return model

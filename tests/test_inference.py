@@ -123,6 +123,17 @@ def test_recommended_compile_freezes_and_autotunes(levit_pairs):
     assert inductor_config.freezing is False
 
 
+def test_recommended_compile_autotunes_in_half_precision_only():
+    """autotune=None: max-autotune GEMMs in bfloat16 / float16, not in float32 (docs/serving.md,
+    "Compile"); an explicit autotune wins."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    for dtype, want in ((torch.float32, False), (torch.bfloat16, True), (torch.float16, True)):
+        compiled = optimize_for_inference(copy.deepcopy(model), dtype, compile=True)
+        assert compiled.options.get("max_autotune", False) is want, dtype
+    forced = optimize_for_inference(copy.deepcopy(model), torch.float32, compile=True, autotune=True)
+    assert forced.options["max_autotune"] is True
+
+
 def python_functions_called(fn, package: str = "fastvit_kernels"):
     """Names of the Python functions of `package` that run during fn()."""
     called = set()

@@ -7,14 +7,14 @@ For each model, dtype (float32, bfloat16) and batch (1 and 32; 1 and 64 for DeiT
     eager        PyTorch eager, inference_mode
     compile      torch.compile of it (default options)
     compile.frozen  fastvit_kernels.compile_frozen of it: torch.compile with Inductor's freezing and
-                 max-autotune GEMMs, the same compiler settings fvk.compile uses
+                 (bf16) max-autotune GEMMs, the same compiler settings fvk.compile uses
     onnxruntime  ONNX Runtime, CPU execution provider, float32 only (its CPU kernels have no bf16)
     openvino     OpenVINO, CPU, with INFERENCE_PRECISION_HINT set to f32 or bf16 explicitly
   fastvit_kernels (fastvit_kernels.optimize_for_inference, exactly as the README recommends):
     fvk          optimize_for_inference(model, dtype)                 (eager)
     fvk.compile  optimize_for_inference(model, dtype, compile=True)   (compile_frozen of `fvk`)
     fvk.aoti     package_for_inference(`fvk`, ...): torch.export + AOTInductor package with freezing
-                 and max-autotune GEMMs, loaded with aoti_load_package
+                 and (bf16) max-autotune GEMMs, loaded with aoti_load_package
   For "deit_s" the fastvit_kernels paths run DynamicViT-S (the same backbone dropping tokens:
   197 -> 138 -> 97 -> 68, fastvit_kernels.models.dynamic_vit) — the comparison its users make.
 
@@ -146,14 +146,16 @@ def openvino_step(model, x, dtype, workdir) -> Callable[[], torch.Tensor]:
 
 
 def make_step(engine: str, peer, fvk_model, x: torch.Tensor, dtype: torch.dtype, workdir: str):
-    from fastvit_kernels.inference import compile_frozen, optimize_for_inference, package_for_inference
+    from fastvit_kernels.inference import (compile_frozen, default_autotune, optimize_for_inference,
+                                           package_for_inference)
 
     if engine == "eager":
         return _inference(copy.deepcopy(peer).to(dtype), x.to(dtype))
     if engine == "compile":
         return _inference(torch.compile(copy.deepcopy(peer).to(dtype)), x.to(dtype))
     if engine == "compile.frozen":
-        return _inference(compile_frozen(copy.deepcopy(peer).to(dtype)), x.to(dtype))
+        frozen = compile_frozen(copy.deepcopy(peer).to(dtype), autotune=default_autotune(dtype))
+        return _inference(frozen, x.to(dtype))
     if engine == "onnxruntime":
         return onnxruntime_step(peer, x, dtype, workdir)
     if engine == "openvino":
