@@ -1963,7 +1963,7 @@ namespace batch {
 
 constexpr int64_t kLanes = kQnaBatchLanes;
 constexpr int kDChunk = 8;         // value channels per pass over a window
-constexpr int kFusedQueries = 4;   // as the pixel lanes' forward_block_fused
+using pixel::kFusedQueries;        // queries of the fused path: the pixel lanes' bound
 
 // The window of output (oy, ox) clipped to the image: taps [ty0, ty1) x [tx0, tx1); tap (ty, tx)
 // reads input pixel (y0 + ty) * Wi + x0 + tx.
