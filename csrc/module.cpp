@@ -75,11 +75,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastvit_kernels native CPU kernels: build and ISA information (the ops are "
             "torch.ops.fastvit_kernels.*)";
   m.def("cpu_isa", [] { return std::string(fc::isa_name(fc::current_cpu_isa())); },
-        "The CPU ISA the kernels will use now (amx, avx512, avx2 or scalar)");
+        "The CPU ISA the kernels will use now (amx, avx512bf16, avx512, avx2 or scalar)");
   m.def("compiled_isas", &fc::compiled_isas, "CPU ISAs with kernels in this build, best first");
   m.def("supported_isas", &fc::supported_isas, "CPU ISAs this machine can run, best first");
   m.def("set_cpu_isa", &fc::set_cpu_isa, py::arg("name"),
-        "Force the CPU ISA ('amx', 'avx512', 'avx2', 'scalar'), or 'auto' to restore the default; "
+        "Force the CPU ISA ('amx', 'avx512bf16', 'avx512', 'avx2', 'scalar'), or 'auto' to restore the default; "
         "overrides FASTVIT_KERNELS_CPU_ISA");
   m.def("build_info", &build_info, "Compiler, flags and ISAs of this build");
 }

@@ -19,6 +19,9 @@ from fastvit_kernels.ops.policy_attention import BACKENDS as POLICY_ATTENTION_BA
 from fastvit_kernels.ops.qna_attention import BACKENDS as QNA_ATTENTION_BACKENDS
 from fastvit_kernels.ops.varlen_attention import BACKENDS as VARLEN_ATTENTION_BACKENDS
 
+# The CPU ISA levels whose bf16 attention products are bf16 (csrc/isa/isa.h), and how.
+BF16_PRODUCT_LEVELS = {"amx": "on the AMX tiles", "avx512bf16": "with vdpbf16ps"}
+
 # Every op: (its backend declarations, a function making small sample inputs on a device).
 OPS = {
     "bias_attention": (
@@ -131,9 +134,10 @@ def main() -> None:
         print(f"  native CPU kernels: built; ISA in use {info['cpu_isa']} "
               f"(compiled {', '.join(info['compiled_isas'])}; this CPU supports "
               f"{', '.join(info['supported_isas'])})")
-        if info["cpu_isa"] == "amx":
-            print("    amx: bf16 inputs of bias / policy / varlen attention multiply in bf16 (fp32 "
-                  "accumulation) on the AMX tiles; everything else computes in fp32 as at avx512")
+        if info["cpu_isa"] in BF16_PRODUCT_LEVELS:
+            print(f"    {info['cpu_isa']}: bf16 inputs of bias / policy / varlen attention multiply in "
+                  f"bf16 (fp32 accumulation) {BF16_PRODUCT_LEVELS[info['cpu_isa']]}; everything else "
+                  "computes in fp32 as at avx512")
     else:
         print(f"  native CPU kernels: NOT available: {info['native_error']}")
     forced = info["forced_backend"]

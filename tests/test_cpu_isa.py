@@ -1,10 +1,10 @@
-"""bf16 parity of the attention kernels on every CPU ISA level (amx, avx512, avx2, scalar).
+"""bf16 parity of the attention kernels on every CPU ISA level (amx, avx512bf16, avx512, avx2, scalar).
 
 Each level this build and CPU can run is forced in turn (set_cpu_isa) and bf16 forward and
 backward are compared with the float64 oracle, allowing twice the error that plain PyTorch makes
 in bf16 on the same inputs (or the bf16 floor): the op files' run_and_compare does that. The amx
-level multiplies bf16 inputs in bf16 with fp32 accumulation (AMX tiles), the others convert to fp32
-first, so this is where the amx level's extra roundings are judged. Odd sizes (1, 7, 49, 197,
+and avx512bf16 levels multiply bf16 inputs in bf16 with fp32 accumulation (AMX tiles, vdpbf16ps),
+the others convert to fp32 first, so this is where those levels' extra roundings are judged. Odd sizes (1, 7, 49, 197,
 Nq != Nk) and random non-zero data.
 """
 
@@ -18,7 +18,8 @@ from fastvit_kernels import _native
 from fastvit_kernels.ops import bias_attention, policy_attention, varlen_attention
 from helpers import running_on
 
-LEVELS = ("amx", "avx512", "avx2", "scalar")
+LEVELS = ("amx", "avx512bf16", "avx512", "avx2", "scalar")
+BF16_PRODUCT_LEVELS = ("amx", "avx512bf16")
 
 
 def level_params():
@@ -102,7 +103,7 @@ def test_varlen_bf16(isa, lengths, D):
 
 
 # ---------------------------------------------------------------------------------------------
-# What the amx level changes: bf16 products for bf16 inputs only
+# What the amx and avx512bf16 levels change: bf16 products for bf16 inputs only
 # ---------------------------------------------------------------------------------------------
 
 
@@ -134,14 +135,14 @@ def varlen_run(isa, dtype):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-@pytest.mark.parametrize("isa", [p for p in LEVEL_PARAMS if p.values[0] == "amx"])
+@pytest.mark.parametrize("isa", [p for p in LEVEL_PARAMS if p.values[0] in BF16_PRODUCT_LEVELS])
 @pytest.mark.parametrize("run", [bias_run, policy_run, varlen_run], ids=["bias", "policy", "varlen"])
-def test_amx_level_changes_only_bf16_products(isa, run):
+def test_bf16_product_level_changes_only_bf16_products(isa, run):
     if "avx512" not in _native.native.supported_isas():
         pytest.skip("no avx512 level to compare with")
-    # fp32 inputs run the avx512 kernels at the amx level: bitwise the same results.
-    for a, b in zip(run("amx", torch.float32), run("avx512", torch.float32)):
+    # fp32 inputs run the avx512 kernels at these levels: bitwise the same results.
+    for a, b in zip(run(isa, torch.float32), run("avx512", torch.float32)):
         assert torch.equal(a, b)
-    # bf16 inputs take the tile products (shapes large enough for tiles_pay): not bitwise the same.
-    amx, avx512 = run("amx", BF16), run("avx512", BF16)
-    assert any(not torch.equal(a, b) for a, b in zip(amx, avx512)), "the amx level ran no bf16 product"
+    # bf16 inputs take the bf16 products (shapes large enough for tiles_pay): not bitwise the same.
+    level, avx512 = run(isa, BF16), run("avx512", BF16)
+    assert any(not torch.equal(a, b) for a, b in zip(level, avx512)), f"the {isa} level ran no bf16 product"

@@ -27,10 +27,13 @@ std::atomic<int> g_override{kAuto};  // set by set_cpu_isa()
 
 // amx first, so it is the default where the CPU has it: it passes every parity test (bf16 errors
 // within the tests' 2x-PyTorch-bf16 bound, fp32 / fp16 bitwise the avx512 level's) and was faster
-// than avx512 on every shape measured (benchmarks/cpu_isa_bf16.py: 1.25x to 1.9x, LeViT stage-1 bias
-// attention and DeiT-S policy / varlen attention, batch 1 and 32, one thread, Sapphire Rapids).
-// Forcing "avx512" keeps bf16 products in fp32.
-constexpr CpuIsa kBestFirst[] = {CpuIsa::kAmx, CpuIsa::kAvx512, CpuIsa::kAvx2, CpuIsa::kScalar};
+// than avx512 on every shape measured (python -m fastvit_kernels.bench.cpu_isa: 1.25x to 1.9x,
+// LeViT stage-1 bias attention and DeiT-S policy / varlen attention, batch 1 and 32, one thread,
+// Sapphire Rapids). avx512bf16 next, for CPUs with AVX512-BF16 but no AMX: the same parity, and
+// its speed against avx512 is in benchmarks/README.md ("CPU ISA levels"). Forcing "avx512" keeps
+// bf16 products in fp32.
+constexpr CpuIsa kBestFirst[] = {CpuIsa::kAmx, CpuIsa::kAvx512Bf16, CpuIsa::kAvx512, CpuIsa::kAvx2,
+                                 CpuIsa::kScalar};
 
 bool is_compiled(CpuIsa isa) {
   switch (isa) {
@@ -95,6 +98,8 @@ bool cpu_supports(CpuIsa isa) {
 #if FVK_BF16_KERNELS
     case CpuIsa::kAmx:  // AVX512-BF16 for the operand conversions (vcvtne2ps2bf16)
       return cpu_supports(CpuIsa::kAvx512) && cpu_has_avx512bf16() && cpu_has_amx_bf16();
+    case CpuIsa::kAvx512Bf16:
+      return cpu_supports(CpuIsa::kAvx512) && cpu_has_avx512bf16();
 #endif
     default:
       return false;
@@ -109,7 +114,7 @@ std::string join(const std::vector<std::string>& names) {
   return out;
 }
 
-// Parses "amx" / "avx512" / "avx2" / "scalar" (any case, surrounding blanks ignored) into an ISA that
+// Parses "amx" / "avx512bf16" / "avx512" / "avx2" / "scalar" (any case, surrounding blanks ignored) into an ISA that
 // this build and CPU can run; "auto" and "" give kAuto. `source` names the origin for errors.
 int parse_isa(std::string name, const char* source) {
   name.erase(std::remove_if(name.begin(), name.end(), [](unsigned char c) { return std::isspace(c); }),
@@ -127,7 +132,7 @@ int parse_isa(std::string name, const char* source) {
     return static_cast<int>(isa);
   }
   TORCH_CHECK_VALUE(false, source,
-                    " must be one of 'auto', 'amx', 'avx512', 'avx2', 'scalar'; got '",
+                    " must be one of 'auto', 'amx', 'avx512bf16', 'avx512', 'avx2', 'scalar'; got '",
                     name, "'");
   return kAuto;
 }
@@ -137,6 +142,7 @@ int parse_isa(std::string name, const char* source) {
 const char* isa_name(CpuIsa isa) {
   switch (isa) {
     case CpuIsa::kAmx: return "amx";
+    case CpuIsa::kAvx512Bf16: return "avx512bf16";
     case CpuIsa::kAvx512: return "avx512";
     case CpuIsa::kAvx2: return "avx2";
     default: return "scalar";

@@ -10,8 +10,9 @@
 #define FVK_X86_KERNELS 0
 #endif
 
-// The amx level (isa/amx.cpp) also needs GCC 11's AMX intrinsics, 64-bit
-// mode (AMX has no 32-bit form) and Linux (the tile data permission is asked with arch_prctl).
+// The levels with bf16 products (isa/amx.cpp, isa/avx512bf16.cpp, built together) also need GCC
+// 11's AMX intrinsics, 64-bit mode (AMX has no 32-bit form) and Linux (the tile data permission is
+// asked with arch_prctl).
 #if FVK_X86_KERNELS && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
 #define FVK_BF16_KERNELS 1
 #else

@@ -1,5 +1,5 @@
 // The kernels' entry points, one table per ISA: what an ISA translation unit (isa/avx512.cpp,
-// isa/avx2.cpp, isa/scalar.cpp, isa/amx.cpp) defines and the ops call through ops/dispatch.h. Plain data, no
+// isa/avx2.cpp, isa/scalar.cpp, isa/amx.cpp, isa/avx512bf16.cpp) defines and the ops call through ops/dispatch.h. Plain data, no
 // torch, no intrinsics.
 //
 // It also includes every standard header the kernels use: they include nothing themselves (see
@@ -46,7 +46,8 @@ struct KernelTable {
 };
 
 // Defined by isa/scalar.cpp, isa/avx2.cpp and isa/avx512.cpp (the last two only where
-// FVK_X86_KERNELS, see isa/isa_config.h), and by isa/amx.cpp (only where FVK_BF16_KERNELS).
+// FVK_X86_KERNELS, see isa/isa_config.h), and by isa/amx.cpp and
+// isa/avx512bf16.cpp (only where FVK_BF16_KERNELS).
 namespace scalar {
 extern const KernelTable kKernels;
 }
@@ -57,6 +58,9 @@ namespace avx512 {
 extern const KernelTable kKernels;
 }
 namespace amx {
+extern const KernelTable kKernels;
+}
+namespace avx512bf16 {
 extern const KernelTable kKernels;
 }
 

@@ -1,22 +1,28 @@
-// bf16 products with fp32 accumulation for the attention kernels on the AMX tiles (tdpbf16ps),
-// behind gemm_bf16(), which takes the same operands as attention_gemm.h's gemm() (A as fp32 through
-// two strides, B as fp32 rows) plus an optional B already in the bf16 layout (a "twin", converted
-// once per pack). Only isa/amx.cpp compiles it (FVK_BF16_PRODUCTS, inside its ISA namespace and
-// target region, after simd.h's AVX-512 flavour); attention_gemm.h's product() is how the kernels
-// reach it, and it keeps small products on gemm() (tiles_pay()).
+// bf16 products with fp32 accumulation for the attention kernels, behind gemm_bf16(), which takes
+// the same operands as attention_gemm.h's gemm() (A as fp32 through two strides, B as fp32 rows)
+// plus an optional B already in the bf16 layout (a "twin", converted once per pack), and
+// tiles_product(), which multiplies operands packed by the caller. attention_gemm.h's product() is
+// how the kernels reach it, and it keeps small products on gemm() (tiles_pay()). Two levels compile
+// it (FVK_BF16_PRODUCTS, inside their ISA namespace and target region, after simd.h's AVX-512
+// flavour), with the same operand layouts and two micro-kernels:
+//   - isa/amx.cpp (FVK_BF16_TILES): the AMX tiles (tdpbf16ps), Sapphire Rapids and later;
+//   - isa/avx512bf16.cpp: vdpbf16ps on AVX-512 registers, for CPUs with AVX512-BF16 and no AMX
+//     (AMD Zen 4, Intel Cooper Lake). Each instruction does two multiply-adds per fp32 lane, twice
+//     an FMA's (docs/bias_attention.md, "CPU ISA levels").
 //
 // Layouts (bf16 values held as uint16_t, fp32 rounded to nearest even by vcvtne2ps2bf16):
 //   A (M x K): bf16 rows of Kp = round_up(K, 32) (zero from K on), Mp = round_up(M, 16) rows (rows
 //       from M on zero). A[m][2r], A[m][2r + 1] form one 32-bit word.
 //   B (K x N, N whole vectors): the "VNNI" layout that tdpbf16ps and vdpbf16ps both read: Kp / 2
 //       rows of ld 32-bit words, word (r, n) = B[2r][n] | B[2r + 1][n] << 16, zero from K on.
-// Every tile is 16 rows x 64 bytes: an A tile is 16 rows x 32 bf16 of K, a B tile 16 word rows
+// Every AMX tile is 16 rows x 64 bytes: an A tile is 16 rows x 32 bf16 of K, a B tile 16 word rows
 // (32 of K) x 16 columns, a C tile 16 x 16 fp32. Padding K to 32 costs the tile unit nothing
-// (tdpbf16ps takes as long for 16 of K as for 32) and keeps one tile configuration for all.
+// (tdpbf16ps takes as long for 16 of K as for 32) and keeps one tile configuration for all; the
+// vdpbf16ps kernel stops at K's last word instead.
 //
-// Why no vdpbf16ps path: on Sapphire Rapids it retires half as many products per cycle as the fp32
-// FMAs (measured: 35-40 vs 64-80 multiply-adds per ns on one core), so products too small for
-// the tiles are cheapest on gemm() itself, which is also what runs on CPUs without AMX.
+// Why the amx level has no vdpbf16ps path for small products: on Sapphire Rapids vdpbf16ps retires
+// half as many products per cycle as the fp32 FMAs (measured: 35-40 vs 64-80 multiply-adds per ns
+// on one core), so products too small for the tiles are cheapest on gemm() itself.
 //
 // Tile state is per thread: MatrixUnitScope loads the configuration in each worker at the start of
 // a kernel call and releases it at the end (isa/amx.cpp's entry points), and the OS must have
@@ -33,8 +39,9 @@ inline int64_t k_padded(int64_t K) { return round_up(K, kTileK); }
 // 32-bit words of a K-row B operand with leading dimension ld in the VNNI layout.
 inline int64_t vnni_words(int64_t K, int64_t ld) { return k_padded(K) / 2 * ld; }
 
+#if defined(FVK_BF16_TILES)
 // ---------------------------------------------------------------------------------------------
-// Per-thread state: the tile configuration, and conversion buffers
+// Per-thread state: the tile configuration (amx level)
 // ---------------------------------------------------------------------------------------------
 
 struct alignas(64) TileConfig {
@@ -54,6 +61,11 @@ class MatrixUnitScope {
   MatrixUnitScope(const MatrixUnitScope&) = delete;
   MatrixUnitScope& operator=(const MatrixUnitScope&) = delete;
 };
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Per-thread conversion buffers
+// ---------------------------------------------------------------------------------------------
 
 // A 64-byte aligned buffer that only grows (kept per thread between calls: the operands of one
 // product, a few tens of KiB at attention sizes).
@@ -230,8 +242,9 @@ inline void pack_vnni_transposed_bf16(Row&& row, int64_t N, int64_t D, int64_t l
   }
 }
 
+#if defined(FVK_BF16_TILES)
 // ---------------------------------------------------------------------------------------------
-// Micro-kernels
+// Micro-kernels (amx level)
 // ---------------------------------------------------------------------------------------------
 
 // GCC's tile intrinsics paste the tile number into the asm text, so it must be a literal: these
@@ -360,42 +373,18 @@ inline void for_each_tile_block(int64_t i, int64_t M, int64_t NVt, F&& f) {
   }
 }
 
-// Whether the tiles pay for a product of NVt vectors of columns and depth K. A tile block's chain
-// (load -> tdpbf16ps -> store, then the epilogue's loads, which cannot forward from a tile store)
-// costs a few hundred cycles that the FMA kernel does not pay, so a 16 x 16 x 16 score product runs
-// faster on gemm(). Decided from the product's shape only, never from M (which follows the task
-// split), so every row's result is the same for any thread count.
-constexpr int64_t kTileMinWork = 128;  // NVt * K
-inline bool tiles_pay(int64_t NVt, int64_t K) { return NVt * K >= kTileMinWork; }
-
-// C (M rows x NVt vectors) = A (M x K, strides ars / acs, one of them 1) * B (K rows of ldb
-// floats) (+ C0), in bf16 with fp32 accumulation; B16: B's VNNI twin (leading dimension ldb, at
-// least K rows) or null to convert B here. The epilogue gets each finished row vector, like gemm().
+// gemm_bf16's products on the packed operands: C (M rows x NVt vectors) = a16 * B16 (+ C0), each
+// finished row vector to the epilogue.
 template <class Epi>
-inline void gemm_bf16(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t ars, int64_t acs,
-                      const float* B, int64_t ldb, const uint32_t* B16, const float* C0,
-                      int64_t ldc0, Epi& epi) {
-  if (M <= 0 || NVt <= 0) return;
-  const int64_t N = NVt * kW, Kp = k_padded(K), Mp = round_up(M, kTileRows);
-  Bf16Buffers& buf = t_bf16_buffers;
-  uint16_t* a16 = buf.a.get<uint16_t>(Mp * Kp);
-  if (acs == 1)
-    pack_a_rows(A, ars, M, K, a16);
-  else  // ars == 1 (A read transposed)
-    pack_a_transposed(A, acs, M, K, buf.t.get<uint32_t>(Kp / 2 * Mp), a16);
-  int64_t ldv = ldb;
-  if (B16 == nullptr) {
-    uint32_t* b16 = buf.b.get<uint32_t>(Kp / 2 * N);
-    pack_vnni(B, ldb, K, N, N, N, b16);
-    B16 = b16;
-    ldv = N;
-  }
-
+inline void blocks_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16,
+                           const uint32_t* B16, int64_t ldb, const float* C0, int64_t ldc0,
+                           Epi& epi) {
+  const int64_t Kp = k_padded(K);
   // The tile loads are asm without a memory operand: make the packing stores land first.
   __asm__ __volatile__("" ::: "memory");
   for (int64_t i = 0; i < M; i += 2 * kTileRows)
     for_each_tile_block(i, M, NVt, [&](auto mt, auto nt, int64_t jv) {
-      tile_block_run<decltype(mt)::value, decltype(nt)::value>(a16, Kp, B16, ldv, i, jv, M, C0,
+      tile_block_run<decltype(mt)::value, decltype(nt)::value>(a16, Kp, B16, ldb, i, jv, M, C0,
                                                                 ldc0, epi);
     });
 }
@@ -466,4 +455,127 @@ inline void tiles_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16
     });
   }
   __asm__ __volatile__("" ::: "memory");  // and the tile stores before C is read
+}
+#else  // the avx512bf16 level: vdpbf16ps
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernel (avx512bf16 level)
+// ---------------------------------------------------------------------------------------------
+
+// One vdpbf16ps adds to 16 fp32 sums the products of one A word (two bf16 of K, broadcast) with 16
+// B words (the same two rows of K, 16 columns). A block of kDotRows rows x NV vectors of C stays in
+// registers over all of K: 16 sums, 4 B vectors and the broadcast word take 21 of the 32 registers,
+// and 16 independent sums cover the instruction's latency.
+constexpr int64_t kDotRows = 4;  // divides kTileRows: the packed A's rows need no remainder block
+constexpr int64_t kDotVecs = 4;
+
+inline __m512bh broadcast_word(const uint16_t* p) {  // the 32-bit word at p, in every lane
+  uint32_t w;
+  std::memcpy(&w, p, sizeof w);
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(w));
+}
+
+// store(m, c, sums) for rows [0, kDotRows) and vectors [0, NV) of a (lda bf16 per row) times b
+// (ldb words per row) over K2 words of K.
+template <int NV, class Store>
+inline void dot_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t K2,
+                      Store&& store) {
+  __m512 acc[kDotRows][NV];
+#pragma GCC unroll 4
+  for (int m = 0; m < kDotRows; ++m)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) acc[m][c] = _mm512_setzero_ps();
+  for (int64_t r = 0; r < K2; ++r) {
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) bv[c] = (__m512bh)_mm512_loadu_si512(b + r * ldb + c * 16);
+#pragma GCC unroll 4
+    for (int m = 0; m < kDotRows; ++m) {
+      const __m512bh aw = broadcast_word(a + m * lda + 2 * r);
+#pragma GCC unroll 4
+      for (int c = 0; c < NV; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], aw, bv[c]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < kDotRows; ++m)
+#pragma GCC unroll 4
+    for (int c = 0; c < NV; ++c) store(m, c, acc[m][c]);
+}
+
+// dot_block over rows [0, rows) (a multiple of kDotRows) and NVt vectors of columns; K's words stop
+// at its last one (a word past it would only add zeros).
+template <class Store>
+inline void dot_blocks(int64_t rows, int64_t NVt, int64_t K, const uint16_t* a16,
+                       const uint32_t* B16, int64_t ldb, Store&& store) {
+  using std::integral_constant;
+  const int64_t Kp = k_padded(K), K2 = (K + 1) / 2;
+  for (int64_t i = 0; i < rows; i += kDotRows) {
+    const uint16_t* a = a16 + i * Kp;
+    for (int64_t jv = 0; jv < NVt; jv += kDotVecs) {
+      auto at = [&](int64_t m, int64_t c, __m512 x) { store(i + m, jv + c, x); };
+      const uint32_t* b = B16 + jv * kW;
+      switch (std::min<int64_t>(kDotVecs, NVt - jv)) {
+        case 4: dot_block<4>(a, Kp, b, ldb, K2, at); break;
+        case 3: dot_block<3>(a, Kp, b, ldb, K2, at); break;
+        case 2: dot_block<2>(a, Kp, b, ldb, K2, at); break;
+        default: dot_block<1>(a, Kp, b, ldb, K2, at); break;
+      }
+    }
+  }
+}
+
+// gemm_bf16's products on the packed operands, as the amx level's (above).
+template <class Epi>
+inline void blocks_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16,
+                           const uint32_t* B16, int64_t ldb, const float* C0, int64_t ldc0,
+                           Epi& epi) {
+  dot_blocks(round_up(M, kDotRows), NVt, K, a16, B16, ldb, [&](int64_t i, int64_t jv, vf x) {
+    if (i >= M) return;
+    if (C0 != nullptr) x = vadd(x, vload(C0 + i * ldc0 + jv * kW));
+    epi(i, jv, x);
+  });
+}
+
+// tiles_product as the amx level's (below the tile micro-kernels), rows up to round_up(M, 16)
+// written too.
+inline void tiles_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16,
+                          const uint32_t* B16, int64_t ldb, float* C, int64_t ldc) {
+  dot_blocks(round_up(M, kTileRows), NVt, K, a16, B16, ldb, [&](int64_t i, int64_t jv, vf x) {
+    vstore(C + i * ldc + jv * kW, x);
+  });
+}
+
+#endif  // FVK_BF16_TILES
+
+// Whether the tiles pay for a product of NVt vectors of columns and depth K. A tile block's chain
+// (load -> tdpbf16ps -> store, then the epilogue's loads, which cannot forward from a tile store)
+// costs a few hundred cycles that the FMA kernel does not pay, so a 16 x 16 x 16 score product runs
+// faster on gemm(). Decided from the product's shape only, never from M (which follows the task
+// split), so every row's result is the same for any thread count.
+constexpr int64_t kTileMinWork = 128;  // NVt * K
+inline bool tiles_pay(int64_t NVt, int64_t K) { return NVt * K >= kTileMinWork; }
+
+// C (M rows x NVt vectors) = A (M x K, strides ars / acs, one of them 1) * B (K rows of ldb
+// floats) (+ C0), in bf16 with fp32 accumulation; B16: B's VNNI twin (leading dimension ldb, at
+// least K rows) or null to convert B here. The epilogue gets each finished row vector, like gemm().
+template <class Epi>
+inline void gemm_bf16(int64_t M, int64_t NVt, int64_t K, const float* A, int64_t ars, int64_t acs,
+                      const float* B, int64_t ldb, const uint32_t* B16, const float* C0,
+                      int64_t ldc0, Epi& epi) {
+  if (M <= 0 || NVt <= 0) return;
+  const int64_t N = NVt * kW, Kp = k_padded(K), Mp = round_up(M, kTileRows);
+  Bf16Buffers& buf = t_bf16_buffers;
+  uint16_t* a16 = buf.a.get<uint16_t>(Mp * Kp);
+  if (acs == 1)
+    pack_a_rows(A, ars, M, K, a16);
+  else  // ars == 1 (A read transposed)
+    pack_a_transposed(A, acs, M, K, buf.t.get<uint32_t>(Kp / 2 * Mp), a16);
+  int64_t ldv = ldb;
+  if (B16 == nullptr) {
+    uint32_t* b16 = buf.b.get<uint32_t>(Kp / 2 * N);
+    pack_vnni(B, ldb, K, N, N, N, b16);
+    B16 = b16;
+    ldv = N;
+  }
+  blocks_product(M, NVt, K, a16, B16, ldv, C0, ldc0, epi);
 }

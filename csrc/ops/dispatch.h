@@ -18,6 +18,7 @@ inline const KernelTable& current_kernels() {
   switch (current_cpu_isa()) {
 #if FVK_BF16_KERNELS
     case CpuIsa::kAmx: return amx::kKernels;
+    case CpuIsa::kAvx512Bf16: return avx512bf16::kKernels;
 #endif
 #if FVK_X86_KERNELS
     case CpuIsa::kAvx512: return avx512::kKernels;

@@ -1,4 +1,5 @@
-"""bf16 attention kernels at the amx CPU ISA level against the avx512 level (kernel level).
+"""bf16 attention kernels at a bf16-product CPU ISA level (amx, else avx512bf16) against the
+avx512 level, which multiplies in fp32 (kernel level).
 
 The C++ ops themselves (torch.ops.fastvit_kernels.<op>_forward / _backward, without the Python
 op layer or autograd): forward and forward+backward of bias_attention (LeViT stage-1 shapes),
@@ -6,7 +7,7 @@ policy_attention and varlen_attention (DeiT-S-like), batch 1 and 32. Each (case,
 the minimum over --reps runs, the ISAs alternating run by run so that load drift hits both alike;
 rows carry the load average when measured.
 
-    python -m fastvit_kernels.bench.cpu_isa [--threads 1] [--reps 15]
+    python -m fastvit_kernels.bench.cpu_isa [--threads 1] [--reps 15] [--level amx|avx512bf16]
 """
 
 import os
@@ -114,19 +115,21 @@ def measure(fn, isas, reps):
 def run(ctx: common.Context) -> List[Dict]:
     args = ctx.args
     torch.set_num_threads(args.threads)
-    isas = ["avx512", "amx"]
-    missing = [i for i in isas if i not in _native.native.supported_isas()]
+    supported = _native.native.supported_isas()
+    level = args.level or next((lv for lv in ("amx", "avx512bf16") if lv in supported), None)
+    isas = ["avx512", level]
+    missing = [i for i in isas if i not in supported]
     if missing:
-        raise SystemExit(f"this machine or build lacks the ISA levels {missing}")
+        raise SystemExit(f"this machine or build lacks the ISA levels {missing} (it runs {supported})")
     rows = []
     for name, (fwd, fwd_bwd) in cases():
         for label, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             best = measure(fn, isas, args.reps)
-            row = common.make_row(ctx.env, case=name, **{"pass": label}, impl="amx", dtype="bfloat16",
-                                  threads=args.threads, avx512_us=best["avx512"] * 1e6, amx_us=best["amx"] * 1e6,
-                                  load1=round(os.getloadavg()[0], 2))
-            row["amx_speedup"] = row["avx512_us"] / row["amx_us"]
-            common.log(f"{name} {label}: {row['amx_speedup']:.2f}x")
+            row = common.make_row(ctx.env, case=name, **{"pass": label}, impl=level, dtype="bfloat16",
+                                  threads=args.threads, avx512_us=best["avx512"] * 1e6,
+                                  level_us=best[level] * 1e6, load1=round(os.getloadavg()[0], 2))
+            row["speedup"] = row["avx512_us"] / row["level_us"]
+            common.log(f"{name} {label}: {level} {row['speedup']:.2f}x avx512")
             rows.append(row)
     return rows
 
@@ -134,9 +137,10 @@ def run(ctx: common.Context) -> List[Dict]:
 COLUMNS = [
     common.Column("case", "case", left=True),
     common.Column("pass", "pass", left=True),
+    common.Column("impl", "level", left=True),
     common.Column("avx512_us", "avx512 µs", "{:.0f}"),
-    common.Column("amx_us", "amx µs", "{:.0f}"),
-    common.Column("amx_speedup", "avx512/amx", "{:.2f}"),
+    common.Column("level_us", "level µs", "{:.0f}"),
+    common.Column("speedup", "avx512/level", "{:.2f}"),
     common.Column("load1", "load"),
 ]
 
@@ -144,6 +148,8 @@ COLUMNS = [
 def add_options(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--reps", type=int, default=15, help="timed runs per case and ISA (min taken)")
+    parser.add_argument("--level", choices=("amx", "avx512bf16"), default=None,
+                        help="the bf16-product level to time (default: amx where the CPU has it, else avx512bf16)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
