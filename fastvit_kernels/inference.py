@@ -8,14 +8,16 @@ What it does, in order (each step is also a public function, see docs/serving.md
   1. eval mode;
   2. patch_timm(model, fold_bn=True): the fused attention modules, LeViT's BatchNorms folded into
      their Linear / Conv2d layers and the stem's convolution + Hardswish fused;
-  3. the dtype (bfloat16 runs the Linear layers through oneDNN, on AMX where the CPU has it, and the
-     attention kernels' bf16 paths); in bfloat16 / float16 the stem's convolutions run channels-last (their weights
-     stored so; images already in channels-last memory skip one conversion);
+  3. the dtype (bfloat16 runs the Linear layers through oneDNN, on AMX where the CPU has it, and
+     the attention kernels' bf16 paths); in bfloat16 / float16 the stem's convolutions run
+     channels-last (their weights stored so; images already in channels-last memory skip one
+     conversion);
   4. with compile=True, `compile_frozen(model)`: torch.compile with Inductor's freezing (weights
      become constants, pre-packed for oneDNN / MKL) and, in bfloat16 / float16 (autotune=None,
      the default), Inductor's max-autotune GEMM selection (its C++ GEMM template: AMX micro-kernels
-     where the CPU has AMX, else fp32 FMA ones, with the following elementwise work fused) — recommended for steady serving; compile=False keeps the
-     eager model (no compile time, no recompiles for new shapes).
+     where the CPU has AMX, else fp32 FMA ones, with the following elementwise work fused) —
+     recommended for steady serving; compile=False keeps the eager model (no compile time, no
+     recompiles for new shapes).
 The model is changed in place (and returned, compiled or not).
 """
 
@@ -27,16 +29,18 @@ import torch.nn as nn
 from fastvit_kernels.patch.timm import patch_timm
 
 # Inductor options of autotune=True: time Inductor's C++ GEMM template (AMX micro-kernels in bf16
-# on AMX CPUs, else fp32 FMA ones; epilogues fused) against ATen's oneDNN / MKL GEMM for every Linear and keep the faster.
+# on AMX CPUs, else fp32 FMA ones; epilogues fused) against ATen's oneDNN / MKL GEMM for every
+# Linear and keep the faster.
 AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 
 
 def default_autotune(dtype: torch.dtype) -> bool:
     """autotune=None means: max-autotune for bfloat16 / float16, where Inductor's AMX GEMM
     template beat oneDNN at LeViT's small GEMMs (measured on an AMX CPU; without AMX the timing
-    still keeps the faster of the two per GEMM, only the compile is longer), not for float32, where it kept MKL's GEMMs for
-    LeViT and DynamicViT anyway (same speed) and made QnA-ViT tiny_7x7 ~10% slower, its isolated
-    GEMM timings not seeing the fusions around them (docs/serving.md, "Compile")."""
+    still keeps the faster of the two per GEMM, only the compile is longer), not for float32,
+    where it kept MKL's GEMMs for LeViT and DynamicViT anyway (same speed) and made QnA-ViT
+    tiny_7x7 ~10% slower, its isolated GEMM timings not seeing the fusions around them
+    (docs/serving.md, "Compile")."""
     return dtype != torch.float32
 
 

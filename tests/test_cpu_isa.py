@@ -1,11 +1,12 @@
-"""bf16 parity of the attention kernels on every CPU ISA level (amx, avx512bf16, avx512, avx2, scalar).
+"""bf16 parity of the attention kernels on every CPU ISA level (amx, avx512bf16, avx512, avx2,
+scalar).
 
 Each level this build and CPU can run is forced in turn (set_cpu_isa) and bf16 forward and
 backward are compared with the float64 oracle, allowing twice the error that plain PyTorch makes
 in bf16 on the same inputs (or the bf16 floor): the op files' run_and_compare does that. The amx
 and avx512bf16 levels multiply bf16 inputs in bf16 with fp32 accumulation (AMX tiles, vdpbf16ps),
-the others convert to fp32 first, so this is where those levels' extra roundings are judged. Odd sizes (1, 7, 49, 197,
-Nq != Nk) and random non-zero data.
+the others convert to fp32 first, so this is where those levels' extra roundings are judged. Odd
+sizes (1, 7, 49, 197, Nq != Nk) and random non-zero data.
 """
 
 import pytest
@@ -15,11 +16,11 @@ import test_bias_attention as bias_tests
 import test_policy_attention as policy_tests
 import test_varlen_attention as varlen_tests
 from fastvit_kernels import _native
+from fastvit_kernels.info import BF16_PRODUCT_LEVELS
 from fastvit_kernels.ops import bias_attention, policy_attention, varlen_attention
 from helpers import running_on
 
 LEVELS = ("amx", "avx512bf16", "avx512", "avx2", "scalar")
-BF16_PRODUCT_LEVELS = ("amx", "avx512bf16")
 
 
 def level_params():

@@ -30,8 +30,8 @@ std::atomic<int> g_override{kAuto};  // set by set_cpu_isa()
 // than avx512 on every shape measured (python -m fastvit_kernels.bench.cpu_isa: 1.25x to 1.9x,
 // LeViT stage-1 bias attention and DeiT-S policy / varlen attention, batch 1 and 32, one thread,
 // Sapphire Rapids). avx512bf16 next, for CPUs with AVX512-BF16 but no AMX: the same parity, and
-// its speed against avx512 is in benchmarks/README.md ("CPU ISA levels"). Forcing "avx512" keeps
-// bf16 products in fp32.
+// faster than avx512 on the same shapes (1.24x to 1.64x, one thread, AMD Zen 4; benchmarks/README.md,
+// "A second machine"). Forcing "avx512" keeps bf16 products in fp32.
 constexpr CpuIsa kBestFirst[] = {CpuIsa::kAmx, CpuIsa::kAvx512Bf16, CpuIsa::kAvx512, CpuIsa::kAvx2,
                                  CpuIsa::kScalar};
 
@@ -114,8 +114,9 @@ std::string join(const std::vector<std::string>& names) {
   return out;
 }
 
-// Parses "amx" / "avx512bf16" / "avx512" / "avx2" / "scalar" (any case, surrounding blanks ignored) into an ISA that
-// this build and CPU can run; "auto" and "" give kAuto. `source` names the origin for errors.
+// Parses "amx" / "avx512bf16" / "avx512" / "avx2" / "scalar" (any case, surrounding blanks
+// ignored) into an ISA that this build and CPU can run; "auto" and "" give kAuto. `source` names
+// the origin for errors.
 int parse_isa(std::string name, const char* source) {
   name.erase(std::remove_if(name.begin(), name.end(), [](unsigned char c) { return std::isspace(c); }),
              name.end());

@@ -1,6 +1,6 @@
 // The kernels' entry points, one table per ISA: what an ISA translation unit (isa/avx512.cpp,
-// isa/avx2.cpp, isa/scalar.cpp, isa/amx.cpp, isa/avx512bf16.cpp) defines and the ops call through ops/dispatch.h. Plain data, no
-// torch, no intrinsics.
+// isa/avx2.cpp, isa/scalar.cpp, isa/amx.cpp, isa/avx512bf16.cpp) defines and the ops call through
+// ops/dispatch.h. Plain data, no torch, no intrinsics.
 //
 // It also includes every standard header the kernels use: they include nothing themselves (see
 // kernels/simd.h), and an ISA file includes this header before its target region, so that no

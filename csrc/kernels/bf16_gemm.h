@@ -456,6 +456,7 @@ inline void tiles_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16
   }
   __asm__ __volatile__("" ::: "memory");  // and the tile stores before C is read
 }
+
 #else  // the avx512bf16 level: vdpbf16ps
 
 // ---------------------------------------------------------------------------------------------
@@ -507,7 +508,6 @@ inline void dot_block(const uint16_t* a, int64_t lda, const uint32_t* b, int64_t
 template <class Store>
 inline void dot_blocks(int64_t rows, int64_t NVt, int64_t K, const uint16_t* a16,
                        const uint32_t* B16, int64_t ldb, Store&& store) {
-  using std::integral_constant;
   const int64_t Kp = k_padded(K), K2 = (K + 1) / 2;
   for (int64_t i = 0; i < rows; i += kDotRows) {
     const uint16_t* a = a16 + i * Kp;
@@ -536,8 +536,7 @@ inline void blocks_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a1
   });
 }
 
-// tiles_product as the amx level's (below the tile micro-kernels), rows up to round_up(M, 16)
-// written too.
+// tiles_product as the amx level's (above), rows up to round_up(M, 16) written too.
 inline void tiles_product(int64_t M, int64_t NVt, int64_t K, const uint16_t* a16,
                           const uint32_t* B16, int64_t ldb, float* C, int64_t ldc) {
   dot_blocks(round_up(M, kTileRows), NVt, K, a16, B16, ldb, [&](int64_t i, int64_t jv, vf x) {

@@ -20,6 +20,7 @@ import torch
 import fastvit_kernels  # noqa: F401  (registers the ops)
 from fastvit_kernels import _native
 from fastvit_kernels.bench import common
+from fastvit_kernels.info import BF16_PRODUCT_LEVELS
 
 OPS = torch.ops.fastvit_kernels
 BF16 = torch.bfloat16
@@ -116,7 +117,7 @@ def run(ctx: common.Context) -> List[Dict]:
     args = ctx.args
     torch.set_num_threads(args.threads)
     supported = _native.native.supported_isas()
-    level = args.level or next((lv for lv in ("amx", "avx512bf16") if lv in supported), None)
+    level = args.level or next((lv for lv in BF16_PRODUCT_LEVELS if lv in supported), None)
     isas = ["avx512", level]
     missing = [i for i in isas if i not in supported]
     if missing:
@@ -148,7 +149,7 @@ COLUMNS = [
 def add_options(parser) -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     parser.add_argument("--reps", type=int, default=15, help="timed runs per case and ISA (min taken)")
-    parser.add_argument("--level", choices=("amx", "avx512bf16"), default=None,
+    parser.add_argument("--level", choices=tuple(BF16_PRODUCT_LEVELS), default=None,
                         help="the bf16-product level to time (default: amx where the CPU has it, else avx512bf16)")
 
 
