@@ -5,8 +5,9 @@ Each level this build and CPU can run is forced in turn (set_cpu_isa) and bf16 f
 backward are compared with the float64 oracle, allowing twice the error that plain PyTorch makes
 in bf16 on the same inputs (or the bf16 floor): the op files' run_and_compare does that. The amx
 and avx512bf16 levels multiply bf16 inputs in bf16 with fp32 accumulation (AMX tiles, vdpbf16ps),
-the others convert to fp32 first, so this is where those levels' extra roundings are judged. Odd
-sizes (1, 7, 49, 197, Nq != Nk) and random non-zero data.
+the others convert to fp32 first, so this is where those levels' extra roundings are judged (the
+avx512bf16 level also multiplies QnA's values by pairs of taps in bf16 at stride 1). Odd sizes (1, 7,
+49, 197, Nq != Nk, non-square maps) and random non-zero data.
 """
 
 import pytest
@@ -14,10 +15,11 @@ import torch
 
 import test_bias_attention as bias_tests
 import test_policy_attention as policy_tests
+import test_qna_attention as qna_tests
 import test_varlen_attention as varlen_tests
 from fastvit_kernels import _native
-from fastvit_kernels.info import BF16_PRODUCT_LEVELS
-from fastvit_kernels.ops import bias_attention, policy_attention, varlen_attention
+from fastvit_kernels.info import BF16_PRODUCT_LEVELS, QNA_VALUE_PAIR_LEVELS
+from fastvit_kernels.ops import bias_attention, policy_attention, qna_attention, varlen_attention
 from helpers import running_on
 
 LEVELS = ("amx", "avx512bf16", "avx512", "avx2", "scalar")
@@ -104,6 +106,25 @@ def test_varlen_bf16(isa, lengths, D):
 
 
 # ---------------------------------------------------------------------------------------------
+# qna_attention (QnA-ViT): large windows at both strides, maps from 1 x 1 to 28 x 28, non-square;
+# heads of d = 8 (tiny) and 16 (two channel chunks), queries 1 to 3
+# ---------------------------------------------------------------------------------------------
+
+QNA_CASES = [  # (Hi, Wi, k, stride, Q, H, d)
+    (1, 1, 7, 1, 2, 8, 8), (7, 7, 7, 1, 2, 8, 8), (13, 9, 5, 1, 1, 4, 16), (14, 14, 7, 1, 2, 8, 8),
+    (28, 28, 7, 1, 2, 4, 8), (11, 17, 9, 1, 3, 2, 8), (20, 13, 13, 1, 2, 3, 8), (14, 14, 7, 2, 2, 8, 8),
+    (28, 28, 7, 2, 2, 4, 8), (9, 11, 11, 2, 2, 2, 16), (7, 7, 5, 2, 1, 8, 8)]
+
+
+@pytest.mark.parametrize("isa", LEVEL_PARAMS)
+@pytest.mark.parametrize("Hi,Wi,k,stride,Q,H,d", QNA_CASES, ids=lambda x: str(x))
+def test_qna_bf16(isa, Hi, Wi, k, stride, Q, H, d):
+    torch.manual_seed(Hi * 1000 + Wi * 10 + k + stride)
+    inputs = qna_tests.make_inputs(2, Hi, Wi, Q, H, d, k, dtype=BF16, param_dtype=torch.float32)
+    qna_tests.run_and_compare("cpu", isa, *(fill_nonzero(t) for t in inputs), k, stride)
+
+
+# ---------------------------------------------------------------------------------------------
 # What the amx and avx512bf16 levels change: bf16 products for bf16 inputs only
 # ---------------------------------------------------------------------------------------------
 
@@ -136,14 +157,27 @@ def varlen_run(isa, dtype):
     return [out.detach()] + [t.grad for t in leaves]
 
 
+def qna_run(isa, dtype):
+    torch.manual_seed(0)
+    inputs = qna_tests.make_inputs(2, 28, 28, 2, 8, 8, 7, dtype=dtype, param_dtype=torch.float32)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with running_on("cpu", isa):
+        out = qna_attention(*leaves, kernel_size=7, stride=1)
+        out.backward(torch.ones_like(out))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
 @pytest.mark.parametrize("isa", [p for p in LEVEL_PARAMS if p.values[0] in BF16_PRODUCT_LEVELS])
-@pytest.mark.parametrize("run", [bias_run, policy_run, varlen_run], ids=["bias", "policy", "varlen"])
+@pytest.mark.parametrize("run", [bias_run, policy_run, varlen_run, qna_run], ids=["bias", "policy", "varlen", "qna"])
 def test_bf16_product_level_changes_only_bf16_products(isa, run):
     if "avx512" not in _native.native.supported_isas():
         pytest.skip("no avx512 level to compare with")
     # fp32 inputs run the avx512 kernels at these levels: bitwise the same results.
     for a, b in zip(run(isa, torch.float32), run("avx512", torch.float32)):
         assert torch.equal(a, b)
-    # bf16 inputs take the bf16 products (shapes large enough for tiles_pay): not bitwise the same.
     level, avx512 = run(isa, BF16), run("avx512", BF16)
+    if run is qna_run and isa not in QNA_VALUE_PAIR_LEVELS:  # QnA in bf16 runs the avx512 kernels
+        assert all(torch.equal(a, b) for a, b in zip(level, avx512))
+        return
+    # bf16 inputs take the bf16 products (shapes large enough for tiles_pay): not bitwise the same.
     assert any(not torch.equal(a, b) for a, b in zip(level, avx512)), f"the {isa} level ran no bf16 product"

@@ -34,6 +34,7 @@ def test_info_reports_the_forced_cpu_isa():
         assert f"ISA in use {isa} (" in result.stdout, (isa, result.stdout)
         for level in info.BF16_PRODUCT_LEVELS:
             assert (f"{level}: bf16 inputs" in result.stdout) == (isa == level), result.stdout
+        assert ("qna_attention forward" in result.stdout) == (isa in info.QNA_VALUE_PAIR_LEVELS), result.stdout
 
 
 # A fresh interpreter in which importing the extension fails, as after a broken or missing build.

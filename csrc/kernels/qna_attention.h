@@ -1204,8 +1204,12 @@ struct TaskPlanes {
   // planes without a pixel are written once per buffer (see pack_input_planes; measured in the
   // harness, one thread, fp32 forward at the QnA-ViT tiny maps: 2-5% faster at stride 2 and at
   // k = 7, never slower).
+  // With value_pairs (bf16 inputs at the avx512bf16 level, see run_value_pairs) v holds value
+  // pairs instead: position p of a channel the bf16 pair v[p] | v[p + 1] << 16 in one 32-bit
+  // element. Every run of v is written then (a pair at a run's end reads the next run).
   template <ElemType T>
-  void pack(const QnaAttentionInputs& a, const Planes& g, int64_t image, int64_t oy0, int64_t R) {
+  void pack(const QnaAttentionInputs& a, const Planes& g, int64_t image, int64_t oy0, int64_t R,
+            bool value_pairs = false) {
     b = image;
     y_first = oy0 + g.min_shift;
     raw_ready = false;
@@ -1227,10 +1231,30 @@ struct TaskPlanes {
     }
     // The padding channels (read by garbage lanes past the last channel) hold -inf: zeros.
     std::fill(ec + QH * g.chs, ec + round_up(QH, kW) * g.chs, 0.0f);
-    pack_input_planes<T, true>(a.v, a.v_stride, b, a.Hi, a.H, a.D, g, y_first, 0.0f, staging, v,
-                               v_gap.data(), 0.0f);
+    if (value_pairs) {
+      pack_input_planes<T>(a.v, a.v_stride, b, a.Hi, a.H, a.D, g, y_first, 0.0f, staging, v);
+      to_value_pairs(v, round_up(a.H * a.D, kW) * g.chs);
+    } else {
+      pack_input_planes<T, true>(a.v, a.v_stride, b, a.Hi, a.H, a.D, g, y_first, 0.0f, staging, v,
+                                 v_gap.data(), 0.0f);
+    }
     for (int64_t j = 0; j < g.olen; ++j)
       valid[j] = j < R * g.P && j % g.P < a.Wo ? 1.0f : 0.0f;
+  }
+
+  // x[p] = the pair x[p] | x[p + 1] << 16 of bf16 values (held as fp32, so the conversion is
+  // exact) for p < n, in increasing p so that x[p + 1] is still a value; x[n] is slack.
+  static void to_value_pairs(float* x, int64_t n) {
+#if defined(FVK_QNA_VALUE_PAIRS)
+    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xffff0000u));
+    for (int64_t p = 0; p < n; p += kW) {
+      const __m512i lo = _mm512_castps_si512(vload(x + p));
+      const __m512i hi = _mm512_castps_si512(vload(x + p + 1));
+      vstore(x + p, _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(hi, high), _mm512_srli_epi32(lo, 16))));
+    }
+#else
+    (void)x, (void)n;
+#endif
   }
 
   // The raw scores, for the windows that take the direct path (rare).
@@ -1342,8 +1366,18 @@ struct FwdScratch {
   }
 };
 
+// A value of the v planes as fp32: with kPairs they hold value pairs (TaskPlanes::pack), whose
+// low half is the value itself.
+template <bool kPairs>
+inline vf load_value(const float* p) {
+#if defined(FVK_QNA_VALUE_PAIRS)
+  if constexpr (kPairs) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(vload(p)), 16));
+#endif
+  return vload(p);
+}
+
 // out_d = sum_t m_t v_d(t) for DC channels from d0 of head h.
-template <int NJ, int DC>
+template <int NJ, int DC, bool kPairs>
 inline void forward_values(const QnaAttentionInputs& a, const Planes& g, const FwdScratch& w,
                            int64_t h, int64_t d0, int64_t j, const TapSpan& span) {
   vf acc[NJ][DC];
@@ -1358,7 +1392,8 @@ inline void forward_values(const QnaAttentionInputs& a, const Planes& g, const F
     for (int n = 0; n < NJ; ++n) {
       const vf mt = vload(w.m + (t * NJ + n) * kW);
 #pragma GCC unroll 16
-      for (int d = 0; d < DC; ++d) acc[n][d] = vfma(mt, vload(vt + d * chs + n * kW), acc[n][d]);
+      for (int d = 0; d < DC; ++d)
+        acc[n][d] = vfma(mt, load_value<kPairs>(vt + d * chs + n * kW), acc[n][d]);
     }
   }
   float* out = w.out + (h * a.D + d0) * g.ostride + j;
@@ -1367,9 +1402,10 @@ inline void forward_values(const QnaAttentionInputs& a, const Planes& g, const F
     for (int d = 0; d < DC; ++d) vstore(out + d * g.ostride + n * kW, acc[n][d]);
 }
 
-// Calls f(std::integral_constant<int, n>{}) for n in 1 .. kDChunk.
+// Calls f(std::integral_constant<int, n>{}) for n in 1 .. 8 (channels of a chunk, taps of a run).
+static_assert(kDChunk == 8 && kMaxRun == 8);
 template <class F>
-inline void with_chunk(int64_t n, F&& f) {
+inline void with_count(int64_t n, F&& f) {
   switch (n) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
@@ -1433,6 +1469,20 @@ inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, c
 }
 
 #if defined(FVK_SIMD_AVX512)
+// Lane indices of a two-source permutation: from kShift + i, the 16 lanes from lane i of the pair.
+constexpr int32_t kShift[2 * kW] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                    16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
+
+// The weight of tap t for one vector: sum_q exp(cost_q - M)(t) * (attn_scale exp(rpe - Rmax))_t / S_q.
+template <int NQ>
+inline vf tap_weight(const float* ecq0, int64_t ec_stride, int64_t o, int32_t t,
+                     const float* const* ers, const vf* inv) {
+  vf m = vmul(vload(ecq0 + o), vmul(inv[0], vset1(ers[0][t])));
+#pragma GCC unroll 4
+  for (int q = 1; q < NQ; ++q) m = vfma(vload(ecq0 + q * ec_stride + o), vmul(inv[q], vset1(ers[q][t])), m);
+  return m;
+}
+
 // forward_values_fused with the values of a run of L taps (consecutive offsets o, o + 1, ...)
 // made from two or three aligned loads per channel and a two-source lane permutation per tap,
 // instead of an unaligned load per tap (a cache-line split for 15 of 16 offsets: the loads, not
@@ -1441,9 +1491,6 @@ template <int NQ, int L>
 inline void run_values(const float* ecq0, int64_t ec_stride, const float* v, int64_t chs,
                        const int32_t* off, const int32_t* taps, const float* const* ers,
                        const vf* inv, vf* acc) {
-  static const int32_t kShift[2 * kW] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10,
-                                         11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21,
-                                         22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
   const int64_t o0 = off[taps[0]];
   const int64_t shift = o0 & (kW - 1), base = o0 - shift;  // v + base is on a vector boundary
   // The run's values lie in the aligned pair (a0, a1) of each channel: shift + L - 1 < kW.
@@ -1455,12 +1502,7 @@ inline void run_values(const float* ecq0, int64_t ec_stride, const float* v, int
   }
 #pragma GCC unroll 8
   for (int i = 0; i < L; ++i) {
-    const int64_t o = off[taps[i]];
-    const int32_t t = taps[i];
-    vf m = vmul(vload(ecq0 + o), vmul(inv[0], vset1(ers[0][t])));
-#pragma GCC unroll 4
-    for (int q = 1; q < NQ; ++q)
-      m = vfma(vload(ecq0 + q * ec_stride + o), vmul(inv[q], vset1(ers[q][t])), m);
+    const vf m = tap_weight<NQ>(ecq0, ec_stride, off[taps[i]], taps[i], ers, inv);
     const __m512i idx = _mm512_loadu_si512(kShift + shift + i);
 #pragma GCC unroll 8
     for (int d = 0; d < kDChunk; ++d)
@@ -1468,7 +1510,40 @@ inline void run_values(const float* ecq0, int64_t ec_stride, const float* v, int
   }
 }
 
-template <int NJ, int NQ>
+#if defined(FVK_QNA_VALUE_PAIRS)
+// run_values on value pairs (TaskPlanes::pack): taps i and i + 1 of the run (offsets o and o + 1)
+// in one vdpbf16ps per channel, whose lane n adds m_i[n] v[o + n] + m_{i+1}[n] v[o + n + 1]: the
+// pair at o + n, times the two weights rounded to bf16 and interleaved. Half the multiply
+// instructions and lane permutations of run_values; a run of odd length pairs its last tap with a
+// zero weight.
+template <int NQ, int L>
+inline void run_value_pairs(const float* ecq0, int64_t ec_stride, const float* v, int64_t chs,
+                            const int32_t* off, const int32_t* taps, const float* const* ers,
+                            const vf* inv, vf* acc) {
+  const int64_t o0 = off[taps[0]];
+  const int64_t shift = o0 & (kW - 1), base = o0 - shift;
+  vf a0[kDChunk], a1[kDChunk];
+#pragma GCC unroll 8
+  for (int d = 0; d < kDChunk; ++d) {
+    a0[d] = _mm512_load_ps(v + d * chs + base);
+    a1[d] = _mm512_load_ps(v + d * chs + base + kW);
+  }
+  const __m512i order = pair_order();
+#pragma GCC unroll 4
+  for (int i = 0; i < L; i += 2) {
+    const vf m0 = tap_weight<NQ>(ecq0, ec_stride, off[taps[i]], taps[i], ers, inv);
+    const vf m1 = i + 1 < L ? tap_weight<NQ>(ecq0, ec_stride, off[taps[i + 1]], taps[i + 1], ers, inv)
+                            : vzero();
+    const __m512bh m = (__m512bh)bf16_pairs(m0, m1, order);
+    const __m512i idx = _mm512_loadu_si512(kShift + shift + i);
+#pragma GCC unroll 8
+    for (int d = 0; d < kDChunk; ++d)
+      acc[d] = _mm512_dpbf16_ps(acc[d], m, (__m512bh)_mm512_permutex2var_ps(a0[d], idx, a1[d]));
+  }
+}
+#endif
+
+template <int NJ, int NQ, bool kPairs>
 inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                                 const FwdScratch& w, int64_t h, int64_t d0, int64_t j,
                                 const vf (*inv)[NJ], const TapSpan& span) {
@@ -1487,16 +1562,15 @@ inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, co
     const float* v = w.in.v + (h * a.D + d0) * chs + jn;
     for (int64_t r = span.run_begin; r < span.run_end; ++r) {
       const int32_t* taps = g.run_taps.data() + g.run_first[r];
-      switch (g.run_first[r + 1] - g.run_first[r]) {
-        case 1: run_values<NQ, 1>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
-        case 2: run_values<NQ, 2>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
-        case 3: run_values<NQ, 3>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
-        case 4: run_values<NQ, 4>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
-        case 5: run_values<NQ, 5>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
-        case 6: run_values<NQ, 6>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
-        case 7: run_values<NQ, 7>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
-        default: run_values<NQ, 8>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc); break;
-      }
+      with_count(g.run_first[r + 1] - g.run_first[r], [&](auto L) {
+#if defined(FVK_QNA_VALUE_PAIRS)
+        if constexpr (kPairs) {
+          run_value_pairs<NQ, L>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc);
+          return;
+        }
+#endif
+        run_values<NQ, L>(ec, a.H * chs, v, chs, off, taps, ers, inv_n, acc);
+      });
     }
     float* out = w.out + (h * a.D + d0) * g.ostride + jn;
 #pragma GCC unroll 8
@@ -1509,7 +1583,7 @@ inline void forward_values_runs(const QnaAttentionInputs& a, const Planes& g, co
 // and Q <= kFusedQueries, D a multiple of kDChunk: the softmax sums, then the values with the tap
 // weights made on the fly. Returns false, having stored nothing, when a vector needs the direct
 // path.
-template <int NJ>
+template <int NJ, bool kPairs>
 inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                                 FwdScratch& w, int64_t h, int64_t j, const TapSpan& span) {
   const int64_t Q = a.Q, H = a.H;
@@ -1533,7 +1607,7 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
     for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk) {
 #if defined(FVK_SIMD_AVX512)
       if (g.use_runs) {
-        forward_values_runs<NJ, decltype(nq)::value>(a, g, tab, w, h, d0, j, inv, span);
+        forward_values_runs<NJ, decltype(nq)::value, kPairs>(a, g, tab, w, h, d0, j, inv, span);
         continue;
       }
 #endif
@@ -1551,11 +1625,11 @@ inline bool forward_block_fused(const QnaAttentionInputs& a, const Planes& g, co
 
 // One block (NJ vectors at output position j) of head h, over the taps of span (the same for
 // every vector of the block).
-template <int NJ>
+template <int NJ, bool kPairs>
 inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Tables& tab,
                           FwdScratch& w, int64_t h, int64_t j, const TapSpan& span) {
   if (a.Q <= kFusedQueries && a.D % kDChunk == 0 &&
-      forward_block_fused<NJ>(a, g, tab, w, h, j, span))
+      forward_block_fused<NJ, kPairs>(a, g, tab, w, h, j, span))
     return;
   const int64_t t0 = span.begin, taps = span.end - span.begin, Q = a.Q, H = a.H;
   const int32_t* off = g.off.data();
@@ -1612,8 +1686,8 @@ inline void forward_block(const QnaAttentionInputs& a, const Planes& g, const Ta
     }
   }
   for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
-    with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
-               [&](auto dc) { forward_values<NJ, dc>(a, g, w, h, d0, j, span); });
+    with_count(std::min<int64_t>(kDChunk, a.D - d0),
+               [&](auto dc) { forward_values<NJ, dc, kPairs>(a, g, w, h, d0, j, span); });
 }
 
 template <ElemType T>
@@ -1624,37 +1698,52 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
   const AlignedBuffer mem(w.carve(nullptr, a, g), /*zeroed=*/true);
   w.carve(mem.data(), a, g);
   const int64_t QH = a.Q * a.H, C = a.H * a.D;
+  // bf16 values by tap pairs (run_value_pairs) where blocks are fused and the values go by runs,
+  // at stride 1 only: at stride 2 (runs of 3 and 4 taps at k = 7) it measured no faster, two
+  // threads, QnA-ViT tiny maps (docs/qna_attention.md, "Pixel lanes").
+  bool pairs = false;
+#if defined(FVK_QNA_VALUE_PAIRS)
+  pairs = T == ElemType::kBFloat16 && a.stride == 1 && g.use_runs && a.Q <= kFusedQueries &&
+          a.D % kDChunk == 0;
+#endif
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
     const int64_t oy0 = task % a.tasks.tasks_per_image * g.R;
     const int64_t R = std::min(a.Ho - oy0, g.R);
-    w.in.pack<T>(a, g, b, oy0, R);
+    w.in.pack<T>(a, g, b, oy0, R, pairs);
     const int64_t positions = round_up(R * g.P, kW);
     w.spans.resize(positions / kW);
     for (int64_t i = 0; i < positions / kW; ++i) w.spans[i] = vector_tap_span(a, g, oy0, R, i * kW);
     const bool next = task + 1 < task_end;
     const int64_t next_b = (task + 1) / a.tasks.tasks_per_image;
     const int64_t next_oy0 = (task + 1) % a.tasks.tasks_per_image * g.R;
-    for (int64_t h = 0; h < a.H; ++h) {
-      if (next)
-        prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0, std::min(a.Ho - next_oy0, g.R), h,
-                           a.H);
-      // Blocks of kNJ vectors; a last vector of its own when R * P ends in the first half. The
-      // vectors of a block with different spans go one by one, each over its own taps.
-      static_assert(kNJ == 2);
-      int64_t j = 0;
-      for (; j + kNJ * kW <= positions; j += kNJ * kW) {
-        const TapSpan& s0 = w.spans[j / kW];
-        const TapSpan& s1 = w.spans[j / kW + 1];
-        if (s0 == s1) {
-          forward_block<kNJ>(a, g, tab, w, h, j, s0);
-        } else {
-          forward_block<1>(a, g, tab, w, h, j, s0);
-          forward_block<1>(a, g, tab, w, h, j + kW, s1);
+    const auto heads = [&](auto pairs_c) {
+      constexpr bool kPairs = decltype(pairs_c)::value;
+      for (int64_t h = 0; h < a.H; ++h) {
+        if (next)
+          prefetch_task_part(a, sizeof(typename Elem<T>::type), next_b, next_oy0,
+                             std::min(a.Ho - next_oy0, g.R), h, a.H);
+        // Blocks of kNJ vectors; a last vector of its own when R * P ends in the first half. The
+        // vectors of a block with different spans go one by one, each over its own taps.
+        static_assert(kNJ == 2);
+        int64_t j = 0;
+        for (; j + kNJ * kW <= positions; j += kNJ * kW) {
+          const TapSpan& s0 = w.spans[j / kW];
+          const TapSpan& s1 = w.spans[j / kW + 1];
+          if (s0 == s1) {
+            forward_block<kNJ, kPairs>(a, g, tab, w, h, j, s0);
+          } else {
+            forward_block<1, kPairs>(a, g, tab, w, h, j, s0);
+            forward_block<1, kPairs>(a, g, tab, w, h, j + kW, s1);
+          }
         }
+        if (j < positions) forward_block<1, kPairs>(a, g, tab, w, h, j, w.spans[j / kW]);
       }
-      if (j < positions) forward_block<1>(a, g, tab, w, h, j, w.spans[j / kW]);
-    }
+    };
+    if (pairs)
+      heads(std::true_type{});
+    else
+      heads(std::false_type{});
     const int64_t first = (b * a.Ho + oy0) * a.Wo;
     unpack_output_planes<T>(w.out, C, g, R, a.Wo, w.in.staging, a.out, first * C);
     unpack_output_planes<ElemType::kFloat32>(w.lse, QH, g, R, a.Wo, w.in.staging, a.lse,
@@ -1787,7 +1876,7 @@ inline void backward_block(const QnaAttentionInputs& a, const Planes& g, const T
   }
   // u_t = g . v_t.
   for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
-    with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
+    with_count(std::min<int64_t>(kDChunk, a.D - d0),
                [&](auto dc) { backward_dots<dc>(a, g, w, h, d0, j); });
   // The weights, delta_q = sum_t w a u and the dattn_scale terms w u.
   for (int64_t q = 0; q < Q; ++q) {
@@ -1847,7 +1936,7 @@ inline void backward_block(const QnaAttentionInputs& a, const Planes& g, const T
     for (int n = 0; n < kNJ; ++n) vstore(w.m + t * kBlock + n * kW, m[n]);
   }
   for (int64_t d0 = 0; d0 < a.D; d0 += kDChunk)
-    with_chunk(std::min<int64_t>(kDChunk, a.D - d0),
+    with_count(std::min<int64_t>(kDChunk, a.D - d0),
                [&](auto dc) { backward_dv<dc>(a, g, w, h, d0, j); });
 }
 
