@@ -157,18 +157,23 @@ def varlen_run(isa, dtype):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def qna_run(isa, dtype):
+def qna_run(isa, dtype, stride=1):
     torch.manual_seed(0)
     inputs = qna_tests.make_inputs(2, 28, 28, 2, 8, 8, 7, dtype=dtype, param_dtype=torch.float32)
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     with running_on("cpu", isa):
-        out = qna_attention(*leaves, kernel_size=7, stride=1)
+        out = qna_attention(*leaves, kernel_size=7, stride=stride)
         out.backward(torch.ones_like(out))
     return [out.detach()] + [t.grad for t in leaves]
 
 
+def qna_strided_run(isa, dtype):  # stride 2: the avx512 kernels at every level
+    return qna_run(isa, dtype, stride=2)
+
+
 @pytest.mark.parametrize("isa", [p for p in LEVEL_PARAMS if p.values[0] in BF16_PRODUCT_LEVELS])
-@pytest.mark.parametrize("run", [bias_run, policy_run, varlen_run, qna_run], ids=["bias", "policy", "varlen", "qna"])
+@pytest.mark.parametrize("run", [bias_run, policy_run, varlen_run, qna_run, qna_strided_run],
+                         ids=["bias", "policy", "varlen", "qna", "qna-stride2"])
 def test_bf16_product_level_changes_only_bf16_products(isa, run):
     if "avx512" not in _native.native.supported_isas():
         pytest.skip("no avx512 level to compare with")
@@ -176,7 +181,8 @@ def test_bf16_product_level_changes_only_bf16_products(isa, run):
     for a, b in zip(run(isa, torch.float32), run("avx512", torch.float32)):
         assert torch.equal(a, b)
     level, avx512 = run(isa, BF16), run("avx512", BF16)
-    if run is qna_run and isa not in QNA_VALUE_PAIR_LEVELS:  # QnA in bf16 runs the avx512 kernels
+    if run is qna_strided_run or (run is qna_run and isa not in QNA_VALUE_PAIR_LEVELS):
+        # QnA in bf16 runs the avx512 kernels there
         assert all(torch.equal(a, b) for a, b in zip(level, avx512))
         return
     # bf16 inputs take the bf16 products (shapes large enough for tiles_pay): not bitwise the same.

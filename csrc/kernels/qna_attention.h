@@ -1700,7 +1700,8 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
   const int64_t QH = a.Q * a.H, C = a.H * a.D;
   // bf16 values by tap pairs (run_value_pairs) where blocks are fused and the values go by runs,
   // at stride 1 only: at stride 2 (runs of 3 and 4 taps at k = 7) it measured no faster, two
-  // threads, QnA-ViT tiny maps (docs/qna_attention.md, "Pixel lanes").
+  // threads, QnA-ViT tiny maps (docs/qna_attention.md, "Backends"; isa/bf16_kernels.inc sends
+  // only stride 1 here).
   bool pairs = false;
 #if defined(FVK_QNA_VALUE_PAIRS)
   pairs = T == ElemType::kBFloat16 && a.stride == 1 && g.use_runs && a.Q <= kFusedQueries &&
