@@ -1250,7 +1250,8 @@ struct TaskPlanes {
     for (int64_t p = 0; p < n; p += kW) {
       const __m512i lo = _mm512_castps_si512(vload(x + p));
       const __m512i hi = _mm512_castps_si512(vload(x + p + 1));
-      vstore(x + p, _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(hi, high), _mm512_srli_epi32(lo, 16))));
+      const __m512i pair = _mm512_or_si512(_mm512_and_si512(hi, high), _mm512_srli_epi32(lo, 16));
+      vstore(x + p, _mm512_castsi512_ps(pair));
     }
 #else
     (void)x, (void)n;
@@ -1371,7 +1372,8 @@ struct FwdScratch {
 template <bool kPairs>
 inline vf load_value(const float* p) {
 #if defined(FVK_QNA_VALUE_PAIRS)
-  if constexpr (kPairs) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(vload(p)), 16));
+  if constexpr (kPairs)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(vload(p)), 16));
 #endif
   return vload(p);
 }
@@ -1473,14 +1475,29 @@ inline void forward_values_fused(const QnaAttentionInputs& a, const Planes& g, c
 constexpr int32_t kShift[2 * kW] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
 
-// The weight of tap t for one vector: sum_q exp(cost_q - M)(t) * (attn_scale exp(rpe - Rmax))_t / S_q.
+// The weight of tap t for one vector:
+// sum_q exp(cost_q - M)(t) * (attn_scale exp(rpe - Rmax))_t / S_q.
 template <int NQ>
 inline vf tap_weight(const float* ecq0, int64_t ec_stride, int64_t o, int32_t t,
                      const float* const* ers, const vf* inv) {
   vf m = vmul(vload(ecq0 + o), vmul(inv[0], vset1(ers[0][t])));
 #pragma GCC unroll 4
-  for (int q = 1; q < NQ; ++q) m = vfma(vload(ecq0 + q * ec_stride + o), vmul(inv[q], vset1(ers[q][t])), m);
+  for (int q = 1; q < NQ; ++q)
+    m = vfma(vload(ecq0 + q * ec_stride + o), vmul(inv[q], vset1(ers[q][t])), m);
   return m;
+}
+
+// The aligned pair (a0, a1) of each of the chunk's channels that holds a run's values from offset
+// o0 on (runs never cross a second vector boundary: shift + L - 1 < kW); returns the run's lane
+// shift within a0.
+inline int64_t load_run(const float* v, int64_t chs, int64_t o0, vf* a0, vf* a1) {
+  const int64_t shift = o0 & (kW - 1), base = o0 - shift;  // v + base is on a vector boundary
+#pragma GCC unroll 8
+  for (int d = 0; d < kDChunk; ++d) {
+    a0[d] = _mm512_load_ps(v + d * chs + base);
+    a1[d] = _mm512_load_ps(v + d * chs + base + kW);
+  }
+  return shift;
 }
 
 // forward_values_fused with the values of a run of L taps (consecutive offsets o, o + 1, ...)
@@ -1491,15 +1508,8 @@ template <int NQ, int L>
 inline void run_values(const float* ecq0, int64_t ec_stride, const float* v, int64_t chs,
                        const int32_t* off, const int32_t* taps, const float* const* ers,
                        const vf* inv, vf* acc) {
-  const int64_t o0 = off[taps[0]];
-  const int64_t shift = o0 & (kW - 1), base = o0 - shift;  // v + base is on a vector boundary
-  // The run's values lie in the aligned pair (a0, a1) of each channel: shift + L - 1 < kW.
   vf a0[kDChunk], a1[kDChunk];
-#pragma GCC unroll 8
-  for (int d = 0; d < kDChunk; ++d) {
-    a0[d] = _mm512_load_ps(v + d * chs + base);
-    a1[d] = _mm512_load_ps(v + d * chs + base + kW);
-  }
+  const int64_t shift = load_run(v, chs, off[taps[0]], a0, a1);
 #pragma GCC unroll 8
   for (int i = 0; i < L; ++i) {
     const vf m = tap_weight<NQ>(ecq0, ec_stride, off[taps[i]], taps[i], ers, inv);
@@ -1520,20 +1530,15 @@ template <int NQ, int L>
 inline void run_value_pairs(const float* ecq0, int64_t ec_stride, const float* v, int64_t chs,
                             const int32_t* off, const int32_t* taps, const float* const* ers,
                             const vf* inv, vf* acc) {
-  const int64_t o0 = off[taps[0]];
-  const int64_t shift = o0 & (kW - 1), base = o0 - shift;
   vf a0[kDChunk], a1[kDChunk];
-#pragma GCC unroll 8
-  for (int d = 0; d < kDChunk; ++d) {
-    a0[d] = _mm512_load_ps(v + d * chs + base);
-    a1[d] = _mm512_load_ps(v + d * chs + base + kW);
-  }
+  const int64_t shift = load_run(v, chs, off[taps[0]], a0, a1);
   const __m512i order = pair_order();
 #pragma GCC unroll 4
   for (int i = 0; i < L; i += 2) {
     const vf m0 = tap_weight<NQ>(ecq0, ec_stride, off[taps[i]], taps[i], ers, inv);
-    const vf m1 = i + 1 < L ? tap_weight<NQ>(ecq0, ec_stride, off[taps[i + 1]], taps[i + 1], ers, inv)
-                            : vzero();
+    const vf m1 = i + 1 < L
+                      ? tap_weight<NQ>(ecq0, ec_stride, off[taps[i + 1]], taps[i + 1], ers, inv)
+                      : vzero();
     const __m512bh m = (__m512bh)bf16_pairs(m0, m1, order);
     const __m512i idx = _mm512_loadu_si512(kShift + shift + i);
 #pragma GCC unroll 8
@@ -1698,14 +1703,11 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
   const AlignedBuffer mem(w.carve(nullptr, a, g), /*zeroed=*/true);
   w.carve(mem.data(), a, g);
   const int64_t QH = a.Q * a.H, C = a.H * a.D;
-  // bf16 values by tap pairs (run_value_pairs) where blocks are fused and the values go by runs,
-  // at stride 1 only: at stride 2 (runs of 3 and 4 taps at k = 7) it measured no faster, two
-  // threads, QnA-ViT tiny maps (docs/qna_attention.md, "Backends"; isa/bf16_kernels.inc sends
-  // only stride 1 here).
+  // bf16 values by tap pairs (run_value_pairs) where blocks are fused and the values go by runs
+  // (isa/bf16_kernels.inc sends only the calls it pays for here: stride 1).
   bool pairs = false;
 #if defined(FVK_QNA_VALUE_PAIRS)
-  pairs = T == ElemType::kBFloat16 && a.stride == 1 && g.use_runs && a.Q <= kFusedQueries &&
-          a.D % kDChunk == 0;
+  pairs = T == ElemType::kBFloat16 && g.use_runs && a.Q <= kFusedQueries && a.D % kDChunk == 0;
 #endif
   for (int64_t task = task_begin; task < task_end; ++task) {
     const int64_t b = task / a.tasks.tasks_per_image;
