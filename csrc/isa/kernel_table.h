@@ -28,6 +28,12 @@
 namespace fastvit_kernels {
 namespace cpu {
 
+// The kernels' scratch memory (kernels/attention_gemm.h, AlignedBuffer), from PyTorch's CPU
+// allocator (isa/isa.cpp) so that the profiler's memory view, and with it the benchmarks' peak
+// memory, counts it. Returns `bytes` aligned to 64 bytes; *owner is what scratch_free takes.
+void* scratch_allocate(size_t bytes, void** owner);
+void scratch_free(void* owner);
+
 // Runs tasks [task_begin, task_end) of `args` (each args struct says what a task covers).
 template <class Args>
 using KernelFn = void (*)(const Args& args, int64_t task_begin, int64_t task_end);

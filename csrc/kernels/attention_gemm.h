@@ -23,22 +23,23 @@ static_assert(kMaxMR <= 8 && kMaxNV <= 4, "gemm_tile dispatch covers MR <= 8, NV
 // Scratch memory and operand packing
 // ---------------------------------------------------------------------------------------------
 
-// One 64-byte aligned fp32 allocation per kernel call (per thread).
+// One 64-byte aligned fp32 allocation per kernel call (per thread), from PyTorch's CPU allocator
+// (scratch_allocate, isa/kernel_table.h).
 class AlignedBuffer {
  public:
   explicit AlignedBuffer(int64_t floats, bool zeroed = false) {
-    const int64_t n = round_up(std::max<int64_t>(floats, 16), 16);  // aligned_alloc: size % 64 == 0
-    data_ = static_cast<float*>(std::aligned_alloc(64, static_cast<size_t>(n) * sizeof(float)));
-    if (data_ == nullptr) throw std::bad_alloc();
+    const int64_t n = round_up(std::max<int64_t>(floats, 16), 16);
+    data_ = static_cast<float*>(scratch_allocate(static_cast<size_t>(n) * sizeof(float), &owner_));
     if (zeroed) std::memset(data_, 0, static_cast<size_t>(n) * sizeof(float));
   }
-  ~AlignedBuffer() { std::free(data_); }
+  ~AlignedBuffer() { scratch_free(owner_); }
   AlignedBuffer(const AlignedBuffer&) = delete;
   AlignedBuffer& operator=(const AlignedBuffer&) = delete;
   float* data() const { return data_; }
 
  private:
   float* data_ = nullptr;
+  void* owner_ = nullptr;
 };
 
 // dst[d] = mul * src[off + d * stride] for d < n, converted to fp32.

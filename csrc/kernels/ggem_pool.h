@@ -160,23 +160,6 @@ inline TaskRange task_range(const GGeMPoolInputs& a, int64_t t) {
 
 inline int64_t round_up_to_vector(int64_t n) { return (n + kW - 1) / kW * kW; }
 
-// Per-call fp32 scratch (malloc, not std::vector: no std template is instantiated under this
-// file's target options).
-class Scratch {
- public:
-  explicit Scratch(int64_t floats)
-      : data_(static_cast<float*>(std::malloc(static_cast<size_t>(std::max<int64_t>(floats, 1)) * sizeof(float)))) {
-    if (data_ == nullptr) throw std::bad_alloc();
-  }
-  ~Scratch() { std::free(data_); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-  float* data() const { return data_; }
-
- private:
-  float* data_;
-};
-
 // Calls f(tail, j, valid) for the channel vectors [j, j + kW) of a block `width` channels wide:
 // full vectors with tail = std::false_type, then at most one partial vector with std::true_type.
 template <typename F>
@@ -216,7 +199,7 @@ void forward_typed(const GGeMPoolFwdArgs& a, int64_t task_begin, int64_t task_en
   using E = Elem<T>;
   using elem_t = typename E::type;
   const int64_t cap = round_up_to_vector(a.c_block);
-  Scratch scratch(2 * cap);  // running max m and sum s of each channel of the task
+  const AlignedBuffer scratch(2 * cap);  // running max m and sum s of each channel of the task
   float* m_buf = scratch.data();
   float* s_buf = m_buf + cap;
   const vf eps = vset1(a.eps);
@@ -289,7 +272,7 @@ void backward_typed(const GGeMPoolBwdArgs& a, int64_t task_begin, int64_t task_e
   using elem_t = typename E::type;
   const int64_t cap = round_up_to_vector(a.c_block);
   // Per channel of the task: grad_y · y, ln(M·S), and the running T/S.
-  Scratch scratch(3 * cap);
+  const AlignedBuffer scratch(3 * cap);
   float* coef_buf = scratch.data();
   float* shift_buf = coef_buf + cap;
   float* t_buf = shift_buf + cap;

@@ -22,7 +22,10 @@ of one projection buffer [B, Hi, Wi, h*d + Q*h]; rpe and attn_scale [k*k, Q, h] 
 implementation returns [B, Ho, Wo, h*d] (what to_out consumes). Forward+backward takes the
 gradients of the projection buffer, rpe and attn_scale with torch.autograd.grad. Peak memory is
 the most bytes allocated at once during a pass beyond its inputs (CPU: the allocator's running
-total from the PyTorch profiler, C++ scratch included; CUDA: max_memory_allocated).
+total from the PyTorch profiler at the calling thread's allocations, the C++ kernels' scratch
+included; what other threads allocate for the same op, about 1.5 MiB each for qna_attention's
+kernels, is counted only while the calling thread's own scratch is live; CUDA:
+max_memory_allocated).
 
     python -m fastvit_kernels.bench.qna_attention --quick
     python -m fastvit_kernels.bench.qna_attention --shapes s0 --kernel-sizes 3 --passes fwd
