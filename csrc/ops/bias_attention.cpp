@@ -440,6 +440,7 @@ class BiasAttentionFunction : public torch::autograd::Function<BiasAttentionFunc
     ctx->save_for_backward({q, k, v, table.value_or(at::Tensor()), index.value_or(at::Tensor()),
                             mask.value_or(at::Tensor()), activation == "none" ? out : o_pre, lse});
     ctx->mark_non_differentiable({o_pre, lse});
+    ctx->set_materialize_grads(false);  // backward fills a missing output gradient itself
     return {out, o_pre, lse};
   }
 

@@ -212,6 +212,7 @@ class GGeMPoolFunction : public torch::autograd::Function<GGeMPoolFunction> {
     ctx->saved_data["num_prefix_tokens"] = num_prefix_tokens;
     ctx->save_for_backward({x, p, log_mean});
     ctx->mark_non_differentiable({log_mean});
+    ctx->set_materialize_grads(false);  // backward fills a missing output gradient itself
     return {y, log_mean};
   }
 

@@ -279,6 +279,7 @@ class PolicyAttentionFunction : public torch::autograd::Function<PolicyAttention
     ctx->saved_data["eps"] = eps;
     ctx->save_for_backward({q, k, v, policy, out, row_max, denom, row_argmax});
     ctx->mark_non_differentiable({row_max, denom, row_argmax});
+    ctx->set_materialize_grads(false);  // backward fills a missing output gradient itself
     return {out, row_max, denom, row_argmax};
   }
 

@@ -263,6 +263,7 @@ class VarlenAttentionFunction : public torch::autograd::Function<VarlenAttention
     ctx->saved_data["scale"] = scale;
     ctx->save_for_backward({q, k, v, out, lse, cu_seqlens});
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // backward fills a missing output gradient itself
     return {out, lse};
   }
 

@@ -245,6 +245,7 @@ def _setup_context(ctx, inputs, output):
     # With no activation, the output itself is the pre-activation output.
     ctx.save_for_backward(q, k, v, table, index, mask, out if activation == "none" else o_pre, lse)
     ctx.mark_non_differentiable(o_pre, lse)
+    ctx.set_materialize_grads(False)  # _backward fills a missing output gradient itself
 
 
 def _backward(ctx, grad_out, _grad_o_pre, _grad_lse):

@@ -160,6 +160,7 @@ def _setup_context(ctx, inputs, output):
     ctx.num_prefix_tokens = num_prefix_tokens
     ctx.save_for_backward(x, p, log_mean)
     ctx.mark_non_differentiable(log_mean)
+    ctx.set_materialize_grads(False)  # _backward fills a missing output gradient itself
 
 
 def _backward(ctx, grad_y, _grad_log_mean):

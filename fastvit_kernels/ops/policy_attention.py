@@ -151,6 +151,7 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.eps = scale, eps
     ctx.save_for_backward(q, k, v, policy, out, row_max, denom, row_argmax)
     ctx.mark_non_differentiable(row_max, denom, row_argmax)
+    ctx.set_materialize_grads(False)  # _backward fills a missing output gradient itself
 
 
 def _backward(ctx, grad_out, _grad_max, _grad_denom, _grad_argmax):

@@ -167,6 +167,7 @@ def _setup_context(ctx, inputs, output):
     ctx.stride = stride
     ctx.save_for_backward(cost, v, rpe, attn_scale, lse)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # _backward fills a missing output gradient itself
 
 
 def _backward(ctx, grad_out, _grad_lse):

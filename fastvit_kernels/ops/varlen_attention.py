@@ -162,6 +162,7 @@ def _setup_context(ctx, inputs, output):
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # _backward fills a missing output gradient itself
 
 
 def _backward(ctx, grad_out, _grad_lse):
