@@ -226,7 +226,10 @@ CPU_BACKENDS = [p for p in backend_params(include_reference=False) if p.values[0
 def test_thread_count_does_not_change_results(backend_isa_device, B, Hi, Wi, k, stride, dtype):
     """The C++ tasks depend on the shapes only and partial sums are added in a fixed order
     (docs/qna_attention.md, "Numerics"): 1 and 2 threads give bitwise the same forward and
-    backward, also where a batch of 1 splits an image into several tasks."""
+    backward, also where a batch of 1 splits an image into several tasks. With B = 2 and 3 the
+    backward sums the rows two tasks share per image on one thread and over the whole batch on
+    two (at least two images per thread: csrc/ops/qna_attention.cpp, run_backward_tasks), and
+    both must agree bit for bit."""
     backend, isa, _ = backend_isa_device
     torch.manual_seed(B * 100 + k)
     inputs = make_inputs(B, Hi, Wi, 2, 8, 8, k, dtype=dtype)

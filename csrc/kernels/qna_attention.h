@@ -117,12 +117,16 @@ struct QnaAttentionBwdArgs : QnaAttentionInputs {
   // [tasks][2][k*k][Q][H]: per task, its drpe then its dattn_scale partial sums; every task
   // writes its whole slice.
   float* param_grad_partial;
-  // [B][tasks_per_image - 1][2][edge_rows][Wi][Q*H + H*D]: per pair of neighbouring tasks of
+  // [B (or 1: sum_image_edges)][tasks_per_image - 1][2][edge_rows][Wi][Q*H + H*D]: per pair of neighbouring tasks of
   // an image, the upper task's bottom slot then the lower task's top slot; per shared input
   // pixel, its dcost then its dv terms from that task (fp32). A slot holds rows from the first
   // row the two tasks share. (An image's first task has no top slot, its last no bottom slot.)
   float* edge_partial;
   int64_t edge_rows;
+  // nullptr: edge_partial holds the whole batch's slots, which the caller sums once every task
+  // has run. Else each kernel call covers whole images, edge_partial holds the slots of one image
+  // (reused image by image), and the kernel calls sum_image_edges(a, b) after image b's last task.
+  void (*sum_image_edges)(const QnaAttentionBwdArgs& a, int64_t image);
   void* dcost;  // [B, Hi, Wi, Q, H] contiguous
   void* dv;     // [B, Hi, Wi, H, D] contiguous
   // Over output rows. Every task but an image's last has at least ceil(k / stride) rows, so that
@@ -130,17 +134,30 @@ struct QnaAttentionBwdArgs : QnaAttentionInputs {
   RowTasks tasks;
 };
 
+// Floats in one edge slot (see QnaAttentionBwdArgs).
+inline int64_t qna_edge_slot_floats(const QnaAttentionBwdArgs& a) {
+  return a.edge_rows * a.Wi * (a.Q * a.H + a.H * a.D);
+}
+
 // The edge slots of a backward task (see QnaAttentionBwdArgs): its top slot, shared with the
 // task above, and its bottom slot, shared with the task below; nullptr where the task has no such
 // neighbour.
 inline void qna_edge_slots(const QnaAttentionBwdArgs& a, int64_t task, float** top,
                            float** bottom) {
   const int64_t per_image = a.tasks.tasks_per_image;
-  const int64_t slot = a.edge_rows * a.Wi * (a.Q * a.H + a.H * a.D);
+  const int64_t slot = qna_edge_slot_floats(a);
   const int64_t b = task / per_image, i = task % per_image;
-  const int64_t pair = b * (per_image - 1) + i;  // with the task below; pair - 1: with the above
+  // With the task below; pair - 1: with the task above.
+  const int64_t pair = (a.sum_image_edges != nullptr ? 0 : b * (per_image - 1)) + i;
   *top = i > 0 ? a.edge_partial + (2 * (pair - 1) + 1) * slot : nullptr;
   *bottom = i + 1 < per_image ? a.edge_partial + 2 * pair * slot : nullptr;
+}
+
+// After a backward task: sums its image's shared rows when it was the image's last task and the
+// slots hold one image (see QnaAttentionBwdArgs::sum_image_edges).
+inline void qna_image_done(const QnaAttentionBwdArgs& a, int64_t task) {
+  if (a.sum_image_edges != nullptr && task % a.tasks.tasks_per_image == a.tasks.tasks_per_image - 1)
+    a.sum_image_edges(a, task / a.tasks.tasks_per_image);
 }
 
 }  // namespace cpu
@@ -832,6 +849,7 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
     backward_rows<T>(a, L, b, oy_begin, std::min(a.Ho, oy_begin + rows),
                      a.param_grad_partial + task * partial_floats, top_edge, bottom_edge, w,
                      taps.data(), pixels.data());
+    qna_image_done(a, task);
   }
 }
 
@@ -2026,6 +2044,7 @@ inline void backward_impl(const QnaAttentionBwdArgs& a, int64_t task_begin, int6
                      bottom_edge, w, task + 1 < task_end,
                      (task + 1) / a.tasks.tasks_per_image,
                      (task + 1) % a.tasks.tasks_per_image * g.R);
+    qna_image_done(a, task);
   }
 }
 

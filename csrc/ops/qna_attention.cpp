@@ -9,7 +9,7 @@
 #include <tuple>
 #include <utility>
 
-#include <ATen/Dispatch.h>
+
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -178,34 +178,82 @@ bool use_batch_lanes(const QnaAttentionInputs& a) {
          a.B >= kQnaBatchLanes && lanes * 4 <= a.B * 5;
 }
 
-// dcost / dv of the input rows two neighbouring tasks share: the upper task's bottom edge slot
-// plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs; pair j's slots are
-// the j-th two).
+// dcost / dv of the input rows that tasks i and i + 1 of image b share: the upper task's bottom
+// edge slot plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs; `slots`
+// points at the pair's two).
 template <typename scalar_t>
-void add_shared_rows(const QnaAttentionBwdArgs& a, const float* edges, scalar_t* dcost,
-                     scalar_t* dv) {
-  const int64_t per_image = a.tasks.tasks_per_image;
+void add_shared_rows(const QnaAttentionBwdArgs& a, const float* slots, int64_t b, int64_t i) {
   const int64_t QH = a.Q * a.H, C = a.H * a.D, pixel = QH + C;
-  const int64_t slot = a.edge_rows * a.Wi * pixel;
-  at::parallel_for(0, a.B * (per_image - 1), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int64_t b = j / (per_image - 1), upper = b * per_image + j % (per_image - 1);
-      // The rows that both the upper task's last output row and the lower task's first read.
-      const int64_t oy = (upper % per_image + 1) * a.tasks.rows_per_task;
-      const int64_t y_begin = std::max<int64_t>(0, oy * a.stride - a.pad);
-      const int64_t y_end = std::min(a.Hi, (oy - 1) * a.stride - a.pad + a.kernel_size);
-      const float* bottom_slot = edges + 2 * j * slot;
-      const float* top_slot = edges + (2 * j + 1) * slot;
-      for (int64_t i = 0; i < (y_end - y_begin) * a.Wi; ++i) {
-        const int64_t p = (b * a.Hi + y_begin) * a.Wi + i;
-        const float* above = bottom_slot + i * pixel;
-        const float* below = top_slot + i * pixel;
-        for (int64_t c = 0; c < QH; ++c)
-          dcost[p * QH + c] = static_cast<scalar_t>(above[c] + below[c]);
-        for (int64_t c = QH; c < pixel; ++c)
-          dv[p * C + c - QH] = static_cast<scalar_t>(above[c] + below[c]);
-      }
-    }
+  const int64_t slot = qna_edge_slot_floats(a);
+  // The rows that both the upper task's last output row and the lower task's first read.
+  const int64_t oy = (i + 1) * a.tasks.rows_per_task;
+  const int64_t y_begin = std::max<int64_t>(0, oy * a.stride - a.pad);
+  const int64_t y_end = std::min(a.Hi, (oy - 1) * a.stride - a.pad + a.kernel_size);
+  auto* dcost = static_cast<scalar_t*>(a.dcost);
+  auto* dv = static_cast<scalar_t*>(a.dv);
+  for (int64_t x = 0; x < (y_end - y_begin) * a.Wi; ++x) {
+    const int64_t p = (b * a.Hi + y_begin) * a.Wi + x;
+    const float* above = slots + x * pixel;
+    const float* below = slots + slot + x * pixel;
+    for (int64_t c = 0; c < QH; ++c) dcost[p * QH + c] = static_cast<scalar_t>(above[c] + below[c]);
+    for (int64_t c = QH; c < pixel; ++c)
+      dv[p * C + c - QH] = static_cast<scalar_t>(above[c] + below[c]);
+  }
+}
+
+// Calls f(scalar_t{}) with the C++ type of a's dtype.
+template <class F>
+void with_scalar_type(const QnaAttentionInputs& a, F&& f) {
+  switch (a.dtype) {
+    case ElemType::kFloat32: f(float{}); break;
+    case ElemType::kBFloat16: f(c10::BFloat16{}); break;
+    case ElemType::kFloat16: f(c10::Half{}); break;
+  }
+}
+
+// QnaAttentionBwdArgs::sum_image_edges: image b's pairs, from the slots of one image.
+void sum_image_edges(const QnaAttentionBwdArgs& a, int64_t b) {
+  const int64_t slot = qna_edge_slot_floats(a);
+  with_scalar_type(a, [&](auto zero) {
+    for (int64_t i = 0; i + 1 < a.tasks.tasks_per_image; ++i)
+      add_shared_rows<decltype(zero)>(a, a.edge_partial + 2 * i * slot, b, i);
+  });
+}
+
+// Runs the backward's tasks and sums the rows neighbouring tasks share. With at least two images
+// per thread, each thread runs whole images, its tasks in order, and sums an image's shared rows
+// after its last task: the slots then hold one image per thread instead of the whole batch (at
+// B = 32 the batch's slots were the backward's largest allocation: 11 MiB at the 14 x 14 stride-2
+// QnA-ViT tiny layer, k = 7, as large as dcost and dv in fp32). The sums are the same either
+// way, bit for bit: each shared row adds the same two slots in the same order.
+void run_backward_tasks(QnaAttentionBwdArgs& a, const at::TensorOptions& f32) {
+  const int64_t per_image = a.tasks.tasks_per_image, slot = qna_edge_slot_floats(a);
+  const int64_t image_slots = (per_image - 1) * 2 * slot;
+  if (image_slots == 0) {  // no row is read by two tasks
+    a.edge_partial = nullptr;
+    run_tasks(&KernelTable::qna_attention_backward, a, a.B * per_image);
+    return;
+  }
+  if (a.B >= 2 * at::get_num_threads()) {
+    const auto kernel = current_kernels().qna_attention_backward;
+    at::parallel_for(0, a.B, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor slots = poisoned(at::empty({image_slots}, f32));
+      QnaAttentionBwdArgs images = a;
+      images.edge_partial = slots.data_ptr<float>();
+      images.sum_image_edges = &sum_image_edges;
+      kernel(images, begin * per_image, end * per_image);
+    });
+    return;
+  }
+  at::Tensor edges = poisoned(at::empty({a.B * image_slots}, f32));
+  a.edge_partial = edges.data_ptr<float>();
+  run_tasks(&KernelTable::qna_attention_backward, a, a.B * per_image);
+  with_scalar_type(a, [&](auto zero) {
+    at::parallel_for(0, a.B * (per_image - 1), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t j = begin; j < end; ++j)  // pair j: image j / (per_image - 1)
+        add_shared_rows<decltype(zero)>(a, a.edge_partial + 2 * j * slot, j / (per_image - 1),
+                                        j % (per_image - 1));
+    });
   });
 }
 
@@ -289,21 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> qna_attention_backwar
   at::Tensor partial = poisoned(at::empty({tasks, 2, taps, a.Q, a.H}, f32));
   a.param_grad_partial = partial.data_ptr<float>();
   a.edge_rows = std::max<int64_t>(0, kernel_size - stride);
-  const bool shared_rows = a.tasks.tasks_per_image > 1 && a.edge_rows > 0;
-  // Per pair of neighbouring tasks of an image (see QnaAttentionBwdArgs).
-  at::Tensor edges = poisoned(at::empty(
-      {shared_rows ? a.B * (a.tasks.tasks_per_image - 1) : 1, 2, a.edge_rows, a.Wi,
-       a.Q * a.H + a.H * a.D},
-      f32));
-  a.edge_partial = edges.data_ptr<float>();
-
-  run_tasks(&KernelTable::qna_attention_backward, a, tasks);
-  if (shared_rows) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dcost.scalar_type(), fn, [&] {
-      add_shared_rows<scalar_t>(a, edges.data_ptr<float>(), dcost.data_ptr<scalar_t>(),
-                                dv.data_ptr<scalar_t>());
-    });
-  }
+  run_backward_tasks(a, f32);
 
   // drpe and dattn_scale: the per-task partials summed task by task in order (deterministic for
   // any thread count).
@@ -339,6 +373,7 @@ class QnaAttentionFunction : public torch::autograd::Function<QnaAttentionFuncti
     ctx->saved_data["stride"] = stride;
     ctx->save_for_backward({cost, v, rpe, attn_scale, lse});
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);  // backward fills a missing output gradient itself
     return {out, lse};
   }
 
