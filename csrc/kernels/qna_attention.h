@@ -117,10 +117,11 @@ struct QnaAttentionBwdArgs : QnaAttentionInputs {
   // [tasks][2][k*k][Q][H]: per task, its drpe then its dattn_scale partial sums; every task
   // writes its whole slice.
   float* param_grad_partial;
-  // [B (or 1: sum_image_edges)][tasks_per_image - 1][2][edge_rows][Wi][Q*H + H*D]: per pair of neighbouring tasks of
-  // an image, the upper task's bottom slot then the lower task's top slot; per shared input
-  // pixel, its dcost then its dv terms from that task (fp32). A slot holds rows from the first
-  // row the two tasks share. (An image's first task has no top slot, its last no bottom slot.)
+  // [B (or 1, see sum_image_edges)][tasks_per_image - 1][2][edge_rows][Wi][Q*H + H*D]: per
+  // pair of neighbouring tasks of an image, the upper task's bottom slot then the lower task's
+  // top slot; per shared input pixel, its dcost then its dv terms from that task (fp32). A slot
+  // holds rows from the first row the two tasks share. (An image's first task has no top slot,
+  // its last no bottom slot.)
   float* edge_partial;
   int64_t edge_rows;
   // nullptr: edge_partial holds the whole batch's slots, which the caller sums once every task

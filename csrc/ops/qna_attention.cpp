@@ -9,7 +9,6 @@
 #include <tuple>
 #include <utility>
 
-
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
