@@ -29,7 +29,7 @@ namespace fastvit_kernels {
 namespace cpu {
 
 // The kernels' scratch memory (kernels/attention_gemm.h, AlignedBuffer), from PyTorch's CPU
-// allocator (isa/isa.cpp) so that the profiler's memory view, and with it the benchmarks' peak
+// allocator (isa/scratch.cpp) so that the profiler's memory view, and with it the benchmarks' peak
 // memory, counts it. Returns `bytes` aligned to 64 bytes; *owner is what scratch_free takes.
 void* scratch_allocate(size_t bytes, void** owner);
 void scratch_free(void* owner);

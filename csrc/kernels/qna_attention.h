@@ -140,18 +140,22 @@ inline int64_t qna_edge_slot_floats(const QnaAttentionBwdArgs& a) {
   return a.edge_rows * a.Wi * (a.Q * a.H + a.H * a.D);
 }
 
+// The two slots of the rows tasks i and i + 1 of image b share (see QnaAttentionBwdArgs): the
+// upper task's bottom slot, then, qna_edge_slot_floats(a) later, the lower task's top slot.
+inline float* qna_pair_slots(const QnaAttentionBwdArgs& a, int64_t b, int64_t i) {
+  const int64_t pairs_before = a.sum_image_edges != nullptr ? 0 : b * (a.tasks.tasks_per_image - 1);
+  return a.edge_partial + 2 * (pairs_before + i) * qna_edge_slot_floats(a);
+}
+
 // The edge slots of a backward task (see QnaAttentionBwdArgs): its top slot, shared with the
 // task above, and its bottom slot, shared with the task below; nullptr where the task has no such
 // neighbour.
 inline void qna_edge_slots(const QnaAttentionBwdArgs& a, int64_t task, float** top,
                            float** bottom) {
   const int64_t per_image = a.tasks.tasks_per_image;
-  const int64_t slot = qna_edge_slot_floats(a);
   const int64_t b = task / per_image, i = task % per_image;
-  // With the task below; pair - 1: with the task above.
-  const int64_t pair = (a.sum_image_edges != nullptr ? 0 : b * (per_image - 1)) + i;
-  *top = i > 0 ? a.edge_partial + (2 * (pair - 1) + 1) * slot : nullptr;
-  *bottom = i + 1 < per_image ? a.edge_partial + 2 * pair * slot : nullptr;
+  *top = i > 0 ? qna_pair_slots(a, b, i - 1) + qna_edge_slot_floats(a) : nullptr;
+  *bottom = i + 1 < per_image ? qna_pair_slots(a, b, i) : nullptr;
 }
 
 // After a backward task: sums its image's shared rows when it was the image's last task and the

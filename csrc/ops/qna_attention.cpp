@@ -178,11 +178,11 @@ bool use_batch_lanes(const QnaAttentionInputs& a) {
 }
 
 // dcost / dv of the input rows that tasks i and i + 1 of image b share: the upper task's bottom
-// edge slot plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs; `slots`
-// points at the pair's two).
+// edge slot plus the lower task's top edge slot, in that order (see QnaAttentionBwdArgs).
 template <typename scalar_t>
-void add_shared_rows(const QnaAttentionBwdArgs& a, const float* slots, int64_t b, int64_t i) {
+void add_shared_rows(const QnaAttentionBwdArgs& a, int64_t b, int64_t i) {
   const int64_t QH = a.Q * a.H, C = a.H * a.D, pixel = QH + C;
+  const float* slots = qna_pair_slots(a, b, i);
   const int64_t slot = qna_edge_slot_floats(a);
   // The rows that both the upper task's last output row and the lower task's first read.
   const int64_t oy = (i + 1) * a.tasks.rows_per_task;
@@ -212,10 +212,9 @@ void with_scalar_type(const QnaAttentionInputs& a, F&& f) {
 
 // QnaAttentionBwdArgs::sum_image_edges: image b's pairs, from the slots of one image.
 void sum_image_edges(const QnaAttentionBwdArgs& a, int64_t b) {
-  const int64_t slot = qna_edge_slot_floats(a);
   with_scalar_type(a, [&](auto zero) {
     for (int64_t i = 0; i + 1 < a.tasks.tasks_per_image; ++i)
-      add_shared_rows<decltype(zero)>(a, a.edge_partial + 2 * i * slot, b, i);
+      add_shared_rows<decltype(zero)>(a, b, i);
   });
 }
 
@@ -226,8 +225,8 @@ void sum_image_edges(const QnaAttentionBwdArgs& a, int64_t b) {
 // QnA-ViT tiny layer, k = 7, as large as dcost and dv in fp32). The sums are the same either
 // way, bit for bit: each shared row adds the same two slots in the same order.
 void run_backward_tasks(QnaAttentionBwdArgs& a, const at::TensorOptions& f32) {
-  const int64_t per_image = a.tasks.tasks_per_image, slot = qna_edge_slot_floats(a);
-  const int64_t image_slots = (per_image - 1) * 2 * slot;
+  const int64_t per_image = a.tasks.tasks_per_image;
+  const int64_t image_slots = (per_image - 1) * 2 * qna_edge_slot_floats(a);
   if (image_slots == 0) {  // no row is read by two tasks
     a.edge_partial = nullptr;
     run_tasks(&KernelTable::qna_attention_backward, a, a.B * per_image);
@@ -250,8 +249,7 @@ void run_backward_tasks(QnaAttentionBwdArgs& a, const at::TensorOptions& f32) {
   with_scalar_type(a, [&](auto zero) {
     at::parallel_for(0, a.B * (per_image - 1), 1, [&](int64_t begin, int64_t end) {
       for (int64_t j = begin; j < end; ++j)  // pair j: image j / (per_image - 1)
-        add_shared_rows<decltype(zero)>(a, a.edge_partial + 2 * j * slot, j / (per_image - 1),
-                                        j % (per_image - 1));
+        add_shared_rows<decltype(zero)>(a, j / (per_image - 1), j % (per_image - 1));
     });
   });
 }
