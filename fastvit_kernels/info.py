@@ -21,8 +21,9 @@ from fastvit_kernels.ops.varlen_attention import BACKENDS as VARLEN_ATTENTION_BA
 
 # The CPU ISA levels whose bf16 attention products are bf16 (csrc/isa/isa.h), and how.
 BF16_PRODUCT_LEVELS = {"amx": "on the AMX tiles", "avx512bf16": "with vdpbf16ps"}
-# The levels whose QnA forward also sums bf16 values in bf16, two taps per vdpbf16ps (stride 1,
-# pixel lanes: csrc/isa/bf16_kernels.inc); at amx it stays in fp32 (vdpbf16ps is slow there).
+# The levels whose QnA forward also sums bf16 values in bf16, two taps per vdpbf16ps (channel
+# pairs or stride-1 pixel lanes: csrc/isa/bf16_kernels.inc); at amx it stays in fp32 (vdpbf16ps
+# is slow there).
 QNA_VALUE_PAIR_LEVELS = ("avx512bf16",)
 
 # Every op: (its backend declarations, a function making small sample inputs on a device).
@@ -138,7 +139,7 @@ def main() -> None:
               f"(compiled {', '.join(info['compiled_isas'])}; this CPU supports "
               f"{', '.join(info['supported_isas'])})")
         if info["cpu_isa"] in BF16_PRODUCT_LEVELS:
-            qna = (", as do the values of the stride-1 qna_attention forward (pixel lanes)"
+            qna = (", as do the values of the qna_attention forward (two taps per vdpbf16ps)"
                    if info["cpu_isa"] in QNA_VALUE_PAIR_LEVELS else "")
             print(f"    {info['cpu_isa']}: bf16 inputs of bias / policy / varlen attention multiply in "
                   f"bf16 (fp32 accumulation) {BF16_PRODUCT_LEVELS[info['cpu_isa']]}{qna}; everything "

@@ -106,14 +106,16 @@ def test_varlen_bf16(isa, lengths, D):
 
 
 # ---------------------------------------------------------------------------------------------
-# qna_attention (QnA-ViT): large windows at both strides, maps from 1 x 1 to 28 x 28, non-square;
-# heads of d = 8 (tiny) and 16 (two channel chunks), queries 1 to 3
+# qna_attention (QnA-ViT): windows from 3 to 13 at both strides, maps from 1 x 1 to 28 x 28,
+# non-square; heads of d = 8 (tiny) and 16 (two channel chunks), queries 1 to 3 (at avx512bf16
+# the channel pairs take all but k = 3 at stride 2; Q * d > 16 makes them sum several vectors)
 # ---------------------------------------------------------------------------------------------
 
 QNA_CASES = [  # (Hi, Wi, k, stride, Q, H, d)
     (1, 1, 7, 1, 2, 8, 8), (7, 7, 7, 1, 2, 8, 8), (13, 9, 5, 1, 1, 4, 16), (14, 14, 7, 1, 2, 8, 8),
     (28, 28, 7, 1, 2, 4, 8), (11, 17, 9, 1, 3, 2, 8), (20, 13, 13, 1, 2, 3, 8), (14, 14, 7, 2, 2, 8, 8),
-    (28, 28, 7, 2, 2, 4, 8), (9, 11, 11, 2, 2, 2, 16), (7, 7, 5, 2, 1, 8, 8)]
+    (28, 28, 7, 2, 2, 4, 8), (9, 11, 11, 2, 2, 2, 16), (7, 7, 5, 2, 1, 8, 8), (9, 10, 3, 1, 2, 8, 8),
+    (13, 6, 3, 1, 2, 2, 16), (14, 14, 3, 2, 2, 8, 8), (15, 13, 7, 2, 3, 4, 8)]
 
 
 @pytest.mark.parametrize("isa", LEVEL_PARAMS)
@@ -122,6 +124,33 @@ def test_qna_bf16(isa, Hi, Wi, k, stride, Q, H, d):
     torch.manual_seed(Hi * 1000 + Wi * 10 + k + stride)
     inputs = qna_tests.make_inputs(2, Hi, Wi, Q, H, d, k, dtype=BF16, param_dtype=torch.float32)
     qna_tests.run_and_compare("cpu", isa, *(fill_nonzero(t) for t in inputs), k, stride)
+
+
+def strided_qna_inputs(B, Hi, Wi, Q, H, d, k):
+    """v with d strided (stored [.., d, h]) and cost with h strided (stored [.., h, Q]): the
+    kernels' element-by-element loads."""
+    v = torch.randn(B, Hi, Wi, d, H).to(BF16).transpose(-1, -2)
+    cost = (torch.randn(B, Hi, Wi, H, Q) * 3.0).to(BF16).transpose(-1, -2)
+    return cost, v, torch.randn(k * k, Q, H), torch.randn(k * k, Q, H)
+
+
+@pytest.mark.parametrize("isa", LEVEL_PARAMS)
+@pytest.mark.parametrize("k,stride", [(7, 1), (7, 2), (3, 1)])
+@pytest.mark.parametrize("case", ["far", "strided"])
+def test_qna_bf16_far_scores_and_strides(isa, k, stride, case):
+    """"far": the left half of the first image 80 below the rest, so that windows there sit far
+    below their task's reference (every task of that image holds both halves) and take the direct
+    exponentials (the channel pairs hand such a task to the pixel-lane or channel-lane kernel);
+    "strided": inputs without a unit-stride d or h."""
+    torch.manual_seed(k * 10 + stride)
+    if case == "far":
+        cost, v, rpe, attn_scale = qna_tests.make_inputs(2, 20, 19, 2, 8, 8, k, dtype=BF16,
+                                                         param_dtype=torch.float32)
+        cost = fill_nonzero(cost).clone()
+        cost[0, :, :9] -= 80.0
+    else:
+        cost, v, rpe, attn_scale = strided_qna_inputs(2, 15, 17, 2, 4, 8, k)
+    qna_tests.run_and_compare("cpu", isa, cost, fill_nonzero(v), rpe, attn_scale, k, stride)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +196,7 @@ def qna_run(isa, dtype, stride=1):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def qna_strided_run(isa, dtype):  # stride 2: the avx512 kernels at every level
+def qna_strided_run(isa, dtype):  # stride 2: the channel pairs at avx512bf16
     return qna_run(isa, dtype, stride=2)
 
 
@@ -181,7 +210,7 @@ def test_bf16_product_level_changes_only_bf16_products(isa, run):
     for a, b in zip(run(isa, torch.float32), run("avx512", torch.float32)):
         assert torch.equal(a, b)
     level, avx512 = run(isa, BF16), run("avx512", BF16)
-    if run is qna_strided_run or (run is qna_run and isa not in QNA_VALUE_PAIR_LEVELS):
+    if run in (qna_run, qna_strided_run) and isa not in QNA_VALUE_PAIR_LEVELS:
         # QnA in bf16 runs the avx512 kernels there
         assert all(torch.equal(a, b) for a, b in zip(level, avx512))
         return

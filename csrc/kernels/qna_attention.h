@@ -2391,6 +2391,428 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
 
 }  // namespace batch
 
+#if defined(FVK_QNA_VALUE_PAIRS)
+// ---------------------------------------------------------------------------------------------
+// Channel pairs (bf16 at the avx512bf16 level): a vector holds a head's (query, channel) pairs
+// ---------------------------------------------------------------------------------------------
+//
+// The exponential factorisation splits a tap's weight into a part of the input pixel and a part
+// of the tap: exp(cost_q - M)(p_t) * (attn_scale exp(rpe - Rmax))_t / S_q. So the forward is
+//   out[o, h, d] = sum_q (1 / S_q[o]) sum_t ers_q[t] u_qd[p_t],  u_qd = exp(cost_q - M) v_d,
+//   S_q[o] = sum_t er_q[t] exp(cost_q - M)(p_t),
+// a depthwise convolution of u (Q*D channels per head) with fixed per-tap weights, followed by a
+// per-pixel normalisation (docs/qna_attention.md, "Backends"). With the channels in the lanes the
+// tap weights are a constant vector per (tap, head) and every tap's values one aligned load: no
+// lane permutation, no weight made per pixel. Two taps (ty, tx) and (ty, tx + 1) go into one
+// vdpbf16ps: a plane row of u holds at column x the bf16 pair u[x] | u[x + 1] << 16 of every
+// lane, and the weight vector the pair ers[t] | ers[t + 1] << 16 (the second 0 past the row's last
+// tap). Rounding: u and ers to bf16 (the pixel-lane pairs round the per-pixel weight instead);
+// sums in fp32; S in fp32 (fp32 multiply-adds over exp(cost - M) in (q, h) lanes), so lse is that
+// of the other paths.
+//
+// A task (image b, output rows [oy0, oy0 + R)) packs exp(cost - M) of its input rows once, every
+// (q, h) in fp32 (M the max over the task's pixels, as in the pixel lanes), zero outside the
+// image; then S, lse and 1 / S of every output pixel. Then per group of heads whose values share
+// a cache line, output row by output row: the pair rows of u the row reads that a ring of the
+// last k plane rows does not hold yet, then the row's sums, normalised and stored. A task with a
+// window whose reference sits too far above its scores (kMaxReferenceScale) is left to the
+// fallback kernel whole.
+
+namespace channel_pairs {
+
+// The shapes this kernel takes: a head's channels fill 8 or 16 lanes; odd windows up to 13 at
+// strides 1 and 2 (each (k, stride) is an instantiation of the inner loops).
+inline bool fits(const QnaAttentionInputs& a) {
+  return (a.D == 8 || a.D == 16) && a.kernel_size % 2 == 1 && a.kernel_size >= 3 &&
+         a.kernel_size <= 13 && (a.stride == 1 || a.stride == 2);
+}
+
+// Output pixels of a row summed at once (independent dot-product chains): 8, and 4 at a row's
+// end; a row is padded to a multiple of 4 (the extra pixels are computed, never stored).
+constexpr int kPixels = 8;
+constexpr int kTailPixels = 4;
+
+struct Geometry {
+  int64_t k, s, pad, taps, R;
+  int64_t NR;        // plane rows of a task: (R - 1) * s + k
+  int64_t Wb;        // output pixels of a row, padded: Wo rounded up to kTailPixels
+  int64_t WP;        // plane columns: (Wb - 1) * s + k + 1 (column x holds input column x - pad)
+  int64_t QH, QHp;   // (q, h) lanes and their whole vectors
+  int64_t QDv;       // vectors of a head's (q, d) lanes
+  int64_t lanes;     // QDv * kW
+  int64_t pairs;     // tap pairs of a tap row: (k + 1) / 2
+  int64_t G;         // heads packed and summed together: a cache line of bf16 values
+  int64_t step;      // plane columns between the pairs read: 1, or 2 at stride 2 (even tx only)
+  int64_t RC;        // pairs of a ring row: the plane columns x with x % step == 0, at x / step
+
+  explicit Geometry(const QnaAttentionFwdArgs& a)
+      : k(a.kernel_size), s(a.stride), pad(a.pad), taps(a.kernel_size * a.kernel_size),
+        R(a.tasks.rows_per_task) {
+    NR = (R - 1) * s + k;
+    Wb = round_up(a.Wo, kTailPixels);
+    WP = (Wb - 1) * s + k + 1;
+    QH = a.Q * a.H;
+    QHp = round_up(QH, kW);
+    QDv = (a.Q * a.D + kW - 1) / kW;
+    lanes = QDv * kW;
+    pairs = (k + 1) / 2;
+    G = std::min<int64_t>(a.H, std::max<int64_t>(1, 32 / a.D));
+    step = s == 2 ? 2 : 1;
+    RC = (WP + step - 1) / step;
+  }
+};
+
+// Tap tables in lanes: er[t][QHp] (0 in padding lanes), Rmax[QHp], and the bf16 weight pairs
+// [h][ty][pair][lanes]: lane q * D + d of pair i holds ers_q[ty, 2i] | ers_q[ty, 2i + 1] << 16
+// (0 past the row's last tap and in padding lanes).
+struct Tables {
+  std::vector<float> er, rmax;
+  std::vector<uint32_t> weight_pairs;
+
+  Tables(const QnaAttentionFwdArgs& a, const Geometry& g) {
+    const pixel::Tables tab(a);
+    er.assign(g.taps * g.QHp, 0.0f);
+    rmax.assign(g.QHp, 0.0f);
+    const int64_t per_head = g.k * g.pairs * g.lanes;
+    weight_pairs.assign(a.H * per_head, 0u);
+    for (int64_t h = 0; h < a.H; ++h) {
+      for (int64_t q = 0; q < a.Q; ++q) {
+        rmax[q * a.H + h] = tab.rmax[h * a.Q + q];
+        const float* er_q = tab.of(tab.er, a.Q, h, q);
+        const float* ers_q = tab.of(tab.ers, a.Q, h, q);
+        for (int64_t t = 0; t < g.taps; ++t) er[t * g.QHp + q * a.H + h] = er_q[t];
+        for (int64_t ty = 0; ty < g.k; ++ty) {
+          for (int64_t i = 0; i < g.pairs; ++i) {
+            const int64_t t = ty * g.k + 2 * i;
+            const uint32_t lo = f32_to_bf16(ers_q[t]);
+            const uint32_t hi = 2 * i + 1 < g.k ? f32_to_bf16(ers_q[t + 1]) : 0u;
+            uint32_t* lane = weight_pairs.data() + h * per_head + (ty * g.pairs + i) * g.lanes;
+            for (int64_t d = 0; d < a.D; ++d) lane[q * a.D + d] = lo | hi << 16;
+          }
+        }
+      }
+    }
+  }
+  const uint32_t* head_pairs(const Geometry& g, int64_t h) const {
+    return weight_pairs.data() + h * g.k * g.pairs * g.lanes;
+  }
+};
+
+// Per-thread buffers.
+struct Scratch {
+  float* ec;        // [NR][WP][QHp] exp(cost - M), 0 outside the image
+  float* cost_max;  // [QHp] M
+  float* inv;       // [R][Wb][QHp] 1 / S (0 for the padding pixels)
+  uint32_t* ring;   // [G][k][RC][lanes] pairs of u of a head group: plane row y in slot y % k
+  float* row;       // [2 * D] one pixel's values of a head (strided v)
+
+  int64_t carve(float* base, const QnaAttentionFwdArgs& a, const Geometry& g) {
+    Carver c(base);
+    ec = c.take(g.NR * g.WP * g.QHp);
+    cost_max = c.take(g.QHp);
+    inv = c.take(g.R * g.Wb * g.QHp);
+    ring = reinterpret_cast<uint32_t*>(c.take(g.G * g.k * g.RC * g.lanes));
+    row = c.take(2 * a.D);
+    return c.used();
+  }
+};
+
+// exp(cost - M) of the task's plane rows (input row y0 + r at plane row r), M the max over them.
+inline void pack_exps(const QnaAttentionFwdArgs& a, const Geometry& g, const Scratch& w,
+                      int64_t b, int64_t y0) {
+  std::memset(w.ec, 0, sizeof(float) * g.NR * g.WP * g.QHp);
+  const int64_t* st = a.cost_stride;
+  const int64_t x_end = std::min(a.Wi, g.WP - g.pad);
+  const int64_t r_begin = std::max<int64_t>(0, -y0), r_end = std::min(g.NR, a.Hi - y0);
+  const int64_t nv = g.QHp / kW;
+  for (int64_t i = 0; i < g.QHp; ++i) w.cost_max[i] = -std::numeric_limits<float>::infinity();
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    for (int64_t x = 0; x < x_end; ++x) {
+      float* e = w.ec + (r * g.WP + x + g.pad) * g.QHp;
+      load_block<ElemType::kBFloat16>(a.cost, b * st[0] + (y0 + r) * st[1] + x * st[2], st[3],
+                                      st[4], a.Q, a.H, e);
+      for (int64_t i = 0; i < nv; ++i)
+        vstore(w.cost_max + i * kW, vmax(vload(w.cost_max + i * kW), vload(e + i * kW)));
+    }
+  }
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    for (int64_t x = 0; x < x_end; ++x) {
+      float* e = w.ec + (r * g.WP + x + g.pad) * g.QHp;
+      // Padding lanes (past QH) hold exp(0 - 0) = 1; their er is 0 and no u reads them.
+      for (int64_t i = 0; i < nv; ++i)
+        vstore(e + i * kW, vexp(vsub(vload(e + i * kW), vload(w.cost_max + i * kW))));
+    }
+  }
+}
+
+// Calls f(std::integral_constant<int, c>{}) for c = 0 .. N - 1.
+template <int N, class F>
+inline void for_each_index(F&& f) {
+  [&]<int... Cs>(std::integer_sequence<int, Cs...>) {
+    (f(std::integral_constant<int, Cs>{}), ...);
+  }(std::make_integer_sequence<int, N>{});
+}
+
+// S_q of NP output pixels of a row from (r, ox), vector i of the (q, h) lanes. Pixel n reads
+// plane column n * S + tx at tap (ty, tx): each column is loaded once per tap row and multiplied
+// into every pixel that reads it, with the row's K weights in registers.
+template <int NP, int K, int S>
+inline void pixel_sums(const Geometry& g, const Tables& tab, const Scratch& w, int64_t r,
+                       int64_t ox, int64_t i, vf* sum) {
+  for_each_index<NP>([&](auto n) { sum[n] = vzero(); });
+  const int64_t stride = g.QHp;
+  for (int64_t ty = 0; ty < K; ++ty) {
+    const float* e = w.ec + ((r * S + ty) * g.WP + ox * S) * stride + i * kW;
+    vf er[K];
+    for_each_index<K>([&](auto tx) { er[tx] = vload(tab.er.data() + (ty * K + tx) * stride + i * kW); });
+    for_each_index<(NP - 1) * S + K>([&](auto c) {
+      const vf col = vload(e + c * stride);
+      for_each_index<K>([&](auto tx) {
+        constexpr int j = decltype(c)::value - decltype(tx)::value;
+        if constexpr (j >= 0 && j % S == 0 && j / S < NP) sum[j / S] = vfma(col, er[tx], sum[j / S]);
+      });
+    });
+  }
+}
+
+// S, lse and 1 / S of the task's output pixels (rows oy0 + [0, R)). Returns false, lse stored in
+// part, when a window's sum is too small for the task's reference.
+template <int K, int S>
+inline bool softmax_sums(const QnaAttentionFwdArgs& a, const Geometry& g, const Tables& tab,
+                         const Scratch& w, int64_t b, int64_t oy0, int64_t R) {
+  const int64_t nv = g.QHp / kW;
+  const __mmask16 last = static_cast<__mmask16>((1u << (g.QH - (nv - 1) * kW)) - 1u);
+  bool ok = true;
+  const auto block = [&](auto np, int64_t r, int64_t ox) {
+    constexpr int NP = decltype(np)::value;
+    for (int64_t i = 0; i < nv; ++i) {
+      vf sum[NP];
+      pixel_sums<NP, K, S>(g, tab, w, r, ox, i, sum);
+      const __mmask16 real = i + 1 < nv ? static_cast<__mmask16>(0xffff) : last;
+      const vf ref = vadd(vload(w.cost_max + i * kW), vload(tab.rmax.data() + i * kW));
+      for_each_index<NP>([&](auto n) {
+        float* inv = w.inv + (r * g.Wb + ox + n) * g.QHp + i * kW;
+        if (ox + n >= a.Wo) {  // padding pixel: never stored
+          vstore(inv, vzero());
+          return;
+        }
+        const vf iv = vdiv(vset1(1.0f), sum[n]);
+        if (_mm512_mask_cmp_ps_mask(real, iv, vset1(kMaxReferenceScale), _CMP_NLE_UQ) != 0)
+          ok = false;
+        vstore(inv, _mm512_maskz_mov_ps(real, iv));
+        float* lse = a.lse + ((b * a.Ho + oy0 + r) * a.Wo + ox + n) * g.QH + i * kW;
+        _mm512_mask_storeu_ps(lse, real, vadd(ref, vlog(sum[n])));
+      });
+    }
+  };
+  for (int64_t r = 0; r < R && ok; ++r) {
+    int64_t ox = 0;
+    for (; ox + kPixels <= g.Wb; ox += kPixels) block(std::integral_constant<int, kPixels>{}, r, ox);
+    if (ox < g.Wb) block(std::integral_constant<int, kTailPixels>{}, r, ox);
+  }
+  return ok;
+}
+
+// v_d of head h at one pixel in the D lanes of every query's block (lanes q * D + d).
+inline vf head_values(const uint16_t* v, int64_t d_stride, int64_t D, float* row) {
+  if (d_stride == 1) {
+    if (D == 16)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))), 16));
+    const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(
+        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))), 16));
+    return _mm512_insertf32x8(_mm512_castps256_ps512(x), x, 1);
+  }
+  for (int64_t d = 0; d < D; ++d) row[d] = row[d + D] = bf16_to_f32(v[d * d_stride]);
+  return vload(row);
+}
+
+// Plane row y (input row y0 + y) of heads [h0, h0 + nh) into their ring slots: u =
+// exp(cost_q - M) v_d in lanes q * D + d, as pairs with the next column (see the section's top);
+// 0 outside the image.
+inline void pack_row(const QnaAttentionFwdArgs& a, const Geometry& g, const Scratch& w, int64_t b,
+                     int64_t y0, int64_t y, int64_t h0, int64_t nh) {
+  const int64_t slot_floats = g.RC * g.lanes, slot = y % g.k;
+  const int64_t yi = y0 + y;
+  if (yi < 0 || yi >= a.Hi) {
+    for (int64_t h = 0; h < nh; ++h)
+      std::memset(w.ring + (h * g.k + slot) * slot_floats, 0, sizeof(uint32_t) * slot_floats);
+    return;
+  }
+  const int64_t* st = a.v_stride;
+  const auto* v = static_cast<const uint16_t*>(a.v) + b * st[0] + yi * st[1] + h0 * st[3];
+  // The group's values two rows on, which it packs soon: they come from memory (this group's
+  // cache line of each pixel is the first read of it).
+  if (yi + 2 < a.Hi)
+    for (int64_t x = 0; x < a.Wi; ++x)
+      _mm_prefetch(reinterpret_cast<const char*>(v + 2 * st[1] + x * st[2]), _MM_HINT_T0);
+  const __m512i order = pair_order();
+  // Plane column x pairs at ring column x / step (step 1 or 2: a mask and a shift, no division).
+  const int64_t odd = g.step - 1, shift = g.step == 2 ? 1 : 0;
+  const int64_t x_begin = g.pad, x_end = std::min(a.Wi + g.pad, g.WP);  // plane columns of pixels
+  for (int64_t h = 0; h < nh; ++h) {
+    const float* e = w.ec + y * g.WP * g.QHp + h0 + h;
+    uint32_t* dst = w.ring + (h * g.k + slot) * slot_floats;
+    for (int64_t i = 0; i < g.QDv; ++i) {
+      // The ec lanes of queries 2i, 2i + 1 (D = 8) or of query i (D = 16).
+      const int64_t q = a.D == 16 ? i : 2 * i;
+      const int64_t q_hi = a.D == 16 ? i : std::min(q + 1, a.Q - 1);
+      const __mmask16 hi_lanes = a.D == 16 || q + 1 < a.Q ? 0xff00 : 0;
+      const __mmask16 lanes = a.D == 16 || q + 1 < a.Q ? 0xffff : 0x00ff;
+      // u of the previous column: pair x holds u[x] | u[x + 1] << 16.
+      vf prev = vzero();
+      for (int64_t x = 0; x < g.WP; ++x) {
+        vf cur = vzero();
+        if (x >= x_begin && x < x_end) {
+          const float* ex = e + x * g.QHp;
+          const vf ev = _mm512_mask_broadcastss_ps(vset1(ex[q * a.H]), hi_lanes,
+                                                   _mm_load_ss(ex + q_hi * a.H));
+          const vf vv = head_values(v + (x - g.pad) * st[2] + h * st[3], st[4], a.D, w.row);
+          cur = _mm512_maskz_mul_ps(lanes, ev, vv);
+        }
+        if (x > 0 && ((x - 1) & odd) == 0)
+          _mm512_store_si512(dst + ((x - 1) >> shift) * g.lanes + i * kW, bf16_pairs(prev, cur, order));
+        prev = cur;
+      }
+    }
+  }
+}
+
+// out of head h at NP output pixels of row r from ox: the pair sums, normalised by 1 / S_q and
+// summed over the queries. Pixel n reads the pair at plane column n * S + 2p for pair p of a tap
+// row: each column is loaded once per tap row and multiplied into every pixel that reads it.
+template <int NP, int K, int S, bool kOneVector>
+inline void head_block(const QnaAttentionFwdArgs& a, const Geometry& g, const Scratch& w,
+                       const uint32_t* weights, int64_t b, int64_t oy0, int64_t r, int64_t ox,
+                       int64_t h, int64_t hl) {
+  constexpr int P = (K + 1) / 2;
+  // Ring column of plane column x: x / step, step = S (stride 1 or 2).
+  const int64_t lanes = g.lanes, slot_floats = g.RC * lanes;
+  const uint32_t* ring = w.ring + hl * K * slot_floats + ox * lanes;
+  auto* dst = static_cast<uint16_t*>(a.out) + (((b * a.Ho + oy0 + r) * a.Wo + ox) * a.H + h) * a.D;
+  // Plain stores of the D values (masked stores are slow on some CPUs, e.g. AMD Zen 4).
+  const auto store = [&](int n, vf x) {
+    if (ox + n >= a.Wo) return;  // a padding pixel
+    const __m256i y = (__m256i)_mm512_cvtneps_pbh(x);
+    if (a.D == 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n * a.H * a.D), y);
+    else
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + n * a.H * a.D), _mm256_castsi256_si128(y));
+  };
+  // With one vector of (q, d) lanes (kOneVector: Q * D <= 16) the sums are stored as they are
+  // made; else summed over the vectors in out.
+  vf out[kOneVector ? 1 : NP];
+  if constexpr (!kOneVector) for_each_index<NP>([&](auto n) { out[n] = vzero(); });
+  for (int64_t i = 0; i < (kOneVector ? 1 : g.QDv); ++i) {
+    vf acc[NP];
+    for_each_index<NP>([&](auto n) { acc[n] = vzero(); });
+    for (int64_t ty = 0; ty < K; ++ty) {
+      const uint32_t* row = ring + (r * S + ty) % K * slot_floats + i * kW;
+      __m512bh wt[P];
+      for_each_index<P>([&](auto p) {
+        wt[p] = (__m512bh)_mm512_loadu_si512(weights + (ty * P + p) * lanes + i * kW);
+      });
+      for_each_index<(NP - 1) * S + 2 * (P - 1) + 1>([&](auto c) {
+        const __m512bh col = (__m512bh)_mm512_load_si512(row + c / S * lanes);
+        for_each_index<P>([&](auto p) {
+          constexpr int j = decltype(c)::value - 2 * decltype(p)::value;
+          if constexpr (j >= 0 && j % S == 0 && j / S < NP)
+            acc[j / S] = _mm512_dpbf16_ps(acc[j / S], wt[p], col);
+        });
+      });
+    }
+    for_each_index<NP>([&](auto n) {
+      const float* inv = w.inv + (r * g.Wb + ox + n) * g.QHp + h;
+      vf x;
+      if (a.D == 16) {
+        x = vmul(acc[n], vset1(inv[i * a.H]));
+      } else {  // queries 2i and 2i + 1 in the two halves, summed into the low half
+        const int64_t q = 2 * i;
+        const vf iv = _mm512_mask_broadcastss_ps(vset1(inv[q * a.H]), q + 1 < a.Q ? 0xff00 : 0,
+                                                 _mm_load_ss(inv + std::min(q + 1, a.Q - 1) * a.H));
+        const vf y = vmul(acc[n], iv);
+        x = _mm512_zextps256_ps512(
+            _mm256_add_ps(_mm512_castps512_ps256(y), _mm512_extractf32x8_ps(y, 1)));
+      }
+      if constexpr (kOneVector)
+        store(n, x);
+      else
+        out[n] = vadd(out[n], x);
+    });
+  }
+  if constexpr (!kOneVector) for_each_index<NP>([&](auto n) { store(n, out[n]); });
+}
+
+using Fallback = void (*)(const QnaAttentionFwdArgs&, int64_t, int64_t);
+
+template <int K, int S>
+inline void forward_tasks(const QnaAttentionFwdArgs& a, int64_t task_begin, int64_t task_end,
+                          Fallback fallback) {
+  const Geometry g(a);
+  const Tables tab(a, g);
+  Scratch w{};
+  const AlignedBuffer mem(w.carve(nullptr, a, g), /*zeroed=*/true);
+  w.carve(mem.data(), a, g);
+  for (int64_t task = task_begin; task < task_end; ++task) {
+    const int64_t b = task / a.tasks.tasks_per_image;
+    const int64_t oy0 = task % a.tasks.tasks_per_image * g.R;
+    const int64_t R = std::min(a.Ho - oy0, g.R);
+    const int64_t y0 = oy0 * S - g.pad;
+    pack_exps(a, g, w, b, y0);
+    if (!softmax_sums<K, S>(a, g, tab, w, b, oy0, R)) {
+      fallback(a, task, task + 1);
+      continue;
+    }
+    // Head groups (the heads of a cache line of values), each over the task's output rows.
+    for (int64_t h0 = 0; h0 < a.H; h0 += g.G) {
+      const int64_t nh = std::min(g.G, a.H - h0);
+      for (int64_t r = 0; r < R; ++r) {
+        // The plane rows output row r reads that the ring does not hold yet.
+        for (int64_t y = r == 0 ? 0 : (r - 1) * S + K; y < r * S + K; ++y)
+          pack_row(a, g, w, b, y0, y, h0, nh);
+        for (int64_t hl = 0; hl < nh; ++hl) {
+          const uint32_t* weights = tab.head_pairs(g, h0 + hl);
+          const auto row = [&](auto one_vector) {
+            constexpr bool kOne = decltype(one_vector)::value;
+            int64_t ox = 0;
+            for (; ox + kPixels <= g.Wb; ox += kPixels)
+              head_block<kPixels, K, S, kOne>(a, g, w, weights, b, oy0, r, ox, h0 + hl, hl);
+            if (ox < g.Wb)
+              head_block<kTailPixels, K, S, kOne>(a, g, w, weights, b, oy0, r, ox, h0 + hl, hl);
+          };
+          if (g.QDv == 1)
+            row(std::true_type{});
+          else
+            row(std::false_type{});
+        }
+      }
+    }
+  }
+}
+
+// bf16 inputs whose shapes fit (isa/bf16_kernels.inc); a task with a window on the direct path
+// runs `fallback` instead.
+inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64_t task_end,
+                         Fallback fallback) {
+  const auto with_stride = [&](auto k) {
+    if (a.stride == 1)
+      forward_tasks<decltype(k)::value, 1>(a, task_begin, task_end, fallback);
+    else
+      forward_tasks<decltype(k)::value, 2>(a, task_begin, task_end, fallback);
+  };
+  switch (a.kernel_size) {
+    case 3: with_stride(std::integral_constant<int, 3>{}); break;
+    case 5: with_stride(std::integral_constant<int, 5>{}); break;
+    case 7: with_stride(std::integral_constant<int, 7>{}); break;
+    case 9: with_stride(std::integral_constant<int, 9>{}); break;
+    case 11: with_stride(std::integral_constant<int, 11>{}); break;
+    default: with_stride(std::integral_constant<int, 13>{}); break;
+  }
+}
+
+}  // namespace channel_pairs
+#endif  // FVK_QNA_VALUE_PAIRS
+
 // ---------------------------------------------------------------------------------------------
 // Entry points: one instantiation per element type
 // ---------------------------------------------------------------------------------------------
