@@ -2432,6 +2432,25 @@ inline bool fits(const QnaAttentionInputs& a) {
 constexpr int kPixels = 8;
 constexpr int kTailPixels = 4;
 
+// Calls f(std::integral_constant<int, n>{}, ox) for the blocks of n output pixels from ox that
+// cover a padded row of Wb pixels: kPixels each, then kTailPixels.
+template <class F>
+inline void for_each_pixel_block(int64_t Wb, F&& f) {
+  int64_t ox = 0;
+  for (; ox + kPixels <= Wb; ox += kPixels) f(std::integral_constant<int, kPixels>{}, ox);
+  if (ox < Wb) f(std::integral_constant<int, kTailPixels>{}, ox);
+}
+
+// A per-(q, h) value x[q * H] (x already at head h) spread over vector i of a head's (q, d)
+// lanes: query i for D = 16; queries 2i and 2i + 1 in the two halves for D = 8, 0 in the upper
+// half when there is no query 2i + 1.
+inline vf query_lanes(const float* x, int64_t H, int64_t Q, int64_t D, int64_t i) {
+  if (D == 16) return vset1(x[i * H]);
+  const int64_t q = 2 * i;
+  return _mm512_mask_broadcastss_ps(_mm512_maskz_mov_ps(0x00ff, vset1(x[q * H])),
+                                    q + 1 < Q ? 0xff00 : 0, _mm_load_ss(x + std::min(q + 1, Q - 1) * H));
+}
+
 struct Geometry {
   int64_t k, s, pad, taps, R;
   int64_t NR;        // plane rows of a task: (R - 1) * s + k
@@ -2605,11 +2624,8 @@ inline bool softmax_sums(const QnaAttentionFwdArgs& a, const Geometry& g, const 
       });
     }
   };
-  for (int64_t r = 0; r < R && ok; ++r) {
-    int64_t ox = 0;
-    for (; ox + kPixels <= g.Wb; ox += kPixels) block(std::integral_constant<int, kPixels>{}, r, ox);
-    if (ox < g.Wb) block(std::integral_constant<int, kTailPixels>{}, r, ox);
-  }
+  for (int64_t r = 0; r < R && ok; ++r)
+    for_each_pixel_block(g.Wb, [&](auto np, int64_t ox) { block(np, r, ox); });
   return ok;
 }
 
@@ -2654,19 +2670,14 @@ inline void pack_row(const QnaAttentionFwdArgs& a, const Geometry& g, const Scra
     const float* e = w.ec + y * g.WP * g.QHp + h0 + h;
     uint32_t* dst = w.ring + (h * g.k + slot) * slot_floats;
     for (int64_t i = 0; i < g.QDv; ++i) {
-      // The ec lanes of queries 2i, 2i + 1 (D = 8) or of query i (D = 16).
-      const int64_t q = a.D == 16 ? i : 2 * i;
-      const int64_t q_hi = a.D == 16 ? i : std::min(q + 1, a.Q - 1);
-      const __mmask16 hi_lanes = a.D == 16 || q + 1 < a.Q ? 0xff00 : 0;
-      const __mmask16 lanes = a.D == 16 || q + 1 < a.Q ? 0xffff : 0x00ff;
+      // The lanes of a query (u is 0 in the others, whatever v holds).
+      const __mmask16 lanes = a.D == 16 || 2 * i + 1 < a.Q ? 0xffff : 0x00ff;
       // u of the previous column: pair x holds u[x] | u[x + 1] << 16.
       vf prev = vzero();
       for (int64_t x = 0; x < g.WP; ++x) {
         vf cur = vzero();
         if (x >= x_begin && x < x_end) {
-          const float* ex = e + x * g.QHp;
-          const vf ev = _mm512_mask_broadcastss_ps(vset1(ex[q * a.H]), hi_lanes,
-                                                   _mm_load_ss(ex + q_hi * a.H));
+          const vf ev = query_lanes(e + x * g.QHp, a.H, a.Q, a.D, i);
           const vf vv = head_values(v + (x - g.pad) * st[2] + h * st[3], st[4], a.D, w.row);
           cur = _mm512_maskz_mul_ps(lanes, ev, vv);
         }
@@ -2723,17 +2734,10 @@ inline void head_block(const QnaAttentionFwdArgs& a, const Geometry& g, const Sc
     }
     for_each_index<NP>([&](auto n) {
       const float* inv = w.inv + (r * g.Wb + ox + n) * g.QHp + h;
-      vf x;
-      if (a.D == 16) {
-        x = vmul(acc[n], vset1(inv[i * a.H]));
-      } else {  // queries 2i and 2i + 1 in the two halves, summed into the low half
-        const int64_t q = 2 * i;
-        const vf iv = _mm512_mask_broadcastss_ps(vset1(inv[q * a.H]), q + 1 < a.Q ? 0xff00 : 0,
-                                                 _mm_load_ss(inv + std::min(q + 1, a.Q - 1) * a.H));
-        const vf y = vmul(acc[n], iv);
+      vf x = vmul(acc[n], query_lanes(inv, a.H, a.Q, a.D, i));
+      if (a.D == 8)  // queries 2i and 2i + 1 in the two halves, summed into the low half
         x = _mm512_zextps256_ps512(
-            _mm256_add_ps(_mm512_castps512_ps256(y), _mm512_extractf32x8_ps(y, 1)));
-      }
+            _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1)));
       if constexpr (kOneVector)
         store(n, x);
       else
@@ -2773,12 +2777,10 @@ inline void forward_tasks(const QnaAttentionFwdArgs& a, int64_t task_begin, int6
         for (int64_t hl = 0; hl < nh; ++hl) {
           const uint32_t* weights = tab.head_pairs(g, h0 + hl);
           const auto row = [&](auto one_vector) {
-            constexpr bool kOne = decltype(one_vector)::value;
-            int64_t ox = 0;
-            for (; ox + kPixels <= g.Wb; ox += kPixels)
-              head_block<kPixels, K, S, kOne>(a, g, w, weights, b, oy0, r, ox, h0 + hl, hl);
-            if (ox < g.Wb)
-              head_block<kTailPixels, K, S, kOne>(a, g, w, weights, b, oy0, r, ox, h0 + hl, hl);
+            for_each_pixel_block(g.Wb, [&](auto np, int64_t ox) {
+              head_block<decltype(np)::value, K, S, decltype(one_vector)::value>(
+                  a, g, w, weights, b, oy0, r, ox, h0 + hl, hl);
+            });
           };
           if (g.QDv == 1)
             row(std::true_type{});
