@@ -2393,7 +2393,7 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
 
 #if defined(FVK_QNA_VALUE_PAIRS)
 // ---------------------------------------------------------------------------------------------
-// Channel pairs (bf16 at the avx512bf16 level): a vector holds a head's (query, channel) pairs
+// Channel pairs (bf16 at the avx512bf16 level): a vector holds one query's channels of 16 / D heads
 // ---------------------------------------------------------------------------------------------
 //
 // The exponential factorisation splits a tap's weight into a part of the input pixel and a part
@@ -2401,29 +2401,32 @@ inline void forward_impl(const QnaAttentionFwdArgs& a, int64_t task_begin, int64
 //   out[o, h, d] = sum_q (1 / S_q[o]) sum_t ers_q[t] u_qd[p_t],  u_qd = exp(cost_q - M) v_d,
 //   S_q[o] = sum_t er_q[t] exp(cost_q - M)(p_t),
 // a depthwise convolution of u (Q*D channels per head) with fixed per-tap weights, followed by a
-// per-pixel normalisation (docs/qna_attention.md, "Backends"). With the channels in the lanes the
-// tap weights are a constant vector per (tap, head) and every tap's values one aligned load: no
-// lane permutation, no weight made per pixel. Two taps (ty, tx) and (ty, tx + 1) go into one
-// vdpbf16ps: a plane row of u holds at column x the bf16 pair u[x] | u[x + 1] << 16 of every
-// lane, and the weight vector the pair ers[t] | ers[t + 1] << 16 (the second 0 past the row's last
-// tap). Rounding: u and ers to bf16 (the pixel-lane pairs round the per-pixel weight instead);
-// sums in fp32; S in fp32 (fp32 multiply-adds over exp(cost - M) in (q, h) lanes), so lse is that
-// of the other paths.
+// per-pixel normalisation (docs/qna_attention.md, "Backends"). A vector holds the (h, d) lanes of
+// one query for a head vector (2 heads of D = 8, or 1 of D = 16; adjacent in v and out), so a
+// tap's weights are a constant vector per (tap, head vector, query), its values one aligned load,
+// and the queries' normalised sums add up lane for lane into one plain store. Two taps go into
+// one vdpbf16ps: a ring row holds at pair c the bf16 pair u[2c] | u[2c + 1] << 16 of every lane
+// (each plane column once); an output column whose window starts at an even plane column weighs
+// the pairs with ers[t] | ers[t + 1] << 16, one that starts at an odd column with ers[t - 1] |
+// ers[t] << 16 (a tap outside the row is 0). Rounding: u and ers to bf16 (the pixel-lane pairs
+// round the per-pixel weight instead); sums in fp32; S in fp32 (fp32 multiply-adds over
+// exp(cost - M) in (q, h) lanes), so lse is that of the other paths.
 //
 // A task (image b, output rows [oy0, oy0 + R)) packs exp(cost - M) of its input rows once, every
 // (q, h) in fp32 (M the max over the task's pixels, as in the pixel lanes), zero outside the
-// image; then S, lse and 1 / S of every output pixel. Then per group of heads whose values share
-// a cache line, output row by output row: the pair rows of u the row reads that a ring of the
-// last k plane rows does not hold yet, then the row's sums, normalised and stored. A task with a
-// window whose reference sits too far above its scores (kMaxReferenceScale) is left to the
-// fallback kernel whole.
+// image; then S, lse and 1 / S of every output pixel. Then per group of head vectors (all of them
+// where the ring fits kRingBytes), output row by output row: the pair rows of u the row reads that
+// a ring of the last k plane rows does not hold yet, then the row's sums, normalised and stored.
+// A task with a window whose reference sits too far above its scores (kMaxReferenceScale) is left
+// to the fallback kernel whole.
 
 namespace channel_pairs {
 
-// The shapes this kernel takes: a head's channels fill 8 or 16 lanes; odd windows up to 13 at
-// strides 1 and 2 (each (k, stride) is an instantiation of the inner loops).
+// The shapes this kernel takes: a head vector fills 16 lanes (D = 16, or an even number of heads
+// of D = 8); up to 4 queries; odd windows up to 13 at strides 1 and 2 (each (k, stride) is an
+// instantiation of the inner loops).
 inline bool fits(const QnaAttentionInputs& a) {
-  return (a.D == 8 || a.D == 16) && a.kernel_size % 2 == 1 && a.kernel_size >= 3 &&
+  return (a.D == 16 || (a.D == 8 && a.H % 2 == 0)) && a.Q <= 4 && a.kernel_size % 2 == 1 && a.kernel_size >= 3 &&
          a.kernel_size <= 13 && (a.stride == 1 || a.stride == 2);
 }
 
@@ -2441,15 +2444,19 @@ inline void for_each_pixel_block(int64_t Wb, F&& f) {
   if (ox < Wb) f(std::integral_constant<int, kTailPixels>{}, ox);
 }
 
-// A per-(q, h) value x[q * H] (x already at head h) spread over vector i of a head's (q, d)
-// lanes: query i for D = 16; queries 2i and 2i + 1 in the two halves for D = 8, 0 in the upper
-// half when there is no query 2i + 1.
-inline vf query_lanes(const float* x, int64_t H, int64_t Q, int64_t D, int64_t i) {
-  if (D == 16) return vset1(x[i * H]);
-  const int64_t q = 2 * i;
-  return _mm512_mask_broadcastss_ps(_mm512_maskz_mov_ps(0x00ff, vset1(x[q * H])),
-                                    q + 1 < Q ? 0xff00 : 0, _mm_load_ss(x + std::min(q + 1, Q - 1) * H));
+// The per-head value x[h] of the heads of a vector (x at its first head) in their lanes: all 16
+// for D = 16; x[0] in lanes 0-7 and x[1] in lanes 8-15 for D = 8.
+inline vf head_lanes(const float* x, int64_t D) {
+  if (D == 16) return vset1(*x);
+  double two;
+  std::memcpy(&two, x, sizeof(two));
+  const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  return _mm512_permutexvar_ps(halves, _mm512_castpd_ps(_mm512_set1_pd(two)));
 }
+
+// The ring's budget: a quarter of an L2 of 1 MiB or more, next to the task's exp(cost - M) and
+// 1 / S (the QnA-ViT tiny layers need 220-330 KiB for all their heads).
+constexpr int64_t kRingBytes = int64_t{384} << 10;
 
 struct Geometry {
   int64_t k, s, pad, taps, R;
@@ -2457,12 +2464,12 @@ struct Geometry {
   int64_t Wb;        // output pixels of a row, padded: Wo rounded up to kTailPixels
   int64_t WP;        // plane columns: (Wb - 1) * s + k + 1 (column x holds input column x - pad)
   int64_t QH, QHp;   // (q, h) lanes and their whole vectors
-  int64_t QDv;       // vectors of a head's (q, d) lanes
-  int64_t lanes;     // QDv * kW
+  int64_t HV;        // heads of a vector: 16 / D
+  int64_t NV;        // head vectors: H / HV
   int64_t pairs;     // tap pairs of a tap row: (k + 1) / 2
-  int64_t G;         // heads packed and summed together: a cache line of bf16 values
-  int64_t step;      // plane columns between the pairs read: 1, or 2 at stride 2 (even tx only)
-  int64_t RC;        // pairs of a ring row: the plane columns x with x % step == 0, at x / step
+  int64_t GV;        // head vectors packed and summed together (a group)
+  int64_t parities;  // weight tables: 2 at stride 1 (output columns start even or odd), 1 at 2
+  int64_t RC;        // pairs of a ring row: plane columns 2c and 2c + 1 in pair c
 
   explicit Geometry(const QnaAttentionFwdArgs& a)
       : k(a.kernel_size), s(a.stride), pad(a.pad), taps(a.kernel_size * a.kernel_size),
@@ -2472,18 +2479,22 @@ struct Geometry {
     WP = (Wb - 1) * s + k + 1;
     QH = a.Q * a.H;
     QHp = round_up(QH, kW);
-    QDv = (a.Q * a.D + kW - 1) / kW;
-    lanes = QDv * kW;
+    HV = kW / a.D;
+    NV = a.H / HV;
     pairs = (k + 1) / 2;
-    G = std::min<int64_t>(a.H, std::max<int64_t>(1, 32 / a.D));
-    step = s == 2 ? 2 : 1;
-    RC = (WP + step - 1) / step;
+    parities = s == 1 ? 2 : 1;
+    RC = (WP + 1) / 2;
+    // As many head vectors as fit kRingBytes (measured at the QnA-ViT tiny shapes: every head
+    // in one group is 2-5% faster than groups of a cache line of values).
+    GV = std::clamp<int64_t>(kRingBytes / (a.Q * k * RC * kW * int64_t{sizeof(uint32_t)}), 1, NV);
   }
 };
 
-// Tap tables in lanes: er[t][QHp] (0 in padding lanes), Rmax[QHp], and the bf16 weight pairs
-// [h][ty][pair][lanes]: lane q * D + d of pair i holds ers_q[ty, 2i] | ers_q[ty, 2i + 1] << 16
-// (0 past the row's last tap and in padding lanes).
+// Tap tables: er[t][QHp] in (q, h) lanes (0 in padding lanes), Rmax[QHp], and the bf16 weight
+// pairs [head vector][q][ty][parity][pair][kW]. A pair of plane columns starts at an even
+// column, so an output column whose window starts at an even plane column (parity 0: every one
+// at stride 2) weighs pair i with ers_q[ty, 2i] | ers_q[ty, 2i + 1] << 16, one that starts at an
+// odd column (parity 1) with ers_q[ty, 2i - 1] | ers_q[ty, 2i] << 16; a tap outside [0, k) is 0.
 struct Tables {
   std::vector<float> er, rmax;
   std::vector<uint32_t> weight_pairs;
@@ -2492,28 +2503,33 @@ struct Tables {
     const pixel::Tables tab(a);
     er.assign(g.taps * g.QHp, 0.0f);
     rmax.assign(g.QHp, 0.0f);
-    const int64_t per_head = g.k * g.pairs * g.lanes;
-    weight_pairs.assign(a.H * per_head, 0u);
+    weight_pairs.assign(g.NV * a.Q * g.k * g.parities * g.pairs * kW, 0u);
     for (int64_t h = 0; h < a.H; ++h) {
       for (int64_t q = 0; q < a.Q; ++q) {
         rmax[q * a.H + h] = tab.rmax[h * a.Q + q];
         const float* er_q = tab.of(tab.er, a.Q, h, q);
         const float* ers_q = tab.of(tab.ers, a.Q, h, q);
         for (int64_t t = 0; t < g.taps; ++t) er[t * g.QHp + q * a.H + h] = er_q[t];
+        uint32_t* head = weight_pairs.data() + (h / g.HV * a.Q + q) * g.k * g.parities * g.pairs * kW;
+        const auto tap = [&](int64_t ty, int64_t tx) -> uint32_t {
+          return tx >= 0 && tx < g.k ? f32_to_bf16(ers_q[ty * g.k + tx]) : 0u;
+        };
         for (int64_t ty = 0; ty < g.k; ++ty) {
-          for (int64_t i = 0; i < g.pairs; ++i) {
-            const int64_t t = ty * g.k + 2 * i;
-            const uint32_t lo = f32_to_bf16(ers_q[t]);
-            const uint32_t hi = 2 * i + 1 < g.k ? f32_to_bf16(ers_q[t + 1]) : 0u;
-            uint32_t* lane = weight_pairs.data() + h * per_head + (ty * g.pairs + i) * g.lanes;
-            for (int64_t d = 0; d < a.D; ++d) lane[q * a.D + d] = lo | hi << 16;
+          for (int64_t parity = 0; parity < g.parities; ++parity) {
+            for (int64_t i = 0; i < g.pairs; ++i) {
+              const uint32_t pair = tap(ty, 2 * i - parity) | tap(ty, 2 * i + 1 - parity) << 16;
+              uint32_t* lane = head + ((ty * g.parities + parity) * g.pairs + i) * kW + h % g.HV * a.D;
+              for (int64_t d = 0; d < a.D; ++d) lane[d] = pair;
+            }
           }
         }
       }
     }
   }
-  const uint32_t* head_pairs(const Geometry& g, int64_t h) const {
-    return weight_pairs.data() + h * g.k * g.pairs * g.lanes;
+  // The weight pairs of head vector hv and query q: [ty][parity][pair][kW].
+  const uint32_t* pairs_of(const QnaAttentionFwdArgs& a, const Geometry& g, int64_t hv,
+                           int64_t q) const {
+    return weight_pairs.data() + (hv * a.Q + q) * g.k * g.parities * g.pairs * kW;
   }
 };
 
@@ -2522,17 +2538,22 @@ struct Scratch {
   float* ec;        // [NR][WP][QHp] exp(cost - M), 0 outside the image
   float* cost_max;  // [QHp] M
   float* inv;       // [R][Wb][QHp] 1 / S (0 for the padding pixels)
-  uint32_t* ring;   // [G][k][RC][lanes] pairs of u of a head group: plane row y in slot y % k
-  float* row;       // [2 * D] one pixel's values of a head (strided v)
+  uint32_t* ring;   // [GV][Q][k][RC][kW] pairs of u of a group: plane row y in slot y % k
+  float* row;       // [kW] one pixel's values of a head vector (strided v)
 
   int64_t carve(float* base, const QnaAttentionFwdArgs& a, const Geometry& g) {
     Carver c(base);
     ec = c.take(g.NR * g.WP * g.QHp);
     cost_max = c.take(g.QHp);
     inv = c.take(g.R * g.Wb * g.QHp);
-    ring = reinterpret_cast<uint32_t*>(c.take(g.G * g.k * g.RC * g.lanes));
-    row = c.take(2 * a.D);
+    ring = reinterpret_cast<uint32_t*>(c.take(g.GV * a.Q * g.k * g.RC * kW));
+    row = c.take(kW);
     return c.used();
+  }
+  // Ring slot `slot` of head vector hvl of the group and query q.
+  uint32_t* ring_slot(const QnaAttentionFwdArgs& a, const Geometry& g, int64_t hvl, int64_t q,
+                      int64_t slot) const {
+    return ring + ((hvl * a.Q + q) * g.k + slot) * g.RC * kW;
   }
 };
 
@@ -2629,122 +2650,115 @@ inline bool softmax_sums(const QnaAttentionFwdArgs& a, const Geometry& g, const 
   return ok;
 }
 
-// v_d of head h at one pixel in the D lanes of every query's block (lanes q * D + d).
-inline vf head_values(const uint16_t* v, int64_t d_stride, int64_t D, float* row) {
-  if (d_stride == 1) {
-    if (D == 16)
-      return _mm512_castsi512_ps(_mm512_slli_epi32(
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))), 16));
-    const __m256 x = _mm256_castsi256_ps(_mm256_slli_epi32(
-        _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v))), 16));
-    return _mm512_insertf32x8(_mm512_castps256_ps512(x), x, 1);
-  }
-  for (int64_t d = 0; d < D; ++d) row[d] = row[d + D] = bf16_to_f32(v[d * d_stride]);
+// v of the heads of a vector at one pixel (v at its first head), lane (h % HV) * D + d.
+inline vf vector_values(const uint16_t* v, const int64_t* st, int64_t D, float* row) {
+  if (st[4] == 1 && (D == 16 || st[3] == 8))
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))), 16));
+  for (int64_t l = 0; l < kW; ++l) row[l] = bf16_to_f32(v[l / D * st[3] + l % D * st[4]]);
   return vload(row);
 }
 
-// Plane row y (input row y0 + y) of heads [h0, h0 + nh) into their ring slots: u =
-// exp(cost_q - M) v_d in lanes q * D + d, as pairs with the next column (see the section's top);
-// 0 outside the image.
+// Plane row y (input row y0 + y) of the group's head vectors [hv0, hv0 + nv) into their ring
+// slots: u = exp(cost_q - M) v in a vector per (head vector, q), as pairs with the next column
+// (see the section's top); 0 outside the image. NQ = Q (1 to 4), so that a pixel's values are
+// loaded once for all queries.
+template <int NQ>
 inline void pack_row(const QnaAttentionFwdArgs& a, const Geometry& g, const Scratch& w, int64_t b,
-                     int64_t y0, int64_t y, int64_t h0, int64_t nh) {
-  const int64_t slot_floats = g.RC * g.lanes, slot = y % g.k;
+                     int64_t y0, int64_t y, int64_t hv0, int64_t nv) {
+  const int64_t slot = y % g.k;
   const int64_t yi = y0 + y;
   if (yi < 0 || yi >= a.Hi) {
-    for (int64_t h = 0; h < nh; ++h)
-      std::memset(w.ring + (h * g.k + slot) * slot_floats, 0, sizeof(uint32_t) * slot_floats);
+    for (int64_t hvl = 0; hvl < nv; ++hvl)
+      for (int64_t q = 0; q < NQ; ++q)
+        std::memset(w.ring_slot(a, g, hvl, q, slot), 0, sizeof(uint32_t) * g.RC * kW);
     return;
   }
   const int64_t* st = a.v_stride;
-  const auto* v = static_cast<const uint16_t*>(a.v) + b * st[0] + yi * st[1] + h0 * st[3];
-  // The group's values two rows on, which it packs soon: they come from memory (this group's
-  // cache line of each pixel is the first read of it).
+  const auto* v = static_cast<const uint16_t*>(a.v) + b * st[0] + yi * st[1] + hv0 * g.HV * st[3];
+  // The group's values two rows on, which it packs soon: they come from memory.
+  // (Measured: prefetching every cache line of the group, or 1 or 4 rows on, is no faster.)
   if (yi + 2 < a.Hi)
     for (int64_t x = 0; x < a.Wi; ++x)
       _mm_prefetch(reinterpret_cast<const char*>(v + 2 * st[1] + x * st[2]), _MM_HINT_T0);
   const __m512i order = pair_order();
-  // Plane column x pairs at ring column x / step (step 1 or 2: a mask and a shift, no division).
-  const int64_t odd = g.step - 1, shift = g.step == 2 ? 1 : 0;
-  const int64_t x_begin = g.pad, x_end = std::min(a.Wi + g.pad, g.WP);  // plane columns of pixels
-  for (int64_t h = 0; h < nh; ++h) {
-    const float* e = w.ec + y * g.WP * g.QHp + h0 + h;
-    uint32_t* dst = w.ring + (h * g.k + slot) * slot_floats;
-    for (int64_t i = 0; i < g.QDv; ++i) {
-      // The lanes of a query (u is 0 in the others, whatever v holds).
-      const __mmask16 lanes = a.D == 16 || 2 * i + 1 < a.Q ? 0xffff : 0x00ff;
-      // u of the previous column: pair x holds u[x] | u[x + 1] << 16.
-      vf prev = vzero();
-      for (int64_t x = 0; x < g.WP; ++x) {
-        vf cur = vzero();
-        if (x >= x_begin && x < x_end) {
-          const vf ev = query_lanes(e + x * g.QHp, a.H, a.Q, a.D, i);
-          const vf vv = head_values(v + (x - g.pad) * st[2] + h * st[3], st[4], a.D, w.row);
-          cur = _mm512_maskz_mul_ps(lanes, ev, vv);
-        }
-        if (x > 0 && ((x - 1) & odd) == 0)
-          _mm512_store_si512(dst + ((x - 1) >> shift) * g.lanes + i * kW, bf16_pairs(prev, cur, order));
-        prev = cur;
+  // Plane columns [x_begin, x_end) hold pixels; the others are 0.
+  const int64_t x_begin = g.pad, x_end = std::min(a.Wi + g.pad, g.WP);
+  for (int64_t hvl = 0; hvl < nv; ++hvl) {
+    const uint16_t* vh = v + hvl * g.HV * st[3] - g.pad * st[2];
+    const float* e = w.ec + y * g.WP * g.QHp + (hv0 + hvl) * g.HV;
+    uint32_t* dst[NQ];
+    for_each_index<NQ>([&](auto q) { dst[q] = w.ring_slot(a, g, hvl, q, slot); });
+    // u of every query at plane column x.
+    const auto column = [&](int64_t x, vf* u) {
+      if (x < x_begin || x >= x_end) {
+        for_each_index<NQ>([&](auto q) { u[q] = vzero(); });
+        return;
       }
+      const vf values = vector_values(vh + x * st[2], st, a.D, w.row);
+      const float* ex = e + x * g.QHp;
+      for_each_index<NQ>([&](auto q) { u[q] = vmul(head_lanes(ex + q * a.H, a.D), values); });
+    };
+    // Pair c holds u[2c] | u[2c + 1] << 16.
+    for (int64_t c = 0; c < g.RC; ++c) {
+      vf even[NQ], odd[NQ];
+      column(2 * c, even);
+      column(2 * c + 1, odd);
+      for_each_index<NQ>([&](auto q) {
+        _mm512_store_si512(dst[q] + c * kW, bf16_pairs(even[q], odd[q], order));
+      });
     }
   }
 }
 
-// out of head h at NP output pixels of row r from ox: the pair sums, normalised by 1 / S_q and
-// summed over the queries. Pixel n reads the pair at plane column n * S + 2p for pair p of a tap
-// row: each column is loaded once per tap row and multiplied into every pixel that reads it.
-template <int NP, int K, int S, bool kOneVector>
-inline void head_block(const QnaAttentionFwdArgs& a, const Geometry& g, const Scratch& w,
-                       const uint32_t* weights, int64_t b, int64_t oy0, int64_t r, int64_t ox,
-                       int64_t h, int64_t hl) {
+// out of head vector hv at NP output pixels of row r from ox: per query the pair sums,
+// normalised by 1 / S_q, summed over the queries. Pixel n reads the pair at plane column n * S +
+// 2p for pair p of a tap row: each column is loaded once per tap row and multiplied into every
+// pixel that reads it.
+template <int NP, int K, int S>
+inline void vector_block(const QnaAttentionFwdArgs& a, const Geometry& g, const Tables& tab,
+                         const Scratch& w, int64_t b, int64_t oy0, int64_t r, int64_t ox,
+                         int64_t hv, int64_t hvl) {
   constexpr int P = (K + 1) / 2;
-  // Ring column of plane column x: x / step, step = S (stride 1 or 2).
-  const int64_t lanes = g.lanes, slot_floats = g.RC * lanes;
-  const uint32_t* ring = w.ring + hl * K * slot_floats + ox * lanes;
-  auto* dst = static_cast<uint16_t*>(a.out) + (((b * a.Ho + oy0 + r) * a.Wo + ox) * a.H + h) * a.D;
-  // Plain stores of the D values (masked stores are slow on some CPUs, e.g. AMD Zen 4).
-  const auto store = [&](int n, vf x) {
-    if (ox + n >= a.Wo) return;  // a padding pixel
-    const __m256i y = (__m256i)_mm512_cvtneps_pbh(x);
-    if (a.D == 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n * a.H * a.D), y);
-    else
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + n * a.H * a.D), _mm256_castsi256_si128(y));
-  };
-  // With one vector of (q, d) lanes (kOneVector: Q * D <= 16) the sums are stored as they are
-  // made; else summed over the vectors in out.
-  vf out[kOneVector ? 1 : NP];
-  if constexpr (!kOneVector) for_each_index<NP>([&](auto n) { out[n] = vzero(); });
-  for (int64_t i = 0; i < (kOneVector ? 1 : g.QDv); ++i) {
+  // Parities of the weights (see Tables); pixel n's window starts at plane column (ox + n) * S,
+  // in pair (ox + n) * S / 2 (ox is even), so it reads pairs base(n) + p, p < P.
+  constexpr int kParities = S == 1 ? 2 : 1;
+  constexpr auto base = [](int n) { return S == 1 ? n / 2 : n; };
+  vf out[NP];
+  for (int64_t q = 0; q < a.Q; ++q) {
+    const uint32_t* weights = tab.pairs_of(a, g, hv, q);
     vf acc[NP];
     for_each_index<NP>([&](auto n) { acc[n] = vzero(); });
     for (int64_t ty = 0; ty < K; ++ty) {
-      const uint32_t* row = ring + (r * S + ty) % K * slot_floats + i * kW;
-      __m512bh wt[P];
-      for_each_index<P>([&](auto p) {
-        wt[p] = (__m512bh)_mm512_loadu_si512(weights + (ty * P + p) * lanes + i * kW);
-      });
-      for_each_index<(NP - 1) * S + 2 * (P - 1) + 1>([&](auto c) {
-        const __m512bh col = (__m512bh)_mm512_load_si512(row + c / S * lanes);
+      const uint32_t* row = w.ring_slot(a, g, hvl, q, (r * S + ty) % K) + ox * S / 2 * kW;
+      __m512bh wt[kParities][P];
+      for_each_index<kParities>([&](auto parity) {
         for_each_index<P>([&](auto p) {
-          constexpr int j = decltype(c)::value - 2 * decltype(p)::value;
-          if constexpr (j >= 0 && j % S == 0 && j / S < NP)
-            acc[j / S] = _mm512_dpbf16_ps(acc[j / S], wt[p], col);
+          wt[parity][p] = (__m512bh)_mm512_loadu_si512(weights + ((ty * kParities + parity) * P + p) * kW);
+        });
+      });
+      for_each_index<base(NP - 1) + P>([&](auto c) {
+        const __m512bh col = (__m512bh)_mm512_load_si512(row + c * kW);
+        for_each_index<NP>([&](auto n) {
+          constexpr int p = decltype(c)::value - base(decltype(n)::value);
+          if constexpr (p >= 0 && p < P)
+            acc[n] = _mm512_dpbf16_ps(acc[n], wt[decltype(n)::value % kParities][p], col);
         });
       });
     }
+    const float* inv = w.inv + (r * g.Wb + ox) * g.QHp + q * a.H + hv * g.HV;
     for_each_index<NP>([&](auto n) {
-      const float* inv = w.inv + (r * g.Wb + ox + n) * g.QHp + h;
-      vf x = vmul(acc[n], query_lanes(inv, a.H, a.Q, a.D, i));
-      if (a.D == 8)  // queries 2i and 2i + 1 in the two halves, summed into the low half
-        x = _mm512_zextps256_ps512(
-            _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1)));
-      if constexpr (kOneVector)
-        store(n, x);
-      else
-        out[n] = vadd(out[n], x);
+      const vf scale = head_lanes(inv + n * g.QHp, a.D);
+      out[n] = q == 0 ? vmul(acc[n], scale) : vfma(acc[n], scale, out[n]);
     });
   }
-  if constexpr (!kOneVector) for_each_index<NP>([&](auto n) { store(n, out[n]); });
+  // The vector's heads are adjacent in out: one plain store of kW bf16 per pixel.
+  auto* dst = static_cast<uint16_t*>(a.out) + (((b * a.Ho + oy0 + r) * a.Wo + ox) * a.H + hv * g.HV) * a.D;
+  for_each_index<NP>([&](auto n) {
+    if (ox + n < a.Wo)  // else a padding pixel
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n * a.H * a.D),
+                          (__m256i)_mm512_cvtneps_pbh(out[n]));
+  });
 }
 
 using Fallback = void (*)(const QnaAttentionFwdArgs&, int64_t, int64_t);
@@ -2767,26 +2781,23 @@ inline void forward_tasks(const QnaAttentionFwdArgs& a, int64_t task_begin, int6
       fallback(a, task, task + 1);
       continue;
     }
-    // Head groups (the heads of a cache line of values), each over the task's output rows.
-    for (int64_t h0 = 0; h0 < a.H; h0 += g.G) {
-      const int64_t nh = std::min(g.G, a.H - h0);
+    // Groups of head vectors, each over the task's output rows.
+    for (int64_t hv0 = 0; hv0 < g.NV; hv0 += g.GV) {
+      const int64_t nv = std::min(g.GV, g.NV - hv0);
       for (int64_t r = 0; r < R; ++r) {
         // The plane rows output row r reads that the ring does not hold yet.
-        for (int64_t y = r == 0 ? 0 : (r - 1) * S + K; y < r * S + K; ++y)
-          pack_row(a, g, w, b, y0, y, h0, nh);
-        for (int64_t hl = 0; hl < nh; ++hl) {
-          const uint32_t* weights = tab.head_pairs(g, h0 + hl);
-          const auto row = [&](auto one_vector) {
-            for_each_pixel_block(g.Wb, [&](auto np, int64_t ox) {
-              head_block<decltype(np)::value, K, S, decltype(one_vector)::value>(
-                  a, g, w, weights, b, oy0, r, ox, h0 + hl, hl);
-            });
-          };
-          if (g.QDv == 1)
-            row(std::true_type{});
-          else
-            row(std::false_type{});
+        for (int64_t y = r == 0 ? 0 : (r - 1) * S + K; y < r * S + K; ++y) {
+          switch (a.Q) {
+            case 1: pack_row<1>(a, g, w, b, y0, y, hv0, nv); break;
+            case 2: pack_row<2>(a, g, w, b, y0, y, hv0, nv); break;
+            case 3: pack_row<3>(a, g, w, b, y0, y, hv0, nv); break;
+            default: pack_row<4>(a, g, w, b, y0, y, hv0, nv); break;
+          }
         }
+        for (int64_t hvl = 0; hvl < nv; ++hvl)
+          for_each_pixel_block(g.Wb, [&](auto np, int64_t ox) {
+            vector_block<decltype(np)::value, K, S>(a, g, tab, w, b, oy0, r, ox, hv0 + hvl, hvl);
+          });
       }
     }
   }
