@@ -2430,18 +2430,28 @@ inline bool fits(const QnaAttentionInputs& a) {
          a.kernel_size <= 13 && (a.stride == 1 || a.stride == 2);
 }
 
-// Output pixels of a row summed at once (independent dot-product chains): 8, and 4 at a row's
-// end; a row is padded to a multiple of 4 (the extra pixels are computed, never stored).
+// Output pixels of a row summed at once (independent dot-product chains): blocks of 8, and one of
+// 6 or 4 at a row's end. Blocks start at even columns (the pairs of plane columns start at even
+// ones); a row is padded to a width those blocks cover (the extra pixels are computed, never
+// stored). At stride 2, Wo = 14 runs 8 + 6 pixels (measured 5-9% faster than 8 + 4 + 4 at
+// 28 x 28 -> 14 x 14, k = 5 and 7); at stride 1 the row is padded to a multiple of 4 (8 + 6 was
+// 6-8% slower at 14 x 14, k = 7).
 constexpr int kPixels = 8;
-constexpr int kTailPixels = 4;
+
+inline int64_t padded_width(int64_t Wo, int64_t stride) {
+  if (stride == 1) return round_up(Wo, 4);
+  const int64_t even = round_up(Wo, 2);
+  return even % kPixels == 2 ? even + 2 : even;  // a tail of 2 runs as one of 4
+}
 
 // Calls f(std::integral_constant<int, n>{}, ox) for the blocks of n output pixels from ox that
-// cover a padded row of Wb pixels: kPixels each, then kTailPixels.
+// cover a padded row of Wb pixels.
 template <class F>
 inline void for_each_pixel_block(int64_t Wb, F&& f) {
   int64_t ox = 0;
   for (; ox + kPixels <= Wb; ox += kPixels) f(std::integral_constant<int, kPixels>{}, ox);
-  if (ox < Wb) f(std::integral_constant<int, kTailPixels>{}, ox);
+  if (Wb - ox == 6) f(std::integral_constant<int, 6>{}, ox);
+  if (Wb - ox == 4) f(std::integral_constant<int, 4>{}, ox);
 }
 
 // The per-head value x[h] of the heads of a vector (x at its first head) in their lanes: all 16
@@ -2461,7 +2471,7 @@ constexpr int64_t kRingBytes = int64_t{384} << 10;
 struct Geometry {
   int64_t k, s, pad, taps, R;
   int64_t NR;        // plane rows of a task: (R - 1) * s + k
-  int64_t Wb;        // output pixels of a row, padded: Wo rounded up to kTailPixels
+  int64_t Wb;        // output pixels of a row, padded (padded_width)
   int64_t WP;        // plane columns: (Wb - 1) * s + k + 1 (column x holds input column x - pad)
   int64_t QH, QHp;   // (q, h) lanes and their whole vectors
   int64_t HV;        // heads of a vector: 16 / D
@@ -2475,7 +2485,7 @@ struct Geometry {
       : k(a.kernel_size), s(a.stride), pad(a.pad), taps(a.kernel_size * a.kernel_size),
         R(a.tasks.rows_per_task) {
     NR = (R - 1) * s + k;
-    Wb = round_up(a.Wo, kTailPixels);
+    Wb = padded_width(a.Wo, s);
     WP = (Wb - 1) * s + k + 1;
     QH = a.Q * a.H;
     QHp = round_up(QH, kW);
