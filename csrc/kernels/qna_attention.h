@@ -2426,8 +2426,8 @@ namespace channel_pairs {
 // of D = 8); up to 4 queries; odd windows up to 13 at strides 1 and 2 (each (k, stride) is an
 // instantiation of the inner loops).
 inline bool fits(const QnaAttentionInputs& a) {
-  return (a.D == 16 || (a.D == 8 && a.H % 2 == 0)) && a.Q <= 4 && a.kernel_size % 2 == 1 && a.kernel_size >= 3 &&
-         a.kernel_size <= 13 && (a.stride == 1 || a.stride == 2);
+  return (a.D == 16 || (a.D == 8 && a.H % 2 == 0)) && a.Q <= 4 && a.kernel_size % 2 == 1 &&
+         a.kernel_size >= 3 && a.kernel_size <= 13 && (a.stride == 1 || a.stride == 2);
 }
 
 // Output pixels of a row summed at once (independent dot-product chains): blocks of 8, and one of
@@ -2513,14 +2513,15 @@ struct Tables {
     const pixel::Tables tab(a);
     er.assign(g.taps * g.QHp, 0.0f);
     rmax.assign(g.QHp, 0.0f);
-    weight_pairs.assign(g.NV * a.Q * g.k * g.parities * g.pairs * kW, 0u);
+    const int64_t per_query = g.k * g.parities * g.pairs * kW;  // [ty][parity][pair][kW]
+    weight_pairs.assign(g.NV * a.Q * per_query, 0u);
     for (int64_t h = 0; h < a.H; ++h) {
       for (int64_t q = 0; q < a.Q; ++q) {
         rmax[q * a.H + h] = tab.rmax[h * a.Q + q];
         const float* er_q = tab.of(tab.er, a.Q, h, q);
         const float* ers_q = tab.of(tab.ers, a.Q, h, q);
         for (int64_t t = 0; t < g.taps; ++t) er[t * g.QHp + q * a.H + h] = er_q[t];
-        uint32_t* head = weight_pairs.data() + (h / g.HV * a.Q + q) * g.k * g.parities * g.pairs * kW;
+        uint32_t* head = weight_pairs.data() + (h / g.HV * a.Q + q) * per_query + h % g.HV * a.D;
         const auto tap = [&](int64_t ty, int64_t tx) -> uint32_t {
           return tx >= 0 && tx < g.k ? f32_to_bf16(ers_q[ty * g.k + tx]) : 0u;
         };
@@ -2528,7 +2529,7 @@ struct Tables {
           for (int64_t parity = 0; parity < g.parities; ++parity) {
             for (int64_t i = 0; i < g.pairs; ++i) {
               const uint32_t pair = tap(ty, 2 * i - parity) | tap(ty, 2 * i + 1 - parity) << 16;
-              uint32_t* lane = head + ((ty * g.parities + parity) * g.pairs + i) * kW + h % g.HV * a.D;
+              uint32_t* lane = head + ((ty * g.parities + parity) * g.pairs + i) * kW;
               for (int64_t d = 0; d < a.D; ++d) lane[d] = pair;
             }
           }
@@ -2613,13 +2614,15 @@ inline void pixel_sums(const Geometry& g, const Tables& tab, const Scratch& w, i
   const int64_t stride = g.QHp;
   for (int64_t ty = 0; ty < K; ++ty) {
     const float* e = w.ec + ((r * S + ty) * g.WP + ox * S) * stride + i * kW;
+    const float* er_row = tab.er.data() + ty * K * stride + i * kW;
     vf er[K];
-    for_each_index<K>([&](auto tx) { er[tx] = vload(tab.er.data() + (ty * K + tx) * stride + i * kW); });
+    for_each_index<K>([&](auto tx) { er[tx] = vload(er_row + tx * stride); });
     for_each_index<(NP - 1) * S + K>([&](auto c) {
       const vf col = vload(e + c * stride);
       for_each_index<K>([&](auto tx) {
         constexpr int j = decltype(c)::value - decltype(tx)::value;
-        if constexpr (j >= 0 && j % S == 0 && j / S < NP) sum[j / S] = vfma(col, er[tx], sum[j / S]);
+        if constexpr (j >= 0 && j % S == 0 && j / S < NP)
+          sum[j / S] = vfma(col, er[tx], sum[j / S]);
       });
     });
   }
@@ -2670,9 +2673,9 @@ inline vf vector_values(const uint16_t* v, const int64_t* st, int64_t D, float* 
 }
 
 // Plane row y (input row y0 + y) of the group's head vectors [hv0, hv0 + nv) into their ring
-// slots: u = exp(cost_q - M) v in a vector per (head vector, q), as pairs with the next column
-// (see the section's top); 0 outside the image. NQ = Q (1 to 4), so that a pixel's values are
-// loaded once for all queries.
+// slots: u = exp(cost_q - M) v in a vector per (head vector, q), each even plane column paired
+// with the next (see the section's top); 0 outside the image. NQ = Q (1 to 4), so that a pixel's
+// values are loaded once for all queries.
 template <int NQ>
 inline void pack_row(const QnaAttentionFwdArgs& a, const Geometry& g, const Scratch& w, int64_t b,
                      int64_t y0, int64_t y, int64_t hv0, int64_t nv) {
@@ -2722,9 +2725,8 @@ inline void pack_row(const QnaAttentionFwdArgs& a, const Geometry& g, const Scra
 }
 
 // out of head vector hv at NP output pixels of row r from ox: per query the pair sums,
-// normalised by 1 / S_q, summed over the queries. Pixel n reads the pair at plane column n * S +
-// 2p for pair p of a tap row: each column is loaded once per tap row and multiplied into every
-// pixel that reads it.
+// normalised by 1 / S_q, summed over the queries. Each pair column of a tap row is loaded once and
+// multiplied into every pixel that reads it.
 template <int NP, int K, int S>
 inline void vector_block(const QnaAttentionFwdArgs& a, const Geometry& g, const Tables& tab,
                          const Scratch& w, int64_t b, int64_t oy0, int64_t r, int64_t ox,
@@ -2744,7 +2746,8 @@ inline void vector_block(const QnaAttentionFwdArgs& a, const Geometry& g, const 
       __m512bh wt[kParities][P];
       for_each_index<kParities>([&](auto parity) {
         for_each_index<P>([&](auto p) {
-          wt[parity][p] = (__m512bh)_mm512_loadu_si512(weights + ((ty * kParities + parity) * P + p) * kW);
+          const uint32_t* pair = weights + ((ty * kParities + parity) * P + p) * kW;
+          wt[parity][p] = (__m512bh)_mm512_loadu_si512(pair);
         });
       });
       for_each_index<base(NP - 1) + P>([&](auto c) {
@@ -2763,7 +2766,8 @@ inline void vector_block(const QnaAttentionFwdArgs& a, const Geometry& g, const 
     });
   }
   // The vector's heads are adjacent in out: one plain store of kW bf16 per pixel.
-  auto* dst = static_cast<uint16_t*>(a.out) + (((b * a.Ho + oy0 + r) * a.Wo + ox) * a.H + hv * g.HV) * a.D;
+  const int64_t first = (b * a.Ho + oy0 + r) * a.Wo + ox;  // output pixel
+  auto* dst = static_cast<uint16_t*>(a.out) + (first * a.H + hv * g.HV) * a.D;
   for_each_index<NP>([&](auto n) {
     if (ox + n < a.Wo)  // else a padding pixel
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n * a.H * a.D),
