@@ -106,9 +106,10 @@ def test_varlen_bf16(isa, lengths, D):
 
 
 # ---------------------------------------------------------------------------------------------
-# qna_attention (QnA-ViT): windows from 3 to 13 at both strides, maps from 1 x 1 to 28 x 28,
-# non-square; heads of d = 8 (tiny) and 16 (two channel chunks), queries 1 to 3 (at avx512bf16
-# the channel pairs take all but k = 3 at stride 2; Q * d > 16 makes them sum several vectors)
+# qna_attention (QnA-ViT): windows from 3 to 13 at both strides, maps from 1 x 1 to 28 x 28 and
+# 5 x 200, non-square; heads of d = 8 (tiny) and 16 (two channel chunks), queries 1 to 4 (at
+# avx512bf16 the channel pairs take all but k = 3 at stride 2, at d = 8 only with an even head
+# count)
 # ---------------------------------------------------------------------------------------------
 
 QNA_CASES = [  # (Hi, Wi, k, stride, Q, H, d)

@@ -2508,12 +2508,13 @@ struct Geometry {
 struct Tables {
   std::vector<float> er, rmax;
   std::vector<uint32_t> weight_pairs;
+  int64_t per_query;  // weight pairs of a (head vector, q): [ty][parity][pair][kW]
 
-  Tables(const QnaAttentionFwdArgs& a, const Geometry& g) {
+  Tables(const QnaAttentionFwdArgs& a, const Geometry& g)
+      : per_query(g.k * g.parities * g.pairs * kW) {
     const pixel::Tables tab(a);
     er.assign(g.taps * g.QHp, 0.0f);
     rmax.assign(g.QHp, 0.0f);
-    const int64_t per_query = g.k * g.parities * g.pairs * kW;  // [ty][parity][pair][kW]
     weight_pairs.assign(g.NV * a.Q * per_query, 0u);
     for (int64_t h = 0; h < a.H; ++h) {
       for (int64_t q = 0; q < a.Q; ++q) {
@@ -2537,10 +2538,9 @@ struct Tables {
       }
     }
   }
-  // The weight pairs of head vector hv and query q: [ty][parity][pair][kW].
-  const uint32_t* pairs_of(const QnaAttentionFwdArgs& a, const Geometry& g, int64_t hv,
-                           int64_t q) const {
-    return weight_pairs.data() + (hv * a.Q + q) * g.k * g.parities * g.pairs * kW;
+  // The weight pairs of head vector hv and query q.
+  const uint32_t* pairs_of(const QnaAttentionFwdArgs& a, int64_t hv, int64_t q) const {
+    return weight_pairs.data() + (hv * a.Q + q) * per_query;
   }
 };
 
@@ -2738,7 +2738,7 @@ inline void vector_block(const QnaAttentionFwdArgs& a, const Geometry& g, const 
   constexpr auto base = [](int n) { return S == 1 ? n / 2 : n; };
   vf out[NP];
   for (int64_t q = 0; q < a.Q; ++q) {
-    const uint32_t* weights = tab.pairs_of(a, g, hv, q);
+    const uint32_t* weights = tab.pairs_of(a, hv, q);
     vf acc[NP];
     for_each_index<NP>([&](auto n) { acc[n] = vzero(); });
     for (int64_t ty = 0; ty < K; ++ty) {
